@@ -1,0 +1,43 @@
+"""`mmgpt` command line: one subcommand per job, each defined next to the code it drives.
+
+Every module listed in COMMANDS exposes `register(subparsers)`, which adds its parser and sets
+`func` (a callable taking the parsed args and returning an exit code).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, str] = {
+    "params": "mmgpt.models.params",
+    "data": "mmgpt.data.cli",
+    "bench": "mmgpt.bench",
+    "train": "mmgpt.train.cli",
+    "export": "mmgpt.export",
+    "chat": "mmgpt.inference.chat",
+    "serve": "mmgpt.inference.serve",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmgpt", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, module in COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != module:  # a real missing dependency inside the module: surface it
+                raise
+            continue
+        mod.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The two records that cross module boundaries on the data path.
+
+records -> Conversation -> TokenizedSample (this file) -> packer -> PackedBatch (this file) -> model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TokenizedSample:
+    """One conversation, tokenised with the unified template.
+
+    `labels[i]` is `input_ids[i]` where token i is supervised (a response token or a round's EOS)
+    and IGNORE_INDEX elsewhere: NOT shifted. The packer shifts inside the sample.
+    `images` are CLIP-transformed tensors [3, H, W], one per `<image>` token, in order.
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    images: list[torch.Tensor] = field(default_factory=list)
+    source: str = ""
+    is_vl: bool = False
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_supervised(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+@dataclass
+class PackedBatch:
+    """Several samples (and their images) concatenated into one flat sequence of T tokens.
+
+    Self-attention is causal inside each [cu_seqlens[s], cu_seqlens[s+1]) span. Cross-attention is
+    segmented into text chunks: chunk c covers tokens [cu_seqlens_q[c], cu_seqlens_q[c+1]), all of
+    which attend the latents of image `chunk_media[c]` (-1: no image yet, output exactly zero).
+    The model derives cu_seqlens_k from chunk_media and its number of latents per image.
+    """
+
+    input_ids: torch.Tensor  # [T] long
+    labels: torch.Tensor  # [T] long, next-token target (shifted within the sample), -100 = none
+    position_ids: torch.Tensor  # [T] long, 0.. per sample
+    cu_seqlens: torch.Tensor  # [S+1] int32
+    max_seqlen: int
+    images: torch.Tensor  # [M, 3, H, W] float (M may be 0)
+    media_index: torch.Tensor  # [T] long, image each token cross-attends, -1 = none
+    cu_seqlens_q: torch.Tensor  # [C+1] int32, text chunks
+    chunk_media: torch.Tensor  # [C] long, image of each chunk, -1 = none
+    max_seqlen_q: int
+    sample_index: torch.Tensor  # [T] long, sample each token belongs to
+    sources: list[str]  # [S] source name per sample
+    is_vl: torch.Tensor  # [S] bool
+    num_rows: int = 1  # rows of `row_tokens` this batch was packed into
+    row_tokens: int = 0  # capacity of one row (0: unpacked)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.cu_seqlens.numel()) - 1
+
+    @property
+    def num_supervised(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+    @property
+    def efficiency(self) -> float:
+        """Real tokens / (rows x row capacity): 1.0 means no padding or empty room."""
+        cap = self.num_rows * self.row_tokens
+        return self.num_tokens / cap if cap else 1.0
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "PackedBatch":
+        """Move tensors to `device`; `dtype` applies to images only (ids stay integer)."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                if f.name == "images" and dtype is not None:
+                    v = v.to(device=device, dtype=dtype)
+                else:
+                    v = v.to(device)
+            out[f.name] = v
+        return PackedBatch(**out)

@@ -1,0 +1,35 @@
+"""mmgpt: DeepSpeed training system for MultiModal-GPT (OpenFlamingo + LoRA)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="mmgpt",
+    version="0.1.0",
+    description="Fast DeepSpeed training, export and chat for MultiModal-GPT (OpenFlamingo-9B + LoRA)",
+    python_requires=">=3.10",
+    # The kernels/ folder is installed as `mmgpt_kernels`: the bare name `kernels` is a PyPI
+    # package that transformers probes for, and ours must never be mistaken for it.
+    packages=find_packages(include=["mmgpt", "mmgpt.*"]) + ["mmgpt_kernels"],
+    package_dir={"mmgpt_kernels": "kernels"},
+    include_package_data=True,
+    package_data={"mmgpt": ["resources/*"]},
+    install_requires=[
+        "torch==2.14.1",
+        "torchvision==0.29.1",
+        "deepspeed>=0.19.8,<0.20",
+        "transformers>=5.23,<6",
+        "peft>=0.21,<0.22",
+        "open_clip_torch>=3.3,<4",
+        "sentencepiece>=0.2",
+        "protobuf",
+        "tensorboard>=2.20",
+        "safetensors>=0.7",
+        "pyyaml>=6",
+        "pillow>=10",
+        "numpy",
+    ],
+    extras_require={
+        "dev": ["pytest>=8"],
+        "flash": ["flash-attn>=2.7"],
+    },
+    entry_points={"console_scripts": ["mmgpt=mmgpt.cli:main"]},
+)
