@@ -25,6 +25,7 @@ class TokenizedSample:
     images: list[torch.Tensor] = field(default_factory=list)
     source: str = ""
     is_vl: bool = False
+    index: int = -1  # position in the epoch order (data position for exact resume); -1 = ad hoc
 
     def __len__(self) -> int:
         return len(self.input_ids)
