@@ -58,6 +58,7 @@ class PackedBatch:
     sample_index: torch.Tensor  # [T] long, sample each token belongs to
     sources: list[str]  # [S] source name per sample
     is_vl: torch.Tensor  # [S] bool
+    sample_ids: list[int] = field(default_factory=list)  # TokenizedSample.index of each sample
     num_rows: int = 1  # rows of `row_tokens` this batch was packed into
     row_tokens: int = 0  # capacity of one row (0: unpacked)
 
