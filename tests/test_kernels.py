@@ -1,0 +1,205 @@
+"""mmgpt_kernels.varlen_attention: every backend on this machine vs a float64 reference."""
+from __future__ import annotations
+
+from itertools import accumulate
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmgpt_kernels import (BACKENDS, available_backends, resolve_backend, usable_backends,
+                           varlen_attention)
+from mmgpt_kernels.bench import time_backends
+from mmgpt_kernels.reference import reference_varlen_attention
+
+CUDA = torch.device("cuda") if torch.cuda.is_available() else None
+
+# (forward atol, gradient atol) against float64; rtol equals atol.
+TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5),
+             torch.float16: (5e-3, 1e-2), torch.bfloat16: (2e-2, 4e-2)}
+
+
+def _device_for(backend: str) -> torch.device:
+    return torch.device("cpu") if backend == "sdpa" else (CUDA or torch.device("cpu"))
+
+
+def _skip_unless_available(backend: str) -> torch.device:
+    device = _device_for(backend)
+    if backend not in available_backends(device):
+        pytest.skip(f"backend {backend!r} needs CUDA and its kernel; not available here")
+    return device
+
+
+def _cases() -> list[tuple[str, torch.dtype]]:
+    """sdpa in every dtype; fused CUDA kernels only in half precision."""
+    return ([("sdpa", d) for d in (torch.float64, torch.float32, torch.bfloat16)]
+            + [(b, d) for b in ("flash_attn", "torch_varlen")
+               for d in (torch.bfloat16, torch.float16)])
+
+
+def _cu(lengths: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor([0, *accumulate(lengths)], dtype=torch.int32, device=device)
+
+
+def _inputs(lens_q: list[int], lens_k: list[int], hq: int, hkv: int, dim: int,
+            dtype: torch.dtype, device: torch.device, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(lens_q), hq, dim, generator=gen, dtype=torch.float64)
+    k = torch.randn(sum(lens_k), hkv, dim, generator=gen, dtype=torch.float64)
+    v = torch.randn(sum(lens_k), hkv, dim, generator=gen, dtype=torch.float64)
+    q, k, v = (t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k, v))
+    return q, k, v, _cu(lens_q, device), _cu(lens_k, device)
+
+
+SCENARIOS = {
+    # name: (lens_q, lens_k, causal, Hq, Hkv)
+    "self_causal_mixed": ([7, 1, 12, 3], [7, 1, 12, 3], True, 4, 4),
+    "self_causal_gqa": ([5, 16, 9], [5, 16, 9], True, 8, 2),
+    "self_noncausal": ([6, 11, 2], [6, 11, 2], False, 4, 4),
+    "cross_gqa": ([3, 9, 4, 1], [8, 8, 16, 8], False, 4, 2),
+    "cross_zero_keys": ([4, 6, 5, 2], [0, 8, 0, 8], False, 4, 4),
+    "zero_len_q": ([0, 5, 0, 7, 0], [8, 8, 8, 8, 0], False, 4, 1),
+    "self_causal_zero_len": ([4, 0, 6, 0], [4, 0, 6, 0], True, 2, 2),
+}
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("backend,dtype", _cases())
+def test_matches_float64_reference(backend: str, dtype: torch.dtype, scenario: str) -> None:
+    device = _skip_unless_available(backend)
+    lens_q, lens_k, causal, hq, hkv = SCENARIOS[scenario]
+    dim = 16
+    q, k, v, cu_q, cu_k = _inputs(lens_q, lens_k, hq, hkv, dim, dtype, device)
+    scale = 0.3  # non-default, so a backend that ignores `scale` fails
+    out = varlen_attention(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
+                           scale=scale, backend=backend)
+    assert out.dtype == dtype and out.shape == q.shape
+
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference_varlen_attention(*leaves, cu_q, cu_k, causal=causal, scale=scale)
+    atol, gtol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.double(), ref.detach(), atol=atol, rtol=atol)
+
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
+                           dtype=torch.float64).to(device)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out.to(dtype))
+    ref_grads = torch.autograd.grad(ref, leaves, grad_out)
+    for name, got, want in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, atol=gtol, rtol=gtol, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("backend,dtype", _cases())
+def test_keyless_segments_are_exact_zeros(backend: str, dtype: torch.dtype) -> None:
+    """Text chunks before any image: exact zeros out, exact zeros back to their queries."""
+    device = _skip_unless_available(backend)
+    lens_q, lens_k = [3, 5, 4], [0, 8, 0]
+    q, k, v, cu_q, cu_k = _inputs(lens_q, lens_k, 4, 4, 16, dtype, device)
+    out = varlen_attention(q, k, v, cu_q, cu_k, 5, 8, causal=False, backend=backend)
+    keyless = torch.cat([torch.arange(0, 3), torch.arange(8, 12)]).to(device)
+    assert torch.equal(out[keyless], torch.zeros_like(out[keyless]))
+    assert out[3:8].abs().sum() > 0
+    (grad_q,) = torch.autograd.grad(out.sum(), (q,))
+    assert torch.equal(grad_q[keyless], torch.zeros_like(grad_q[keyless]))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("backend,dtype", _cases())
+def test_single_segment_equals_plain_sdpa(backend: str, dtype: torch.dtype, causal: bool) -> None:
+    device = _skip_unless_available(backend)
+    q, k, v, cu_q, cu_k = _inputs([19], [19], 4, 4, 16, dtype, device)
+    out = varlen_attention(q, k, v, cu_q, cu_k, 19, 19, causal=causal, backend=backend)
+    plain = F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q, k, v)),
+                                           is_causal=causal).transpose(0, 1)
+    atol = 1e-6 if dtype in (torch.float32, torch.float64) else TOLERANCE[dtype][0]
+    torch.testing.assert_close(out, plain, atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("backend,dtype", _cases())
+def test_no_leakage_between_segments(backend: str, dtype: torch.dtype, causal: bool) -> None:
+    """Changing one segment's keys/values changes no other segment's output."""
+    device = _skip_unless_available(backend)
+    lens = [6, 9, 4, 7]
+    q, k, v, cu_q, cu_k = _inputs(lens, lens, 4, 2, 16, dtype, device)
+    before = varlen_attention(q, k, v, cu_q, cu_k, 9, 9, causal=causal, backend=backend)
+    k2, v2 = k.detach().clone(), v.detach().clone()
+    k2[6:15] += 3.0
+    v2[6:15] -= 5.0
+    after = varlen_attention(q, k2, v2, cu_q, cu_k, 9, 9, causal=causal, backend=backend)
+    assert not torch.equal(before[6:15], after[6:15])
+    assert torch.equal(before[:6], after[:6]) and torch.equal(before[15:], after[15:])
+
+
+@pytest.mark.parametrize("backend,dtype", _cases())
+def test_keys_past_the_last_segment_are_ignored(backend: str, dtype: torch.dtype) -> None:
+    device = _skip_unless_available(backend)
+    lens_q, lens_k = [5, 3], [8, 8]
+    q, k, v, cu_q, cu_k = _inputs(lens_q, lens_k + [6], 4, 4, 16, dtype, device)
+    cu_k = cu_k[:-1]  # 6 trailing keys belong to no segment
+    before = varlen_attention(q, k, v, cu_q, cu_k, 5, 8, causal=False, backend=backend)
+    k2, v2 = k.detach().clone(), v.detach().clone()
+    k2[16:], v2[16:] = k2[16:] * 7.0, v2[16:] + 9.0
+    after = varlen_attention(q, k2, v2, cu_q, cu_k, 5, 8, causal=False, backend=backend)
+    assert torch.equal(before, after)
+    (grad_k,) = torch.autograd.grad(before.sum(), (k,))
+    assert torch.equal(grad_k[16:], torch.zeros_like(grad_k[16:]))
+
+
+@pytest.mark.parametrize("backend,dtype", _cases())
+def test_causal_hides_later_tokens(backend: str, dtype: torch.dtype) -> None:
+    device = _skip_unless_available(backend)
+    lens = [8, 10]
+    q, k, v, cu_q, cu_k = _inputs(lens, lens, 2, 2, 16, dtype, device)
+    before = varlen_attention(q, k, v, cu_q, cu_k, 10, 10, causal=True, backend=backend)
+    k2, v2 = k.detach().clone(), v.detach().clone()
+    k2[13], v2[13] = k2[13] + 2.0, v2[13] + 2.0  # token 5 of segment 1
+    after = varlen_attention(q, k2, v2, cu_q, cu_k, 10, 10, causal=True, backend=backend)
+    assert torch.equal(before[:13], after[:13])
+    assert not torch.equal(before[13:], after[13:])
+
+
+def test_auto_and_explicit_backend_selection() -> None:
+    q = torch.zeros(4, 2, 8)
+    assert available_backends("cpu") == ["sdpa"]
+    assert usable_backends(q) == ["sdpa"]
+    assert resolve_backend("auto", q) == "sdpa"
+    for name in ("flash_attn", "torch_varlen"):
+        with pytest.raises(ValueError, match=name):
+            resolve_backend(name, q)
+    with pytest.raises(ValueError, match="unknown backend"):
+        resolve_backend("triton", q)
+    assert set(BACKENDS) == {"flash_attn", "torch_varlen", "sdpa"}
+
+
+@pytest.mark.skipif(CUDA is None, reason="needs CUDA")
+def test_auto_on_cuda_prefers_fused_in_half_precision() -> None:
+    fused = [b for b in available_backends(CUDA) if b != "sdpa"]
+    assert resolve_backend("auto", torch.zeros(4, 2, 64, device=CUDA)) == "sdpa"  # fp32: no fused
+    half = resolve_backend("auto", torch.zeros(4, 2, 64, device=CUDA, dtype=torch.bfloat16))
+    assert half == (fused[0] if fused else "sdpa")
+
+
+@pytest.mark.parametrize("lens_q,lens_k,causal,match", [
+    ([3, 5], [4, 4], True, "equal q and k segments"),        # causal needs self-attention
+    ([3, 4], [2, 2], False, "ends at 7 but there are 8"),    # cu_q does not cover q
+    ([4, 4], [2, 9], False, "ends at 11 but there are 10"),  # cu_k runs past k
+])
+def test_bad_segmentation_is_a_clear_error(lens_q, lens_k, causal, match) -> None:
+    q = torch.randn(8, 2, 8)
+    k = v = torch.randn(10, 2, 8)
+    with pytest.raises(ValueError, match=match):
+        varlen_attention(q, k, v, _cu(lens_q, q.device), _cu(lens_k, q.device), 4, 9,
+                         causal=causal, backend="sdpa")
+
+
+def test_gqa_head_mismatch_is_a_clear_error() -> None:
+    q, k = torch.randn(4, 3, 8), torch.randn(4, 2, 8)
+    cu = _cu([4], q.device)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        varlen_attention(q, k, k, cu, cu, 4, 4, causal=True)
+
+
+def test_time_backends_reports_every_usable_backend_and_the_baseline() -> None:
+    times = time_backends([5, 9, 3], heads=2, head_dim=8, repeats=1)
+    assert set(times) == {"sdpa", "per_sample"}
+    assert all(t > 0 for t in times.values())
