@@ -1,0 +1,259 @@
+"""The training data of one epoch: sources, per-source sampling, language:VL ratio, seeded order.
+
+Construction parses every source file (cheap) and fixes the epoch order from the seed alone, so
+every process that builds the same config gets the same order; exact resume is a start index.
+Tokenisation and image loading happen lazily in `load(i)`. Bad records never stop a run under
+on_error="skip": they are counted per source and reason in `report`.
+"""
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from inspect import signature
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import PreTrainedTokenizerBase
+
+from mmgpt.data.batch import TokenizedSample
+from mmgpt.data.conversation import Conversation, tokenize
+from mmgpt.data.images import clip_transform, load_image
+from mmgpt.data.sources import READERS, ReadResult, RecordError
+
+ON_ERROR = ("skip", "raise")
+MAX_ERROR_EXAMPLES = 10
+
+
+@dataclass
+class SourceConfig:
+    """One dataset file. `sample`: records drawn (seeded, without replacement); None/"all" = all.
+
+    `options` go to the reader (e.g. ocrvqa `pairs: one`, aokvqa `split: val`).
+    """
+
+    name: str
+    type: str
+    path: str
+    image_root: str | None = None
+    sample: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.sample == "all":
+            self.sample = None
+        if self.type not in READERS:
+            raise ValueError(f"source {self.name!r}: unknown type {self.type!r} (known: {sorted(READERS)})")
+        try:
+            signature(READERS[self.type]).bind(Path(self.path), source=self.name, seed=0, **self.options)
+        except TypeError as err:
+            raise ValueError(f"source {self.name!r}: bad options {self.options} for {self.type}: {err}") from None
+        if self.sample is not None and (not isinstance(self.sample, int) or self.sample < 0):
+            raise ValueError(f"source {self.name!r}: sample must be a count >= 0 or 'all', "
+                             f"got {self.sample!r}")
+
+
+@dataclass
+class MixtureConfig:
+    """The data section of a run.
+
+    language_vl_ratio: language-only : vision-language samples (the paper's 1:1 by default; the
+    larger side is subsampled; None keeps the sampled counts). on_error="raise" turns record
+    errors (malformed JSON, missing fields, bad images) into exceptions; content drops (empty
+    response, too long, image-count mismatch) are always counted, never raised.
+    """
+
+    sources: list[SourceConfig]
+    seed: int = 42
+    max_length: int = 2048
+    language_vl_ratio: float | None = 1.0
+    on_error: str = "skip"
+    image_size: int = 224
+
+    def __post_init__(self) -> None:
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
+        if self.language_vl_ratio is not None and self.language_vl_ratio <= 0:
+            raise ValueError(f"language_vl_ratio must be > 0 or null, got {self.language_vl_ratio}")
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names must be unique, got {names}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base_dir: Path | None = None) -> "MixtureConfig":
+        """Build from parsed YAML/JSON; relative paths are resolved against `base_dir`."""
+        data = dict(data)
+        sources = []
+        for i, src in enumerate(data.pop("sources", None) or []):
+            if not isinstance(src, dict):
+                raise ValueError(f"sources[{i}] must be a mapping, got {type(src).__name__}")
+            src = dict(src)
+            for key in ("path", "image_root"):
+                if base_dir is not None and src.get(key) is not None:
+                    src[key] = str((base_dir / src[key]).resolve())
+            try:
+                sources.append(SourceConfig(**src))
+            except TypeError as err:
+                raise ValueError(f"sources[{i}]: {err}") from None
+        if not sources:
+            raise ValueError("a mixture needs at least one source")
+        try:
+            return cls(sources=sources, **data)
+        except TypeError as err:
+            raise ValueError(f"mixture config: {err}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MixtureConfig":
+        """Read a YAML or JSON file (JSON is YAML), resolving paths against its folder."""
+        path = Path(path)
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping with 'sources'")
+        try:
+            return cls.from_dict(data, base_dir=path.resolve().parent)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SourceReport:
+    """Per source: records read from the file, selected for the epoch, kept (loaded fine), and
+    dropped by reason (parse errors at construction, the rest as samples are loaded)."""
+
+    read: int = 0
+    selected: int = 0
+    kept: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    errors: list[str] = field(default_factory=list)  # first messages, for the humans
+
+    def drop(self, reason: str, message: str = "") -> None:
+        self.dropped[reason] += 1
+        if message and len(self.errors) < MAX_ERROR_EXAMPLES:
+            self.errors.append(message)
+
+
+@dataclass
+class DataReport:
+    sources: dict[str, SourceReport] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sources": {
+                name: {
+                    "read": r.read,
+                    "selected": r.selected,
+                    "kept": r.kept,
+                    "dropped": dict(sorted(r.dropped.items())),
+                    "errors": list(r.errors),
+                }
+                for name, r in self.sources.items()
+            }
+        }
+
+
+class DataError(RuntimeError):
+    """A bad record under on_error="raise"."""
+
+
+class Mixture:
+    """The epoch: `len(self)` sample references in a fixed seeded order, loaded by `load(i)`."""
+
+    def __init__(
+        self, cfg: MixtureConfig, tokenizer: PreTrainedTokenizerBase, image_size: int | None = None
+    ):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.transform = clip_transform(image_size or cfg.image_size)
+        self.report = DataReport()
+        self._conversations: list[list[Conversation]] = []
+        self._loaded: set[int] = set()
+        selected: list[tuple[int, int]] = []
+        for s, src in enumerate(cfg.sources):
+            convs = self._read(src)
+            self._conversations.append(convs)
+            picked = self._sample(src, len(convs))
+            if src.image_root is None and any(convs[c].images for c in picked):
+                raise ValueError(f"source {src.name!r}: records have images but no image_root is set")
+            selected += [(s, c) for c in picked]
+        selected = self._balance(selected)
+        for s, _ in selected:
+            self.report.sources[cfg.sources[s].name].selected += 1
+        random.Random(f"{cfg.seed}:order").shuffle(selected)
+        self._order = selected
+
+    def _read(self, src: SourceConfig) -> list[Conversation]:
+        report = self.report.sources.setdefault(src.name, SourceReport())
+        path = Path(src.path)
+        if not path.is_file():
+            raise FileNotFoundError(f"source {src.name!r}: file not found: {path}")
+        try:
+            result = READERS[src.type](path, source=src.name, seed=self.cfg.seed, **src.options)
+        except RecordError as err:  # the whole file is unreadable (e.g. broken JSON list)
+            result = ReadResult(errors=[err])
+        if result.errors and self.cfg.on_error == "raise":
+            raise result.errors[0]
+        report.read += result.records
+        for err in result.errors:
+            report.drop(err.reason, str(err))
+        return result.conversations
+
+    def _sample(self, src: SourceConfig, available: int) -> list[int]:
+        if src.sample is None or src.sample >= available:
+            return list(range(available))
+        rng = random.Random(f"{self.cfg.seed}:sample:{src.name}")
+        return sorted(rng.sample(range(available), src.sample))
+
+    def _balance(self, refs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Subsample the larger side so language : VL = cfg.language_vl_ratio (when both exist)."""
+        ratio = self.cfg.language_vl_ratio
+        vl = [r for r in refs if self._conversations[r[0]][r[1]].images]
+        lang = [r for r in refs if not self._conversations[r[0]][r[1]].images]
+        if ratio is None or not vl or not lang:
+            return refs
+        rng = random.Random(f"{self.cfg.seed}:ratio")
+        if len(lang) > ratio * len(vl):
+            lang = sorted(rng.sample(lang, max(1, round(ratio * len(vl)))))
+        else:
+            vl = sorted(rng.sample(vl, max(1, round(len(lang) / ratio))))
+        return sorted(lang + vl)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def conversation(self, i: int) -> Conversation:
+        """The record behind epoch position i (for inspection and error messages)."""
+        s, c = self._order[i]
+        return self._conversations[s][c]
+
+    def load(self, i: int) -> TokenizedSample | None:
+        """Sample i of the epoch (its `index` is i), or None when dropped (counted in report)."""
+        conv = self.conversation(i)
+        src = self.cfg.sources[self._order[i][0]]
+        first = i not in self._loaded
+        self._loaded.add(i)
+        report = self.report.sources[src.name]
+        sample = tokenize(conv, self.tokenizer, self.cfg.max_length)
+        if isinstance(sample, str):
+            if first:
+                report.drop(sample, f"{conv.origin}: {sample}")
+            return None
+        for rel in conv.images:
+            image = load_image(Path(src.image_root), rel, self.transform)
+            if isinstance(image, str):
+                message = f"{conv.origin}: image {rel!r} under {src.image_root}: {image}"
+                if self.cfg.on_error == "raise":
+                    raise DataError(message)
+                if first:
+                    report.drop(image, message)
+                return None
+            sample.images.append(image)
+        sample.index = i
+        if first:
+            report.kept += 1
+        return sample
+

@@ -1,0 +1,24 @@
+"""Users' own data: JSON lines of {image?: str | [str], conversations: [...]} in the LLaVA shape.
+
+Language-only records simply omit `image`. Several images each get an `### Image:` block.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mmgpt.data.conversation import Conversation
+from mmgpt.data.sources.base import ReadResult, get, iter_jsonl, read_records
+from mmgpt.data.sources.llava import image_list, parse_turns
+
+
+def read(path: Path, *, source: str, seed: int) -> ReadResult:
+    def convert(rec: Any, where: str) -> Conversation:
+        return Conversation(
+            rounds=parse_turns(get(rec, "conversations", list, path, where), path, where),
+            images=image_list(rec, path, where, required=False),
+            source=source,
+            origin=f"{path.name} {where}",
+        )
+
+    return read_records(iter_jsonl(path), convert)

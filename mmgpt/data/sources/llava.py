@@ -1,0 +1,80 @@
+"""LLaVA-Instruct-150K files (detail_23k, complex_reasoning_77k, conversation_58k).
+
+A JSON list of {id, image, conversations: [{from: human|gpt, value}]}. The first human turn
+carries an `<image>` marker at its start or end (with a newline): it is stripped, because the
+template places the image. Every human->gpt pair becomes one round, in file order.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from mmgpt.data.conversation import Conversation, Round
+from mmgpt.data.sources.base import (
+    BAD_FIELD,
+    RecordError,
+    ReadResult,
+    expect_list,
+    get,
+    indexed,
+    load_json,
+    read_records,
+)
+from mmgpt.models.tokenizer import IMAGE
+
+# Leading or trailing runs of `<image>` markers and the whitespace around them.
+_EDGE_MARKERS = re.compile(rf"^(?:\s*{re.escape(IMAGE)})+\s*|\s*(?:{re.escape(IMAGE)}\s*)+$")
+HUMAN = ("human", "user")
+ASSISTANT = ("gpt", "assistant")
+
+
+def strip_image_markers(text: str) -> str:
+    """Remove `<image>` markers at the start/end of a turn; markers mid-text are kept (and then
+    make the image count mismatch, so the sample is dropped rather than silently altered)."""
+    return _EDGE_MARKERS.sub("", text)
+
+
+def parse_turns(turns: Any, path: Path, where: str) -> list[Round]:
+    """LLaVA `conversations` -> rounds: strictly alternating human, gpt, human, gpt, ..."""
+    if not isinstance(turns, list) or not turns:
+        raise RecordError(path, where, BAD_FIELD, "expected a non-empty list", "conversations")
+    rounds: list[Round] = []
+    for t, turn in enumerate(turns):
+        at = f"{where} turn {t}"
+        speaker = get(turn, "from", str, path, at).lower()
+        value = get(turn, "value", str, path, at)
+        expected = HUMAN if t % 2 == 0 else ASSISTANT
+        if speaker not in expected:
+            raise RecordError(path, at, BAD_FIELD, f"expected {expected[0]}, got {speaker!r}", "from")
+        if t % 2 == 0:
+            question = strip_image_markers(value) if t == 0 else value
+        else:
+            rounds.append(Round(instruction=question, response=value))
+    if len(turns) % 2:
+        raise RecordError(path, where, BAD_FIELD, "last human turn has no gpt answer", "conversations")
+    return rounds
+
+
+def image_list(rec: Any, path: Path, where: str, required: bool) -> list[str]:
+    """`image` as one path or a list of paths (the generic format allows several)."""
+    if required:
+        value = get(rec, "image", (str, list), path, where)
+    else:
+        value = get(rec, "image", (str, list), path, where, default=[])
+    images = [value] if isinstance(value, str) else value
+    if not all(isinstance(x, str) for x in images):
+        raise RecordError(path, where, BAD_FIELD, "image paths must be strings", "image")
+    return images
+
+
+def read(path: Path, *, source: str, seed: int) -> ReadResult:
+    def convert(rec: Any, where: str) -> Conversation:
+        return Conversation(
+            rounds=parse_turns(get(rec, "conversations", list, path, where), path, where),
+            images=image_list(rec, path, where, required=True),
+            source=source,
+            origin=f"{path.name} {where} id {rec.get('id', '?')}",
+        )
+
+    return read_records(indexed(expect_list(path, load_json(path))), convert)
