@@ -1,0 +1,160 @@
+"""Model presets and `build_model`: the one place that assembles Flamingo from a ModelConfig.
+
+Random presets are initialised from `cfg.seed` (torch.manual_seed before construction, fixed
+construction order), so every process that rebuilds a config — each DeepSpeed rank, export, chat
+— gets bit-identical frozen weights. Presets:
+  tiny   tests: ViT 32px/8 x 64w x 2L, LLaMA 64h x 4L on the bundled 1003-token tokenizer, n=2.
+  small  CPU benchmarks: ViT 224px/16 x 384w x 6L, LLaMA 1024h x 4L with the 32003-entry LLaMA
+         vocabulary (the tiny tokenizer's ids are a subset), perceiver depth 2, n=2.
+  9b     OpenFlamingo-9B: ViT-L/14 (224px) + LLaMA-7B (32003 vocab), perceiver depth 6, n=4.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+from mmgpt.models import checkpoints
+from mmgpt.models.flamingo import Flamingo, add_cross_attention
+from mmgpt.models.lora import apply_lora
+from mmgpt.models.perceiver import PerceiverResampler
+from mmgpt.models.tokenizer import IMAGE, TINY_TOKENIZER_DIR, load_tokenizer
+from mmgpt.models.vision import VIT_L_14, VisionEncoder, VisionSpec
+
+log = logging.getLogger(__name__)
+
+LLAMA_VOCAB = 32003  # LLaMA's 32000 + <|endofchunk|>, <image>, <PAD>
+LLAMA_IMAGE_TOKEN_ID = 32001
+TINY_VOCAB = 1003  # the bundled tiny tokenizer: 1000 pieces + the three special tokens
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Architecture of one model size (the LLaMA part is ignored when llama_path is given)."""
+
+    vision: VisionSpec
+    llama: dict = field(hash=False)  # LlamaConfig keyword arguments (vocab_size included)
+    cross_attn_every_n_layers: int
+    perceiver_depth: int = 6
+    perceiver_heads: int = 8
+    perceiver_dim_head: int = 64
+    num_latents: int = 64
+    xattn_heads: int = 8
+    xattn_dim_head: int = 64
+    tokenizer_dir: Path | None = None  # bundled tokenizer used when no tokenizer/llama path is given
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        vision=VisionSpec(image_size=32, patch_size=8, width=64, layers=2, head_width=32, output_dim=32),
+        llama=dict(hidden_size=64, intermediate_size=172, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=4, max_position_embeddings=512, vocab_size=TINY_VOCAB),
+        cross_attn_every_n_layers=2, perceiver_depth=2, perceiver_heads=2, perceiver_dim_head=16,
+        num_latents=4, xattn_heads=2, xattn_dim_head=16, tokenizer_dir=TINY_TOKENIZER_DIR),
+    "small": Preset(
+        vision=VisionSpec(image_size=224, patch_size=16, width=384, layers=6, head_width=64, output_dim=384),
+        llama=dict(hidden_size=1024, intermediate_size=2752, num_hidden_layers=4, num_attention_heads=16,
+                   num_key_value_heads=16, max_position_embeddings=4096, vocab_size=LLAMA_VOCAB),
+        cross_attn_every_n_layers=2, perceiver_depth=2, tokenizer_dir=TINY_TOKENIZER_DIR),
+    "9b": Preset(
+        vision=VIT_L_14,
+        llama=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                   num_key_value_heads=32, max_position_embeddings=2048, vocab_size=LLAMA_VOCAB),
+        cross_attn_every_n_layers=4),
+}
+
+
+@dataclass
+class ModelConfig:
+    """What to build: a preset plus optional local weights (all paths are local files/dirs)."""
+
+    preset: str = "tiny"
+    llama_path: str | None = None  # HF LLaMA directory (weights + tokenizer)
+    tokenizer_path: str | None = None  # defaults to llama_path, else the preset's bundled tokenizer
+    clip_weights: str | None = None  # open_clip CLIP state dict (.pt/.bin/.safetensors)
+    openflamingo_checkpoint: str | None = None  # OpenFlamingo checkpoint.pt (v1 or v2 layout)
+    lora_checkpoint: str | None = None  # MultiModal-GPT LoRA checkpoint (released layout)
+    lora: str = "default"  # default | paper | none
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    attn_backend: str = "auto"  # mmgpt_kernels backend: auto | flash_attn | torch_varlen | sdpa
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def preset_image_size(preset: str) -> int:
+    """Side of the square CLIP input of a preset (the data side builds its transform from it)."""
+    return get_preset(preset).vision.image_size
+
+
+def _load_tokenizer(cfg: ModelConfig, preset: Preset) -> PreTrainedTokenizerBase | None:
+    path = cfg.tokenizer_path or cfg.llama_path or preset.tokenizer_dir
+    return load_tokenizer(path) if path is not None else None
+
+
+def _build_llama(cfg: ModelConfig, preset: Preset, tokenizer: PreTrainedTokenizerBase | None,
+                 dtype: torch.dtype, meta: bool) -> LlamaForCausalLM:
+    """LLaMA from a local HF directory (config only when meta), else the preset's random one."""
+    if cfg.llama_path is not None:
+        if meta:
+            llama = LlamaForCausalLM(LlamaConfig.from_pretrained(cfg.llama_path))
+        else:
+            llama = LlamaForCausalLM.from_pretrained(cfg.llama_path, dtype=dtype)
+        llama.resize_token_embeddings(len(tokenizer))
+        return llama
+    if tokenizer is not None and len(tokenizer) > preset.llama["vocab_size"]:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but preset {cfg.preset!r} has a "
+                         f"vocabulary of {preset.llama['vocab_size']}")
+    config = LlamaConfig(**preset.llama, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=None)
+    return LlamaForCausalLM(config)
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                meta: bool = False) -> tuple[Flamingo, PreTrainedTokenizerBase | None]:
+    """Assemble (and load) the model; everything but LoRA is frozen.
+
+    meta=True builds the architecture without memory (parameter and FLOP counting); weights
+    files are then not read. The tokenizer is None only for a meta build with no tokenizer path.
+    """
+    preset = get_preset(cfg.preset)
+    tokenizer = _load_tokenizer(cfg, preset)
+    media_token_id = tokenizer.convert_tokens_to_ids(IMAGE) if tokenizer is not None else LLAMA_IMAGE_TOKEN_ID
+    torch.manual_seed(cfg.seed)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        vision = VisionEncoder(preset.vision)
+        perceiver = PerceiverResampler(dim=preset.vision.width, depth=preset.perceiver_depth,
+                                       dim_head=preset.perceiver_dim_head, heads=preset.perceiver_heads,
+                                       num_latents=preset.num_latents)
+        llama = _build_llama(cfg, preset, tokenizer, dtype, meta)
+        add_cross_attention(llama, dim_visual=preset.vision.width,
+                            every_n_layers=preset.cross_attn_every_n_layers,
+                            heads=preset.xattn_heads, dim_head=preset.xattn_dim_head,
+                            backend=cfg.attn_backend)
+    model = Flamingo(vision, perceiver, llama, media_token_id)
+    if not meta:
+        if cfg.clip_weights:
+            vision.load_clip_weights(cfg.clip_weights)
+        if cfg.openflamingo_checkpoint:
+            report = checkpoints.load_openflamingo(model, cfg.openflamingo_checkpoint)
+            log.info("%s", report)
+    model.requires_grad_(False)
+    if cfg.lora != "none":
+        model.lang_encoder = apply_lora(model.lang_encoder, cfg.lora)
+        if cfg.lora_checkpoint and not meta:
+            report = checkpoints.load_lora(model, cfg.lora_checkpoint)
+            log.info("%s", report)
+    elif cfg.lora_checkpoint:
+        raise ValueError("lora_checkpoint given with lora='none'")
+    model.set_gradient_checkpointing(cfg.gradient_checkpointing)
+    if not meta:
+        model.to(device=device, dtype=dtype)
+    return model, tokenizer

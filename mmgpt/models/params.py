@@ -1,0 +1,120 @@
+"""`mmgpt params`: parameter counts of a preset without weights, and FLOP estimates for MFU.
+
+The model is built on the meta device (no memory, no files), so the 9B architecture can be
+counted anywhere. FLOPs are analytic matmul counts from the preset dimensions (2 FLOPs per
+multiply-add), split into the parts that run forward only (frozen ViT and perceiver: no gradient
+flows into them) and the language side, whose backward needs input gradients through every frozen
+weight (~1x its forward) and, for attention, ~2x.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from mmgpt.data.batch import PackedBatch
+from mmgpt.models.builder import ModelConfig, build_model, get_preset
+from mmgpt.models.lora import LORA_TARGETS
+
+
+def count_params(model: nn.Module) -> dict[str, int]:
+    """Total / trainable counts and a breakdown by component."""
+    parts = {"vision_encoder": 0, "perceiver": 0, "cross_attention": 0, "language_model": 0, "lora": 0}
+    for name, p in model.named_parameters():
+        if ".lora_" in name:
+            parts["lora"] += p.numel()
+        elif ".gated_cross_attn_layer." in name:
+            parts["cross_attention"] += p.numel()
+        elif name.startswith(("vision_encoder.", "perceiver.")):
+            parts[name.split(".")[0]] += p.numel()
+        else:
+            parts["language_model"] += p.numel()
+    return {"total_params": sum(p.numel() for p in model.parameters()),
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            **{f"{k}_params": v for k, v in parts.items()}}
+
+
+@dataclass
+class StepShape:
+    """What one (micro-)batch costs; `from_batch` reads it off a PackedBatch."""
+
+    num_tokens: int
+    num_images: int
+    attention_pairs: int  # self-attention query-key pairs: sum over samples of L*(L+1)/2
+    media_tokens: int  # tokens that cross-attend an image (media_index >= 0)
+    num_supervised: int
+
+    @classmethod
+    def from_batch(cls, batch: PackedBatch) -> "StepShape":
+        lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
+        return cls(num_tokens=batch.num_tokens, num_images=int(batch.images.shape[0]),
+                   attention_pairs=int((lengths * (lengths + 1) // 2).sum()),
+                   media_tokens=int((batch.media_index >= 0).sum()), num_supervised=batch.num_supervised)
+
+
+@dataclass
+class StepFlops:
+    """Forward matmul FLOPs of one step, by the part of the model that does them (LoRA excluded)."""
+
+    image_linear: float  # ViT + perceiver projections: forward only (frozen, no gradient reaches them)
+    image_attention: float  # ViT + perceiver score/value products
+    text_linear: float  # LLaMA + cross-attention projections, LM head on supervised tokens
+    text_attention: float  # self- and cross-attention score/value products
+
+    @property
+    def forward(self) -> float:
+        return self.image_linear + self.image_attention + self.text_linear + self.text_attention
+
+    @property
+    def train(self) -> float:
+        """Forward + backward (input gradients ~1x for frozen linears, ~2x for attention), no recompute."""
+        return self.image_linear + self.image_attention + 2 * self.text_linear + 3 * self.text_attention
+
+
+def step_flops(preset: str, shape: StepShape) -> StepFlops:
+    """Analytic FLOPs (2 per multiply-add) of a preset's architecture on one batch shape."""
+    p = get_preset(preset)
+    v, ll = p.vision, p.llama
+    d, inter, layers = ll["hidden_size"], ll["intermediate_size"], ll["num_hidden_layers"]
+    n_xattn = layers // p.cross_attn_every_n_layers
+    w, patches, lat, images = v.width, v.num_patches, p.num_latents, shape.num_images
+    p_inner = p.perceiver_heads * p.perceiver_dim_head
+    x_inner = p.xattn_heads * p.xattn_dim_head
+    vit_linear = (2 * 3 * v.patch_size**2 * w * patches  # patch embedding
+                  + v.layers * 2 * 12 * w * w * (patches + 1)  # qkv, out, MLP on patches + CLS
+                  + 2 * w * v.output_dim)  # pooled projection
+    perceiver_linear = p.perceiver_depth * (2 * (2 * w * p_inner + 8 * w * w) * lat  # to_q, to_out, ff
+                                            + 2 * 2 * w * p_inner * (patches + lat))  # to_kv(media, latents)
+    image_attention = (v.layers * 4 * w * (patches + 1) ** 2
+                       + p.perceiver_depth * 4 * p_inner * lat * (patches + lat))
+    text_linear = (shape.num_tokens * (layers * 2 * (4 * d * d + 3 * d * inter)
+                                       + n_xattn * 2 * (2 * d * x_inner + 8 * d * d))
+                   + n_xattn * images * 2 * 2 * w * x_inner * lat  # to_kv on the latents
+                   + shape.num_supervised * 2 * d * ll["vocab_size"])
+    text_attention = (layers * 4 * d * shape.attention_pairs
+                      + n_xattn * 4 * x_inner * lat * shape.media_tokens)
+    return StepFlops(image_linear=float(images * (vit_linear + perceiver_linear)),
+                     image_attention=float(images * image_attention),
+                     text_linear=float(text_linear), text_attention=float(text_attention))
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("params", help="count parameters of a preset (no weights loaded)")
+    parser.add_argument("--preset", default="9b", help="tiny | small | 9b (default 9b)")
+    parser.add_argument("--lora", default="default", choices=[*LORA_TARGETS, "none"])
+    parser.add_argument("--json", type=Path, default=None, help="also write the counts to this JSON file")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    model, _ = build_model(ModelConfig(preset=args.preset, lora=args.lora), meta=True)
+    counts = {"preset": args.preset, "lora": args.lora, **count_params(model)}
+    for key, value in counts.items():
+        print(f"{key}: {value:,}" if isinstance(value, int) else f"{key}: {value}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(counts, indent=2) + "\n")
+    return 0
