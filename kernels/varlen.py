@@ -156,9 +156,10 @@ def _fused(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out = _flash_attn_func()(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k,
                                  softmax_scale=scale, causal=causal)
     else:
+        # enable_gqa only when needed: older torch releases (2.11) lack the keyword.
+        gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
         out = _torch_varlen_func()(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale=scale,
-                                   window_size=(-1, 0) if causal else (-1, -1),
-                                   enable_gqa=q.shape[1] != k.shape[1])
+                                   window_size=(-1, 0) if causal else (-1, -1), **gqa)
     return _zero_keyless(out, cu_q, cu_k)
 
 
