@@ -6,10 +6,11 @@ setup(
     version="0.1.0",
     description="Fast DeepSpeed training, export and chat for MultiModal-GPT (OpenFlamingo-9B + LoRA)",
     python_requires=">=3.10",
-    # The kernels/ folder is installed as `mmgpt_kernels`: the bare name `kernels` is a PyPI
-    # package that transformers probes for, and ours must never be mistaken for it.
+    # kernels/ holds the package `mmgpt_kernels` and is no package itself: the bare name `kernels`
+    # is a PyPI package that transformers probes for, and ours must never be mistaken for it
+    # (not even when running from the repository root, where kernels/ is on sys.path).
     packages=find_packages(include=["mmgpt", "mmgpt.*"]) + ["mmgpt_kernels"],
-    package_dir={"mmgpt_kernels": "kernels"},
+    package_dir={"mmgpt_kernels": "kernels/mmgpt_kernels"},
     include_package_data=True,
     package_data={"mmgpt": ["resources/*"]},
     install_requires=[

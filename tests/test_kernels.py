@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from itertools import accumulate
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -203,3 +205,21 @@ def test_time_backends_reports_every_usable_backend_and_the_baseline() -> None:
     times = time_backends([5, 9, 3], heads=2, head_dim=8, repeats=1)
     assert set(times) == {"sdpa", "per_sample"}
     assert all(t > 0 for t in times.values())
+
+
+def test_bare_name_kernels_is_not_ours():
+    """transformers probes for a PyPI package named `kernels`: ours must never answer, not even
+    from the repository root (on sys.path under pytest), where kernels/ is a plain folder."""
+    import importlib.util
+    import sys
+
+    from transformers.utils.import_utils import is_kernels_available
+
+    repo = str(Path(__file__).resolve().parent.parent)
+    sys.path.insert(0, repo)
+    try:
+        spec = importlib.util.find_spec("kernels")
+        assert spec is None or spec.origin is None, f"`kernels` resolves to a module: {spec.origin}"
+        assert not is_kernels_available()
+    finally:
+        sys.path.remove(repo)
