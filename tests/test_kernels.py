@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from itertools import accumulate
-
 from pathlib import Path
 
 import pytest

@@ -1,0 +1,211 @@
+"""`mmgpt export`: ship a trained model as artefacts that open in the tools users already have.
+
+Layout of `--out DIR`:
+  adapter/                  peft adapter (adapter_config.json + adapter_model.safetensors). Our LoRA
+                            also adapts the gated cross-attention, which a plain LLaMA lacks, so
+                            "plain peft" loading means `PeftModel.from_pretrained(lang_encoder, DIR/adapter)`
+                            onto our Flamingo-wrapped LLaMA (`build_model(cfg with lora="none")`).
+  mmgpt_config.json         the source ModelConfig (+ merged flag, image size, dtype): rebuilds the model.
+  manifest.json             versions, source, LoRA config, merge check, sha256 of every file.
+  with --merge:
+  language_model/           HF LLaMA dir: LoRA folded into q/k/v/o (+ MLP), layer keys unwrapped from
+                            `layers.{i}.decoder_layer.*` to `layers.{i}.*`, config, safetensors,
+                            tokenizer with the three added tokens. Opens with LlamaForCausalLM /
+                            AutoTokenizer.from_pretrained; it is the text path (no cross-attention).
+  openflamingo/checkpoint.safetensors and checkpoint.pt
+                            perceiver + merged gated cross-attention + input embeddings in
+                            OpenFlamingo's key layout; the vision tower stays the source's CLIP.
+
+Merging happens in float32 and is checked before anything is written: the merged model's logits on
+a probe prompt with an image must match the adapter model's within MERGE_TOLERANCE (relative to the
+largest logit); otherwise the export is refused. Files are written to `DIR.partial` and renamed.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import shutil
+import sys
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+import mmgpt
+from mmgpt.data.conversation import Conversation, Round
+from mmgpt.data.templates import render
+from mmgpt.inference.model_dir import (ADAPTER_DIR, DTYPES, EXPORT_CONFIG, LANGUAGE_MODEL_DIR,
+                                       OPENFLAMINGO_DIR, OPENFLAMINGO_FILE, ModelSource, image_size_of,
+                                       load_model, resolve_source)
+from mmgpt.models.flamingo import Flamingo, MediaContext, media_index_from_ids
+
+EXPORT_FORMAT = "mmgpt-export/1"
+MERGE_TOLERANCE = 1e-4  # fp32: max |merged - adapter| <= 1e-4 * max(1, max |adapter logit|)
+PROBE_SEED = 1234
+_LAYER_WRAPPER = re.compile(r"^model\.layers\.(\d+)\.decoder_layer\.")
+
+
+class MergeCheckError(RuntimeError):
+    """The merged model does not reproduce the adapter model: nothing was written."""
+
+
+def probe_inputs(model: Flamingo, tokenizer: PreTrainedTokenizerBase, image_size: int
+                 ) -> tuple[Tensor, MediaContext]:
+    """A templated question + answer about one seeded random image: ids [1, T] and its media."""
+    conv = Conversation(rounds=[Round("Describe the image in detail.", "A probe answer with a few words.")],
+                        images=["probe"])
+    ids = torch.tensor([tokenizer(render(conv)[0], add_special_tokens=False)["input_ids"]])
+    gen = torch.Generator().manual_seed(PROBE_SEED)
+    image = torch.randn(1, 3, image_size, image_size, generator=gen)
+    device = next(model.parameters()).device
+    ids, image = ids.to(device), image.to(device)
+    index = media_index_from_ids(ids, model.media_token_id)
+    return ids, MediaContext.from_media_index(model.encode_images(image), index)
+
+
+@torch.no_grad()
+def probe_logits(model: Flamingo, ids: Tensor, media: MediaContext) -> Tensor:
+    return model.lm_forward(ids, media).logits.float()
+
+
+def merge_checked(model: Flamingo, tokenizer: PreTrainedTokenizerBase, image_size: int) -> dict[str, Any]:
+    """Fold LoRA into the weights in place (peft merge_and_unload) and prove the logits unchanged."""
+    ids, media = probe_inputs(model, tokenizer, image_size)
+    before = probe_logits(model, ids, media)
+    model.lang_encoder = model.lang_encoder.merge_and_unload()
+    # the latents do not depend on the LoRA (it only adapts the language side), so they are reused
+    after = probe_logits(model, ids, media)
+    diff = float((after - before).abs().max())
+    tolerance = MERGE_TOLERANCE * max(1.0, float(before.abs().max()))
+    check = {"max_abs_diff": diff, "tolerance": tolerance, "probe_tokens": int(ids.numel()), "images": 1}
+    if not diff <= tolerance:
+        raise MergeCheckError(f"merged logits differ from the adapter's by {diff:.3g} > {tolerance:.3g}; "
+                              "refusing to export")
+    return check
+
+
+def language_model_state(llama: LlamaForCausalLM) -> dict[str, Tensor]:
+    """A plain LLaMA state dict: cross-attention dropped, `decoder_layer.` unwrapped."""
+    return {_LAYER_WRAPPER.sub(r"model.layers.\1.", k): v for k, v in llama.state_dict().items()
+            if ".gated_cross_attn_layer." not in k}
+
+
+def write_language_model(llama: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, out: Path,
+                         dtype: torch.dtype) -> None:
+    """HF LLaMA directory (safetensors shards, config, tokenizer) of the merged language model."""
+    config = LlamaConfig.from_dict(llama.config.to_dict())
+    with torch.device("meta"):
+        plain = LlamaForCausalLM(config)  # no second copy of the weights: assign the merged ones
+    plain.load_state_dict(language_model_state(llama), strict=True, assign=True)
+    plain.to(dtype).save_pretrained(str(out), max_shard_size="5GB")
+    tokenizer.save_pretrained(str(out))
+
+
+def openflamingo_state(model: Flamingo) -> dict[str, Tensor]:
+    """perceiver.*, lang_encoder.model.layers.{i}.gated_cross_attn_layer.*, and the input
+    embeddings (rows of the added tokens included): OpenFlamingo v1's checkpoint.pt keys."""
+    assert not hasattr(model.lang_encoder, "peft_config"), "merge before extracting"
+    keep = ("perceiver.", "lang_encoder.model.embed_tokens.weight")
+    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
+            if k.startswith(keep) or ".gated_cross_attn_layer." in k}
+
+
+def write_openflamingo(model: Flamingo, out: Path, dtype: torch.dtype) -> None:
+    out.mkdir(parents=True)
+    state = {k: v.to(dtype) for k, v in openflamingo_state(model).items()}
+    save_file(state, str(out / OPENFLAMINGO_FILE), metadata={"format": "pt"})
+    torch.save(state, out / "checkpoint.pt")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    import open_clip
+    import peft
+    import safetensors
+    import transformers
+
+    return {"mmgpt": mmgpt.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "open_clip": open_clip.__version__, "safetensors": safetensors.__version__,
+            "python": sys.version.split()[0]}
+
+
+def export_config(source: ModelSource, merged: bool, dtype_name: str) -> dict[str, Any]:
+    model = asdict(source.model_config)
+    model["lora_checkpoint"] = None  # the trained LoRA is adapter/ (or folded in), not the start point
+    return {"format": EXPORT_FORMAT, "merged": merged, "dtype": dtype_name,
+            "image_size": image_size_of(source), "model": model}
+
+
+def export(checkpoint: str | Path, out: str | Path, merge: bool = False, dtype_name: str = "bf16") -> Path:
+    """Write the export directory (see the module docstring); returns its path."""
+    if dtype_name not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype_name!r}; choose from {sorted(DTYPES)}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"--out {out} exists and is not empty; choose a new directory")
+    source = resolve_source(checkpoint)
+    if source.adapter_dir is None:
+        raise ValueError(f"{checkpoint} is already a merged export; export from the training run instead")
+    dtype = DTYPES[dtype_name]
+    model, tokenizer = load_model(source, dtype=torch.float32)  # fp32: exact merge, exact check
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        model.lang_encoder.save_pretrained(str(staging / ADAPTER_DIR))
+        lora = json.loads((staging / ADAPTER_DIR / "adapter_config.json").read_text())
+        merge_check = None
+        if merge:
+            merge_check = merge_checked(model, tokenizer, image_size_of(source))
+            write_language_model(model.llama, tokenizer, staging / LANGUAGE_MODEL_DIR, dtype)
+            write_openflamingo(model, staging / OPENFLAMINGO_DIR, dtype)
+        (staging / EXPORT_CONFIG).write_text(json.dumps(export_config(source, merge, dtype_name), indent=2))
+        files = {str(p.relative_to(staging)): {"sha256": sha256(p), "bytes": p.stat().st_size}
+                 for p in sorted(staging.rglob("*")) if p.is_file()}
+        manifest = {"format": EXPORT_FORMAT, "created": datetime.now(timezone.utc).isoformat(),
+                    "versions": versions(), "source": {"path": str(Path(checkpoint).resolve()),
+                                                       "kind": source.kind, "adapter": str(source.adapter_dir.resolve())},
+                    "lora": lora, "merged": merge, "dtype": dtype_name, "merge_check": merge_check,
+                    "files": files}
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("export", help="export a trained adapter (and with --merge, merged weights)")
+    p.add_argument("--checkpoint", required=True, help="training output dir, its adapter dir, or an adapter export")
+    p.add_argument("--out", required=True, help="new (or empty) output directory")
+    p.add_argument("--merge", action="store_true",
+                   help="also write merged weights: HF LLaMA dir + OpenFlamingo checkpoint")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of the merged weights")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        out = export(args.checkpoint, args.out, merge=args.merge, dtype_name=args.dtype)
+    except (MergeCheckError, FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"mmgpt export: error: {err}", file=sys.stderr)
+        return 1
+    print(f"exported to {out}")
+    return 0

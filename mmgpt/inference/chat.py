@@ -1,0 +1,181 @@
+"""`mmgpt chat`: multi-round image chat in the terminal, in the exact training template.
+
+Each question re-renders the whole conversation with the data side's `render_prompt` (paper
+Table 2: `### Image:` header, later rounds as `### Instruction / ### Response`) and tokenises it
+as training does (one string, `<s>`/`</s>`/`<image>` inline, no added special tokens), so the
+model sees the token boundaries it was trained on. The image is encoded once per conversation;
+its perceiver latents are reused by every round and every generated token.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, TextIO
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from transformers import PreTrainedTokenizerBase
+
+from mmgpt.data.conversation import Conversation, Round
+from mmgpt.data.images import clip_transform
+from mmgpt.data.templates import render_prompt
+from mmgpt.inference.generation import (GenerationConfig, add_generation_args, generate,
+                                        generation_config_from_args)
+from mmgpt.inference.model_dir import DTYPES, image_size_of, load_model, resolve_source
+from mmgpt.models.builder import ModelConfig, build_model, preset_image_size
+from mmgpt.models.flamingo import Flamingo
+
+UPLOADED_IMAGE = "<uploaded image>"  # placeholder path: render only counts images
+
+
+class ChatSession:
+    """One conversation: its rounds (question, answer) and its image's latents (or none)."""
+
+    def __init__(self, model: Flamingo, tokenizer: PreTrainedTokenizerBase, image_size: int,
+                 generation: GenerationConfig):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.transform = clip_transform(image_size)
+        self.generation = generation
+        self.max_length = int(model.llama.config.max_position_embeddings)
+        self.rounds: list[Round] = []
+        self.latents: torch.Tensor | None = None
+
+    def clear(self) -> None:
+        """Forget the rounds and the image."""
+        self.rounds, self.latents = [], None
+
+    @torch.no_grad()
+    def set_image(self, image: Image.Image | None) -> None:
+        """Start a new conversation about `image` (images precede the first round in the template)."""
+        self.clear()
+        if image is not None:
+            device = next(self.model.parameters()).device
+            pixels = self.transform(image.convert("RGB"))[None].to(device)
+            self.latents = self.model.encode_images(pixels)
+
+    def history(self) -> list[list[str]]:
+        return [[r.instruction, r.response] for r in self.rounds]
+
+    def prompt_ids(self, question: str) -> list[int]:
+        """Token ids of the conversation so far plus `question`, ending at `### Response:\\n`.
+
+        Oldest rounds are dropped when the prompt plus `max_new_tokens` would pass the model's
+        context (the image header always stays)."""
+        special = [t for t in self.tokenizer.all_special_tokens if t in question]
+        if special:
+            raise ValueError(f"the question contains special tokens {special}; remove them")
+        images = [UPLOADED_IMAGE] if self.latents is not None else []
+        rounds = self.rounds
+        while True:
+            conv = Conversation(rounds=rounds + [Round(question, "")], images=images)
+            ids = self.tokenizer(render_prompt(conv), add_special_tokens=False)["input_ids"]
+            if len(ids) + self.generation.max_new_tokens <= self.max_length or not rounds:
+                break
+            rounds = rounds[1:]
+        if len(ids) >= self.max_length:
+            raise ValueError(f"the question is too long: {len(ids)} prompt tokens for a "
+                             f"{self.max_length}-token context")
+        return ids
+
+    def ask(self, question: str) -> str:
+        """Answer one question in the context of the conversation so far (and remember it)."""
+        question = question.strip()
+        if not question:
+            raise ValueError("empty question")
+        ids = self.prompt_ids(question)
+        room = min(self.generation.max_new_tokens, self.max_length - len(ids))
+        new = generate(self.model, self.tokenizer, ids, self.latents, replace(self.generation, max_new_tokens=room))
+        answer = self.tokenizer.decode(new, skip_special_tokens=True).strip()
+        self.rounds.append(Round(question, answer))
+        return answer
+
+
+def load_image_file(path: str | Path) -> Image.Image:
+    """An image the user named; errors say which file and why."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{path}: not a readable image ({err})") from err
+
+
+def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--model", required=required,
+                        help="export dir (merged or adapter), training output dir, or adapter dir")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="default: bf16 on CUDA, fp32 on CPU")
+
+
+def session_factory_from_args(args: argparse.Namespace) -> Callable[[], ChatSession]:
+    """Load the model once; each call makes a fresh conversation on it. Without --model (serve
+    only) the untrained tiny preset is used, so the demo page can be tried with no weights."""
+    dtype = DTYPES[args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")]
+    if args.model is None:
+        print("warning: no --model given; serving the UNTRAINED tiny preset (answers are noise)",
+              file=sys.stderr)
+        model, tokenizer = build_model(ModelConfig(preset="tiny"), device=args.device, dtype=dtype)
+        model, image_size = model.eval(), preset_image_size("tiny")
+    else:
+        source = resolve_source(args.model)
+        model, tokenizer = load_model(source, device=args.device, dtype=dtype)
+        image_size = image_size_of(source)
+    generation = generation_config_from_args(args)
+    return lambda: ChatSession(model, tokenizer, image_size, generation)
+
+
+HELP = "commands: /image PATH (new conversation about an image), /clear, /quit"
+
+
+def interact(session: ChatSession, lines: TextIO, out: TextIO) -> None:
+    """The terminal loop: questions and commands from `lines` until /quit or end of input."""
+    print(HELP, file=out, flush=True)
+    while True:
+        print("You: ", end="", file=out, flush=True)
+        line = lines.readline()
+        if not line:
+            return
+        line = line.strip()
+        try:
+            if line == "/quit":
+                return
+            if line == "/clear":
+                session.clear()
+                print("(history and image cleared)", file=out)
+            elif line.startswith("/image"):
+                session.set_image(load_image_file(line[len("/image"):].strip()))
+                print("(new conversation about this image)", file=out)
+            elif line:
+                print(f"MMGPT: {session.ask(line)}", file=out, flush=True)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"error: {err}", file=out, flush=True)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("chat", help="chat with a trained model (one answer with --prompt)")
+    add_model_args(p)
+    p.add_argument("--image", help="image the conversation is about")
+    p.add_argument("--prompt", help="answer this one question, print the answer and exit")
+    add_generation_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        session = session_factory_from_args(args)()
+        if args.image:
+            session.set_image(load_image_file(args.image))
+        if args.prompt is not None:
+            print(session.ask(args.prompt), flush=True)
+            return 0
+    except (FileNotFoundError, ValueError) as err:  # bad model dir, config, image or question
+        print(f"mmgpt chat: error: {err}", file=sys.stderr)
+        return 1
+    interact(session, sys.stdin, sys.stdout)
+    return 0

@@ -1,0 +1,256 @@
+"""Text generation over `Flamingo.lm_forward`: KV cache, vision features computed once, and every
+new token attending its image.
+
+OpenFlamingo v1 lost image attention during cached decoding (the new token had no media
+location, so its cross-attention saw nothing). Here each step's tokens get an explicit media index:
+the latest image of the sequence so far, exactly what the same token would get in a full forward,
+so cached and uncached decoding agree token for token.
+
+The loop is written here rather than driving `transformers` `generate()`: the media context of a
+step depends on that step's tokens, which `generate()` can only be told through a model-specific
+`prepare_inputs_for_generation` hook on a class we do not own.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import Cache, PreTrainedTokenizerBase
+
+from mmgpt.models.flamingo import Flamingo, MediaContext, media_index_from_ids
+from mmgpt.models.tokenizer import IMAGE
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding settings. Greedy by default; `num_beams > 1` is beam search, `do_sample` samples."""
+
+    max_new_tokens: int = 256
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = no top-k filter
+    top_p: float = 1.0  # 1.0 = no nucleus filter
+    repetition_penalty: float = 1.0  # 1.0 = none; CTRL-style, over prompt and generated tokens
+    length_penalty: float = 1.0  # beam search: score = sum log p / generated_length ** length_penalty
+    seed: int | None = None  # sampling seed (None: nondeterministic)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.num_beams > 1 and self.do_sample:
+            raise ValueError("choose beam search (num_beams > 1) or sampling (do_sample), not both")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature} (use greedy instead)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def add_generation_args(parser: argparse.ArgumentParser) -> None:
+    """The decoding flags shared by `mmgpt chat` and `mmgpt serve`."""
+    d = GenerationConfig()
+    g = parser.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    g.add_argument("--num-beams", type=int, default=d.num_beams, help="> 1: beam search")
+    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=d.temperature)
+    g.add_argument("--top-k", type=int, default=d.top_k, help="0: off")
+    g.add_argument("--top-p", type=float, default=d.top_p, help="1.0: off")
+    g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help="1.0: off")
+    g.add_argument("--length-penalty", type=float, default=d.length_penalty)
+    g.add_argument("--seed", type=int, default=d.seed, help="sampling seed")
+
+
+def generation_config_from_args(args: argparse.Namespace) -> GenerationConfig:
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, length_penalty=args.length_penalty,
+        seed=args.seed,
+    )
+
+
+class LanguageModelStepper:
+    """Feeds equal-length rows to `Flamingo.lm_forward` step by step and returns next-token logits.
+
+    Every row attends the same images (`latents`, computed once by the caller; zero images is a
+    valid media context, so text-only prompts take the training path through the cross-attention
+    blocks too). With `use_cache` only the new tokens run (KV cache) and their media index
+    continues from each row's last one; without it the whole sequence is recomputed each step
+    (the reference the cache is tested against).
+    """
+
+    def __init__(self, model: Flamingo, latents: Tensor, image_token_id: int, use_cache: bool = True):
+        self.model = model
+        self.latents = latents
+        self.image_token_id = image_token_id
+        self.use_cache = use_cache
+        self.ids = torch.zeros(0, 0, dtype=torch.long)  # [B, T] everything fed so far
+        self.cache: Cache | None = None
+        self.last_media: Tensor | None = None  # [B] media index of each row's last cached token
+
+    def _run(self, new_ids: Tensor) -> Tensor:
+        rows, length = new_ids.shape
+        start = self.ids.shape[1] - length
+        positions = torch.arange(start, start + length, device=new_ids.device).expand(rows, length)
+        index = media_index_from_ids(new_ids, self.image_token_id,
+                                     image_offsets=torch.zeros(rows, dtype=torch.long),
+                                     previous=self.last_media if self.use_cache else None)
+        media = MediaContext.from_media_index(self.latents, index)
+        out = self.model.lm_forward(new_ids, media, position_ids=positions, cache=self.cache,
+                                    use_cache=self.use_cache)
+        if self.use_cache:
+            self.cache, self.last_media = out.cache, index[:, -1]
+        return out.logits[:, -1, :].float()
+
+    @torch.no_grad()
+    def start(self, ids: Tensor) -> Tensor:
+        """Run the prompt [B, T]; logits [B, V] for the next token."""
+        self.ids, self.cache, self.last_media = ids, None, None
+        return self._run(ids)
+
+    @torch.no_grad()
+    def extend(self, tokens: Tensor) -> Tensor:
+        """Append one token per row [B]; logits [B, V] for the next token."""
+        self.ids = torch.cat([self.ids, tokens[:, None]], dim=1)
+        return self._run(self.ids[:, -1:] if self.use_cache else self.ids)
+
+    def select(self, rows: Tensor) -> None:
+        """Keep/duplicate rows (beam search): row i becomes old row rows[i], cache included."""
+        self.ids = self.ids[rows]
+        if self.cache is not None:
+            self.cache.reorder_cache(rows)
+            self.last_media = self.last_media[rows]
+
+
+def process_logits(logits: Tensor, history: Tensor, cfg: GenerationConfig, banned: list[int]) -> Tensor:
+    """Repetition penalty over `history` [B, L] and banned tokens, on logits [B, V] (a new tensor)."""
+    scores = logits.clone()
+    if cfg.repetition_penalty != 1.0:
+        seen = scores.gather(1, history)
+        seen = torch.where(seen > 0, seen / cfg.repetition_penalty, seen * cfg.repetition_penalty)
+        scores.scatter_(1, history, seen)
+    if banned:
+        scores[:, banned] = float("-inf")
+    return scores
+
+
+def filter_for_sampling(scores: Tensor, cfg: GenerationConfig) -> Tensor:
+    """Temperature, then top-k, then nucleus (top-p): removed tokens get -inf. The most likely
+    token always survives, so top_k=1 (or a tiny top_p) reduces sampling to greedy."""
+    scores = scores / cfg.temperature
+    if cfg.top_k > 0 and cfg.top_k < scores.shape[-1]:
+        kth = scores.topk(cfg.top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        probs = sorted_scores.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # probability of strictly better tokens
+        drop_sorted = mass_before >= cfg.top_p
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return scores
+
+
+def _greedy_or_sample(stepper: LanguageModelStepper, ids: Tensor, cfg: GenerationConfig,
+                      eos: set[int], banned: list[int]) -> list[int]:
+    generator = torch.Generator(device="cpu")  # sampling draws on the CPU: same seed, same text anywhere
+    if cfg.seed is not None:
+        generator.manual_seed(cfg.seed)
+    else:
+        generator.seed()
+    logits = stepper.start(ids)
+    out: list[int] = []
+    for _ in range(cfg.max_new_tokens):
+        scores = process_logits(logits, stepper.ids, cfg, banned)
+        if cfg.do_sample:
+            probs = filter_for_sampling(scores, cfg).softmax(dim=-1).cpu()
+            token = int(torch.multinomial(probs, 1, generator=generator)[0, 0])
+        else:
+            token = int(scores.argmax(dim=-1)[0])
+        if token in eos:
+            break
+        out.append(token)
+        logits = stepper.extend(torch.tensor([token], device=ids.device))
+    return out
+
+
+def _beam_search(stepper: LanguageModelStepper, ids: Tensor, cfg: GenerationConfig,
+                 eos: set[int], banned: list[int]) -> list[int]:
+    """Standard beam search: `num_beams` live beams; a beam ending in EOS among the top
+    `num_beams` candidates becomes a finished hypothesis scored sum(log p) / length**length_penalty.
+    Stops when `num_beams` hypotheses are finished and no live beam can beat the worst of them
+    at its current length (transformers' default heuristic)."""
+    beams = cfg.num_beams
+    logits = stepper.start(ids)
+    scores = torch.zeros(1, device=logits.device)  # one live beam until the first expansion
+    seqs: list[list[int]] = [[]]
+    finished: list[tuple[float, list[int]]] = []
+    for step in range(1, cfg.max_new_tokens + 1):
+        logp = process_logits(logits, stepper.ids, cfg, banned).log_softmax(dim=-1)
+        vocab = logp.shape[-1]
+        cand = (scores[:, None] + logp).flatten()
+        top = cand.topk(min(2 * beams, int(torch.isfinite(cand).sum())))
+        rows, tokens, new_scores = [], [], []
+        for rank, (value, flat) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+            row, token = divmod(flat, vocab)
+            if token in eos:
+                if rank < beams:
+                    finished.append((value / step ** cfg.length_penalty, seqs[row]))
+                continue
+            rows.append(row)
+            tokens.append(token)
+            new_scores.append(value)
+            if len(rows) == beams:
+                break
+        finished = sorted(finished, key=lambda f: f[0], reverse=True)[:beams]
+        if not rows:
+            break
+        scores = torch.tensor(new_scores, device=logits.device)
+        seqs = [seqs[r] + [t] for r, t in zip(rows, tokens)]
+        if len(finished) == beams and finished[-1][0] >= new_scores[0] / step ** cfg.length_penalty:
+            break
+        if step == cfg.max_new_tokens:
+            break
+        stepper.select(torch.tensor(rows, device=ids.device))
+        logits = stepper.extend(torch.tensor(tokens, device=ids.device))
+    live = [(s / len(q) ** cfg.length_penalty, q) for s, q in zip(scores.tolist(), seqs) if q]
+    best = max(finished + live, key=lambda f: f[0], default=(0.0, []))
+    return best[1]
+
+
+def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, set[int], list[int]]:
+    """(`<image>` id, EOS ids, ids never generated: `<image>` (no image to attend) and padding)."""
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE)
+    banned = [image_id] + ([tokenizer.pad_token_id] if tokenizer.pad_token_id is not None else [])
+    return image_id, {tokenizer.eos_token_id}, banned
+
+
+@torch.no_grad()
+def generate(model: Flamingo, tokenizer: PreTrainedTokenizerBase, input_ids: list[int] | Tensor,
+             latents: Tensor | None, cfg: GenerationConfig, use_cache: bool = True) -> list[int]:
+    """New token ids (EOS excluded) continuing one prompt.
+
+    `latents` [M, num_latents, dim_visual] are `model.encode_images(images)` for the prompt's M
+    `<image>` tokens (computed once by the caller, reused every step and every round).
+    """
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device).reshape(1, -1)
+    image_id, eos, banned = special_token_ids(tokenizer)
+    if latents is None:
+        latents = model.encode_images(torch.zeros(0, 3, 1, 1, device=device))
+    num_images = int((ids == image_id).sum())
+    if num_images != latents.shape[0]:
+        raise ValueError(f"prompt has {num_images} <image> tokens but {latents.shape[0]} images were given")
+    stepper = LanguageModelStepper(model, latents, image_id, use_cache)
+    if cfg.num_beams > 1:
+        return _beam_search(stepper, ids, cfg, eos, banned)
+    return _greedy_or_sample(stepper, ids, cfg, eos, banned)

@@ -1,0 +1,152 @@
+"""Find and load a trained model from any directory a user has: a training output dir, its
+adapter dir, or an export dir (adapter-only or merged).
+
+Shared by `mmgpt export`, `mmgpt chat` and `mmgpt serve`, so all three accept the same paths and
+build the model the same way: the source's ModelConfig (random presets are rebuilt bit-identically
+from their seed) plus either the peft adapter, loaded with plain `PeftModel.from_pretrained` onto
+our lang_encoder, or the merged export's own LLaMA directory and OpenFlamingo checkpoint.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from mmgpt.models.builder import ModelConfig, build_model, preset_image_size
+from mmgpt.models.flamingo import Flamingo
+
+EXPORT_CONFIG = "mmgpt_config.json"
+TRAIN_CONFIG = "config.yaml"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_DIR = "adapter"
+LANGUAGE_MODEL_DIR = "language_model"
+OPENFLAMINGO_DIR = "openflamingo"
+OPENFLAMINGO_FILE = "checkpoint.safetensors"
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ModelSource:
+    """What a directory holds: the model config and where the trained weights are."""
+
+    path: Path  # the directory the user named
+    kind: str  # "train" | "checkpoint" | "adapter" | "export-adapter" | "export-merged"
+    model_config: ModelConfig  # the source model (before any merge)
+    adapter_dir: Path | None  # peft adapter directory (None for a merged export)
+    merged_dir: Path | None = None  # the export dir holding language_model/ + openflamingo/
+
+
+def model_config_from_dict(data: dict[str, Any], where: Path) -> ModelConfig:
+    """ModelConfig from a mapping; unknown keys are an error (a typo must not silently default)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: the model config must be a mapping, got {type(data).__name__}")
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown model config keys {unknown}; known: {sorted(known)}")
+    return ModelConfig(**data)
+
+
+def _train_model_config(path: Path) -> ModelConfig:
+    """The model section of a training run's resolved config.yaml."""
+    from mmgpt.config import TrainConfig
+
+    return TrainConfig.load(path).model
+
+
+def _export_config(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON: {err}") from err
+    if not isinstance(data, dict) or "model" not in data:
+        raise ValueError(f"{path}: expected an mmgpt export config with a 'model' section")
+    return data
+
+
+def _nearest_config(path: Path) -> ModelConfig:
+    """An adapter or checkpoint dir has no model config: take it from the run or export above it
+    (OUT/adapter, OUT/checkpoints/<tag>, OUT/checkpoints/<tag>/adapter)."""
+    for parent in list(path.resolve().parents)[:3]:
+        if (parent / EXPORT_CONFIG).is_file():
+            return model_config_from_dict(_export_config(parent / EXPORT_CONFIG)["model"], parent / EXPORT_CONFIG)
+        if (parent / TRAIN_CONFIG).is_file():
+            return _train_model_config(parent / TRAIN_CONFIG)
+    raise FileNotFoundError(f"{path}: adapter found but no {EXPORT_CONFIG} or {TRAIN_CONFIG} above it "
+                            "to say which base model it adapts")
+
+
+def _train_adapter(run: Path) -> Path:
+    """A training run's weights: the adapter of the checkpoint `checkpoints/latest` names (the
+    newest complete state, even while a resumed run is going), else OUT/adapter."""
+    from mmgpt.train.checkpoint import CheckpointManager
+
+    tag = CheckpointManager(run / "checkpoints", keep_last=1).latest()
+    if tag is not None:
+        return _adapter_in(run / "checkpoints" / tag / ADAPTER_DIR)
+    if (run / ADAPTER_DIR / ADAPTER_CONFIG).is_file():
+        return run / ADAPTER_DIR
+    raise FileNotFoundError(f"{run}: training output has no checkpoints/latest and no {ADAPTER_DIR}/ yet")
+
+
+def resolve_source(path: str | Path) -> ModelSource:
+    """Classify `path` and find its config and weights; errors name what is missing."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory not found: {path}")
+    if (path / EXPORT_CONFIG).is_file():
+        data = _export_config(path / EXPORT_CONFIG)
+        cfg = model_config_from_dict(data["model"], path / EXPORT_CONFIG)
+        if data.get("merged"):
+            for need in (path / LANGUAGE_MODEL_DIR, path / OPENFLAMINGO_DIR / OPENFLAMINGO_FILE):
+                if not need.exists():
+                    raise FileNotFoundError(f"{path}: merged export is missing {need}")
+            return ModelSource(path, "export-merged", cfg, None, merged_dir=path)
+        return ModelSource(path, "export-adapter", cfg, _adapter_in(path / ADAPTER_DIR))
+    if (path / TRAIN_CONFIG).is_file():
+        return ModelSource(path, "train", _train_model_config(path / TRAIN_CONFIG), _train_adapter(path))
+    if (path / ADAPTER_CONFIG).is_file():
+        return ModelSource(path, "adapter", _nearest_config(path), path)
+    if (path / ADAPTER_DIR / ADAPTER_CONFIG).is_file():
+        return ModelSource(path, "checkpoint", _nearest_config(path), path / ADAPTER_DIR)
+    raise FileNotFoundError(f"{path}: not a model directory (expected {EXPORT_CONFIG}, {TRAIN_CONFIG}, "
+                            f"{ADAPTER_CONFIG} or {ADAPTER_DIR}/{ADAPTER_CONFIG})")
+
+
+def _adapter_in(adapter_dir: Path) -> Path:
+    if not (adapter_dir / ADAPTER_CONFIG).is_file():
+        raise FileNotFoundError(f"no peft adapter at {adapter_dir} ({ADAPTER_CONFIG} missing)")
+    return adapter_dir
+
+
+def merged_model_config(source: ModelSource) -> ModelConfig:
+    """The config that rebuilds a merged export: its own LLaMA dir and OpenFlamingo checkpoint,
+    the source's vision weights and seed, no LoRA (it is folded into the weights)."""
+    assert source.merged_dir is not None
+    base = source.model_config
+    lm = source.merged_dir / LANGUAGE_MODEL_DIR
+    return replace(base, llama_path=str(lm), tokenizer_path=str(lm), lora="none", lora_checkpoint=None,
+                   openflamingo_checkpoint=str(source.merged_dir / OPENFLAMINGO_DIR / OPENFLAMINGO_FILE))
+
+
+def load_model(source: ModelSource, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               ) -> tuple[Flamingo, PreTrainedTokenizerBase]:
+    """Build the model a source describes, in eval mode."""
+    if source.merged_dir is not None:
+        model, tokenizer = build_model(merged_model_config(source), device=device, dtype=dtype)
+    else:
+        base = replace(source.model_config, lora="none", lora_checkpoint=None)
+        model, tokenizer = build_model(base, device=device, dtype=dtype)
+        model.lang_encoder = PeftModel.from_pretrained(model.lang_encoder, str(source.adapter_dir))
+        model.to(device=device, dtype=dtype)
+    return model.eval(), tokenizer
+
+
+def image_size_of(source: ModelSource) -> int:
+    return preset_image_size(source.model_config.preset)

@@ -1,0 +1,128 @@
+"""`mmgpt chat`: prompts are token-for-token the training tokenisation, the image is encoded once
+per conversation, history/clear/context trimming, the terminal loop, and `--prompt` from the CLI."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from test_export import make_run, run_command
+
+from mmgpt.inference import chat as chat_mod
+from mmgpt.data.batch import IGNORE_INDEX
+from mmgpt.data.conversation import Conversation, Round, tokenize
+from mmgpt.inference.chat import ChatSession, interact
+from mmgpt.inference.generation import GenerationConfig
+from mmgpt.inference.model_dir import load_model, resolve_source
+from mmgpt.models.builder import preset_image_size
+
+SIZE = preset_image_size("tiny")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    run, _ = make_run(tmp_path_factory.mktemp("chat"))
+    return run
+
+
+@pytest.fixture(scope="module")
+def loaded(run_dir):
+    return load_model(resolve_source(run_dir))
+
+
+def picture(path: Path, color=(200, 40, 40)) -> Path:
+    img = Image.new("RGB", (48, 40), color)
+    for x in range(0, 48, 6):
+        img.putpixel((x, x % 40), (10, 250, 10))
+    img.save(path)
+    return path
+
+
+def session(loaded, max_new_tokens: int = 6) -> ChatSession:
+    model, tok = loaded
+    return ChatSession(model, tok, SIZE, GenerationConfig(max_new_tokens=max_new_tokens))
+
+
+def test_prompt_ids_are_the_training_tokens(loaded, tmp_path):
+    model, tok = loaded
+    chat = session(loaded)
+    chat.set_image(Image.open(picture(tmp_path / "a.png")))
+    chat.ask("What is in the image?")
+    chat.ask("Is it red?")
+    question = "Describe it in detail."
+    prompt = chat.prompt_ids(question)
+    rounds = [Round(q, a) for q, a in chat.history()] + [Round(question, "Some answer.")]
+    sample = tokenize(Conversation(rounds=rounds, images=["a.png"]), tok, max_length=10_000)
+    assert not isinstance(sample, str), sample
+    assert sample.input_ids[:len(prompt)] == prompt
+    # the prompt ends exactly where training starts supervising the last response
+    assert sample.labels[len(prompt) - 1] == IGNORE_INDEX and sample.labels[len(prompt)] != IGNORE_INDEX
+    text = tok.decode(prompt)
+    assert text.count("### Image:") == 1 and text.count("### Instruction:") == 3
+    assert text.endswith("### Response:\n")
+
+
+def test_image_encoded_once_per_conversation(loaded, tmp_path, monkeypatch):
+    model, _ = loaded
+    calls = []
+    encode = model.encode_images
+    monkeypatch.setattr(model, "encode_images", lambda images: calls.append(images.shape) or encode(images))
+    chat = session(loaded)
+    chat.set_image(Image.open(picture(tmp_path / "a.png")))
+    for q in ("One?", "Two?", "Three?"):
+        chat.ask(q)
+    assert calls == [torch.Size([1, 3, SIZE, SIZE])]
+    assert len(chat.history()) == 3
+
+
+def test_clear_and_text_only(loaded):
+    chat = session(loaded)
+    chat.ask("Tell me a joke.")
+    assert "### Image:" not in loaded[1].decode(chat.prompt_ids("Again?"))
+    chat.clear()
+    assert chat.history() == [] and chat.latents is None
+
+
+def test_special_tokens_and_empty_questions_are_rejected(loaded):
+    chat = session(loaded)
+    with pytest.raises(ValueError, match="special tokens"):
+        chat.ask("look <image> here")
+    with pytest.raises(ValueError, match="empty"):
+        chat.ask("   ")
+
+
+def test_oldest_rounds_dropped_when_context_is_full(loaded, tmp_path):
+    chat = session(loaded, max_new_tokens=4)
+    chat.set_image(Image.open(picture(tmp_path / "a.png")))
+    chat.rounds = [Round("first question here", "first answer"), Round("second question", "second answer")]
+    full = len(chat.prompt_ids("third?"))
+    chat.max_length = full + 4 - 1  # one token short: the oldest round must go
+    text = loaded[1].decode(chat.prompt_ids("third?"))
+    assert "first question" not in text and "second question" in text and "### Image:" in text
+    chat.max_length = 10
+    with pytest.raises(ValueError, match="too long"):
+        chat.prompt_ids("third?")
+
+
+def test_interactive_loop(loaded, tmp_path):
+    chat = session(loaded)
+    lines = io.StringIO(f"/image {picture(tmp_path / 'a.png')}\nWhat is this?\n/image {tmp_path / 'missing.png'}\n"
+                        "And now?\n/clear\nHello?\n/quit\nnever read\n")
+    out = io.StringIO()
+    interact(chat, lines, out)
+    text = out.getvalue()
+    assert text.count("MMGPT: ") == 3 and "image not found" in text and "cleared" in text
+    assert len(chat.history()) == 1  # after /clear only "Hello?"
+
+
+def test_chat_cli_answers_once(run_dir, loaded, tmp_path, capsys):
+    img = picture(tmp_path / "a.png")
+    assert run_command(chat_mod, ["chat", "--model", str(run_dir), "--image", str(img), "--prompt", "What is this?",
+                 "--max-new-tokens", "6"]) == 0
+    printed = capsys.readouterr().out
+    chat = session(loaded)
+    chat.set_image(Image.open(img))
+    answer = chat.ask("What is this?")
+    assert answer and printed.endswith(answer + "\n")

@@ -1,0 +1,248 @@
+"""`mmgpt export`: merged == adapter, the LLaMA dir opens with plain transformers, the adapter with
+plain peft, the OpenFlamingo checkpoint layout, manifest hashes, and refusal of a bad merge.
+
+The source run starts from an OpenFlamingo-layout checkpoint with open gates (as the real
+OpenFlamingo-9B has), so cross-attention and its LoRA change the logits.
+Tolerances (float32): logits agree to 1e-4 x max(1, max |logit|) after a merge (the export's own
+criterion); loading the same weights through another route agrees to 1e-5.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from mmgpt import export as export_mod
+from mmgpt.config import TrainConfig
+from mmgpt.export import MergeCheckError, export, merge_checked, openflamingo_state, write_language_model
+from mmgpt.inference.model_dir import load_model, resolve_source
+from mmgpt.models.builder import ModelConfig, build_model, preset_image_size
+from mmgpt.models.flamingo import MediaContext, media_index_from_ids
+from mmgpt.models.lora import randomize_lora_b
+
+SIZE = preset_image_size("tiny")
+TEXT = "<s>### Image:\n<image>\n\n### Instruction:\nWhat colour is the bus?\n\n### Response:\nThe bus is red.</s>"
+
+
+def make_base(root: Path) -> ModelConfig:
+    """A "pretrained" tiny base as users have it: an HF LLaMA directory plus an OpenFlamingo-layout
+    checkpoint with open gates (like OF-9B). The final norm is scaled up so that logits can be as
+    confident as a trained LM's (random-init logits are bounded near uniform: nothing could be
+    memorised through LoRA alone)."""
+    base, tok = build_model(ModelConfig(preset="tiny", lora="none", seed=0))
+    base.init_gates(0.8)
+    with torch.no_grad():
+        base.llama.model.norm.weight.mul_(25.0)
+    write_language_model(base.llama, tok, root / "llama", torch.float32)
+    save_file(openflamingo_state(base), str(root / "openflamingo_base.safetensors"))
+    return ModelConfig(preset="tiny", seed=0, llama_path=str(root / "llama"),
+                       openflamingo_checkpoint=str(root / "openflamingo_base.safetensors"))
+
+
+def save_run(run: Path, cfg: ModelConfig, model) -> Path:
+    """An OUT-like training dir: the resolved config.yaml and the peft adapter/."""
+    TrainConfig(mixture=str(run / "mixture.yaml"), output_dir=str(run), model=cfg).save(_mkdir(run) / "config.yaml")
+    model.lang_encoder.save_pretrained(str(run / "adapter"))
+    return run
+
+
+def make_run(root: Path) -> tuple[Path, ModelConfig]:
+    """A run whose LoRA is random (nonzero), on the open-gate base."""
+    cfg = make_base(root)
+    model, _ = build_model(cfg)
+    randomize_lora_b(model, std=0.2)
+    return save_run(root / "run", cfg, model), cfg
+
+
+def run_command(module: ModuleType, argv: list[str]) -> int:
+    """`mmgpt <command> ...` through that module's own parser (independent of other commands)."""
+    parser = argparse.ArgumentParser(prog="mmgpt")
+    module.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def main(argv: list[str]) -> int:
+    return run_command(export_mod, argv)
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    run, cfg = make_run(root)
+    out = export(run, root / "out", merge=True, dtype_name="fp32")
+    trained, tok = load_model(resolve_source(run))
+    return run, out, trained, tok
+
+
+def inputs(model, tok, seed: int = 5):
+    ids = torch.tensor([tok(TEXT, add_special_tokens=False)["input_ids"]])
+    image = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+    media = MediaContext.from_media_index(model.encode_images(image), media_index_from_ids(ids, model.media_token_id))
+    return ids, media
+
+
+@torch.no_grad()
+def logits(model, ids, media):
+    return model.lm_forward(ids, media).logits.float()
+
+
+def assert_merged_close(a: torch.Tensor, b: torch.Tensor) -> None:
+    tol = 1e-4 * max(1.0, float(b.abs().max()))
+    assert float((a - b).abs().max()) <= tol
+
+
+def test_merged_export_equals_adapter_model(exported):
+    run, out, trained, tok = exported
+    merged, mtok = load_model(resolve_source(out))
+    assert not hasattr(merged.lang_encoder, "peft_config"), "merged model must carry no LoRA"
+    ids, media = inputs(trained, tok)
+    ref = logits(trained, ids, media)
+    assert_merged_close(logits(merged, ids, media), ref)
+    # the image matters here, so the cross-attention merge is what is being compared
+    ids2, media2 = inputs(trained, tok, seed=6)
+    assert float((logits(trained, ids2, media2) - ref).abs().max()) > 1e-3
+    manifest = json.loads((out / "manifest.json").read_text())
+    check = manifest["merge_check"]
+    assert check["max_abs_diff"] <= check["tolerance"] and check["images"] == 1
+    assert mtok("a red bus")["input_ids"] == tok("a red bus")["input_ids"]
+
+
+def test_language_model_dir_opens_with_plain_transformers(exported):
+    run, out, trained, tok = exported
+    lm_dir = out / "language_model"
+    llama = LlamaForCausalLM.from_pretrained(str(lm_dir), dtype=torch.float32).eval()
+    plain_tok = AutoTokenizer.from_pretrained(str(lm_dir))
+    assert len(plain_tok) == len(tok) == llama.config.vocab_size
+    for token in ("<|endofchunk|>", "<image>", "<PAD>"):
+        assert plain_tok.convert_tokens_to_ids(token) == tok.convert_tokens_to_ids(token)
+    ids = torch.tensor([plain_tok(TEXT, add_special_tokens=False)["input_ids"]])
+    assert ids.tolist() == [tok(TEXT, add_special_tokens=False)["input_ids"]]
+    keys = load_file(str(lm_dir / "model.safetensors")).keys()
+    assert not any("decoder_layer" in k or "gated_cross_attn" in k or "lora" in k for k in keys)
+    # the LLaMA path of our adapter model: media=None skips the cross-attention blocks
+    with torch.no_grad():
+        plain = llama(input_ids=ids).logits.float()
+        ours = trained.lm_forward(ids, None).logits.float()
+    assert_merged_close(plain, ours)
+
+
+def test_adapter_opens_with_plain_peft(exported):
+    run, out, trained, tok = exported
+    cfg = TrainConfig.load(run / "config.yaml").model
+    base, _ = build_model(ModelConfig(**{**cfg.__dict__, "lora": "none"}))
+    base.lang_encoder = PeftModel.from_pretrained(base.lang_encoder, str(out / "adapter"))
+    base.eval()
+    ids, media = inputs(trained, tok)
+    torch.testing.assert_close(logits(base, ids, media), logits(trained, ids, media), atol=1e-5, rtol=0)
+    # without the adapter the model differs: the LoRA really is in adapter/
+    bare, _ = build_model(ModelConfig(**{**cfg.__dict__, "lora": "none"}))
+    assert float((logits(bare.eval(), ids, media) - logits(trained, ids, media)).abs().max()) > 1e-3
+
+
+def test_openflamingo_checkpoint_layout(exported):
+    run, out, trained, tok = exported
+    st = load_file(str(out / "openflamingo" / "checkpoint.safetensors"))
+    pt = torch.load(out / "openflamingo" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert st.keys() == pt.keys()
+    for k in st:
+        assert torch.equal(st[k], pt[k])
+    assert "lang_encoder.model.embed_tokens.weight" in st
+    assert any(k.startswith("perceiver.") for k in st)
+    xattn = {k.split(".")[3] for k in st if ".gated_cross_attn_layer." in k}
+    layers = trained.llama.model.layers
+    assert xattn == {str(i) for i, layer in enumerate(layers) if layer.gated_cross_attn_layer is not None}
+    assert all(k.startswith(("perceiver.", "lang_encoder.model.layers.", "lang_encoder.model.embed_tokens"))
+               for k in st)
+    assert not any("lora" in k or "decoder_layer" in k for k in st)
+    gate = next(k for k in st if k.endswith("attn_gate"))
+    assert float(st[gate].abs().max()) > 0
+
+
+def test_manifest_hashes_and_config(exported):
+    run, out, trained, tok = exported
+    manifest = json.loads((out / "manifest.json").read_text())
+    files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(manifest["files"]) == files
+    for rel, info in manifest["files"].items():
+        assert hashlib.sha256((out / rel).read_bytes()).hexdigest() == info["sha256"]
+    assert {"torch", "transformers", "peft", "mmgpt"} <= set(manifest["versions"])
+    assert manifest["lora"]["r"] == 16 and manifest["source"]["kind"] == "train"
+    config = json.loads((out / "mmgpt_config.json").read_text())
+    assert config["merged"] is True and config["model"]["preset"] == "tiny" and config["image_size"] == SIZE
+
+
+def test_adapter_only_export_and_bf16_merge(tmp_path):
+    run, _ = make_run(tmp_path)
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "a")]) == 0
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter", "manifest.json", "mmgpt_config.json"]
+    source = resolve_source(tmp_path / "a")
+    assert source.kind == "export-adapter"
+    assert main(["export", "--checkpoint", str(tmp_path / "a"), "--out", str(tmp_path / "b"),
+                 "--merge", "--dtype", "bf16"]) == 0
+    weights = load_file(str(tmp_path / "b" / "language_model" / "model.safetensors"))
+    assert {v.dtype for v in weights.values()} == {torch.bfloat16}
+    assert {v.dtype for v in load_file(str(tmp_path / "b" / "openflamingo" / "checkpoint.safetensors")).values()} \
+        == {torch.bfloat16}
+
+
+class _MergeThatDropsLoRA(nn.Module):
+    """A broken merge for the test: unloads the LoRA instead of folding it in."""
+
+    def __init__(self, peft_model: nn.Module):
+        super().__init__()
+        self.peft_model = peft_model
+
+    def get_base_model(self) -> nn.Module:
+        return self.peft_model.get_base_model()
+
+    def merge_and_unload(self) -> nn.Module:
+        return self.peft_model.unload()
+
+
+def test_merge_check_detects_a_wrong_merge(tmp_path):
+    run, _ = make_run(tmp_path)
+    model, tok = load_model(resolve_source(run))
+    model.lang_encoder = _MergeThatDropsLoRA(model.lang_encoder)
+    with pytest.raises(MergeCheckError, match="refusing"):
+        merge_checked(model, tok, SIZE)
+
+
+def test_refused_merge_writes_nothing(tmp_path, monkeypatch):
+    run, _ = make_run(tmp_path)
+    monkeypatch.setattr(export_mod, "MERGE_TOLERANCE", -1.0)
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "out"), "--merge"]) == 1
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_checkpoint_dirs_resolve(tmp_path, capsys):
+    run, _ = make_run(tmp_path)
+    assert resolve_source(run).adapter_dir == run / "adapter"
+    # with checkpoints, the one `latest` names wins (a resumed run may be past OUT/adapter)
+    tag = run / "checkpoints" / "step_00000010"
+    shutil.copytree(run / "adapter", _mkdir(tag) / "adapter")
+    _mkdir(run / "checkpoints" / "step_00000005")
+    (run / "checkpoints" / "latest").write_text("step_00000010\n")
+    assert resolve_source(run).adapter_dir == tag / "adapter"
+    assert resolve_source(tag).kind == "checkpoint"
+    assert resolve_source(tag / "adapter").kind == "adapter"
+    assert main(["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 1
+    assert "model directory not found" in capsys.readouterr().err
+    _mkdir(tmp_path / "full").joinpath("x").write_text("x")
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "full")]) == 1
+    assert "not empty" in capsys.readouterr().err
