@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The README demo: write the bundled sample data, then train the `tiny` preset on it with 2 CPU
+# ranks through the real `deepspeed` launcher (ZeRO-2, bf16). A few minutes on a laptop (the
+# very first DeepSpeed start also compiles a small communication op, once).
+#
+#   bash launch/demo.sh OUT_DIR
+#
+# Leaves OUT_DIR/tensorboard/ (events), OUT_DIR/checkpoints/ (DeepSpeed, LoRA + optimizer only),
+# OUT_DIR/adapter/ (peft adapter for `mmgpt export`), OUT_DIR/train.log. Rerunning resumes.
+set -euo pipefail
+OUT="${1:?usage: bash launch/demo.sh OUT_DIR}"
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+CONFIG="$REPO/configs/demo_tiny.yaml"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" TOKENIZERS_PARALLELISM=false
+PORT="${MASTER_PORT:-29500}"
+
+if [ ! -f "$OUT/data/mixture.yaml" ]; then
+  python -m mmgpt.cli data sample --out "$OUT/data" --n "${DEMO_RECORDS:-800}" --max-length 512
+fi
+python -m mmgpt.train.launch_check --config "$CONFIG" --set "mixture=$OUT/data/mixture.yaml" --num-gpus 2
+cd "$REPO"
+deepspeed --num_gpus 2 --master_port "$PORT" --module mmgpt.train.cli \
+  --config "$CONFIG" --set "mixture=$OUT/data/mixture.yaml" --output-dir "$OUT" --resume auto "${@:2}"
+
+echo
+echo "TensorBoard logs: $OUT/tensorboard   (tensorboard --logdir $OUT/tensorboard)"
+echo "Checkpoints:      $OUT/checkpoints   (latest: $(cat "$OUT/checkpoints/latest"))"
+echo "Adapter (peft):   $OUT/adapter"
+echo "Training log:     $OUT/train.log"

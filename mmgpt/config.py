@@ -1,0 +1,247 @@
+"""TrainConfig: everything one training run needs, read from one YAML (or JSON) file.
+
+Relative paths inside a config file are resolved against that file's folder, so a config and its
+data travel together; paths given on the command line are resolved against the current directory.
+
+Global batch with packing
+-------------------------
+One DeepSpeed micro-batch is one PackedBatch: `packing.rows_per_batch` rows of `packing.max_tokens`
+tokens, holding as many whole samples as fit. One optimizer step therefore sees
+
+    rows  = rows_per_batch x grad_accum x world            (DeepSpeed's train_batch_size)
+    tokens <= rows x max_tokens                             (efficiency is logged, usually > 0.95)
+    samples ~= tokens / mean sample length                  (logged as samples/step)
+
+The paper's global batch is 256 samples (8 GPUs x micro 1 x accumulation 16 x (1 VL + 1 language)).
+Its mixture averages roughly 200-250 tokens per sample, so 256 samples are ~51k-64k tokens ~ 16
+rows of 4096: 8 GPUs x 1 row x grad_accum 2 (configs/mmgpt_9b.yaml). The log reports samples per
+step. The loss is the mean over the supervised tokens of the whole global batch,
+so the split into rows, micro-batches and ranks does not change the gradient.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmgpt.data.packing import PackingConfig
+from mmgpt.models.builder import ModelConfig
+
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+
+# Fields (dotted) holding file-system paths: resolved against the config file's folder.
+PATH_FIELDS = (
+    "model.llama_path",
+    "model.tokenizer_path",
+    "model.clip_weights",
+    "model.openflamingo_checkpoint",
+    "model.lora_checkpoint",
+    "mixture",
+    "deepspeed",
+    "output_dir",
+)
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names file and key."""
+
+
+@dataclass
+class ScheduleConfig:
+    """Optimiser schedule: AdamW, linear warmup then cosine decay (DeepSpeed WarmupCosineLR).
+
+    `warmup_ratio` applies when `warmup_steps` is None. `max_steps` caps the run (None: `epochs`
+    full passes). `grad_accum` is the number of micro-batches (PackedBatches) per rank per step.
+    """
+
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int | None = None
+    warmup_ratio: float = 0.03
+    min_lr_ratio: float = 0.0
+    epochs: int = 1
+    max_steps: int | None = None
+    grad_accum: int = 1
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"schedule.lr must be > 0, got {self.lr}")
+        if self.epochs < 1 or self.grad_accum < 1:
+            raise ConfigError("schedule.epochs and schedule.grad_accum must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"schedule.max_steps must be >= 1 or null, got {self.max_steps}")
+        if not 0.0 <= self.warmup_ratio < 1.0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError("schedule.warmup_ratio must be in [0, 1), min_lr_ratio in [0, 1]")
+
+    def warmup_for(self, total_steps: int) -> int:
+        """Warmup steps of a run of `total_steps` optimizer steps."""
+        if self.warmup_steps is not None:
+            return min(self.warmup_steps, total_steps)
+        return int(self.warmup_ratio * total_steps)
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Activation checkpointing is `model.gradient_checkpointing` (non-reentrant).
+
+    `peak_flops` is one device's peak (FLOP/s) for the MFU estimate; None takes the accelerator's
+    known bf16 peak, or on CPU the nominal `cpu_peak_flops` (an assumption, logged as such).
+    `inject_nonfinite_steps` makes the loss NaN on rank 0 at those steps: a fire drill for the
+    non-finite skip path (tests), never set in real runs.
+    """
+
+    mixture: str
+    output_dir: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    packing: PackingConfig = field(default_factory=PackingConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    deepspeed: str = str(DS_CONFIG_DIR / "zero2.json")
+    save_every: int = 500
+    keep_last: int = 3
+    log_every: int = 1
+    max_consecutive_nonfinite: int = 5
+    peak_flops: float | None = None
+    cpu_peak_flops: float = 1e12
+    inject_nonfinite_steps: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name in ("save_every", "keep_last", "log_every", "max_consecutive_nonfinite"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] = ()) -> "TrainConfig":
+        """Read a YAML/JSON file, apply `key.sub=value` overrides (values parsed as YAML)."""
+        path = Path(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML/JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        _resolve_paths(data, path.resolve().parent)
+        for item in overrides:
+            key, value = _parse_override(item)
+            _set_dotted(data, key, value, Path.cwd() if key in PATH_FIELDS else None)
+        return _from_dict(cls, data, f"{path}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config (absolute paths): `mmgpt train --config` can rerun it."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _plain(value: Any) -> Any:
+    """Tuples to lists so YAML stays plain (safe_load reads it back)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. schedule.max_steps=10")
+    return key.strip(), yaml.safe_load(raw)
+
+
+def _get_dotted(data: dict, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def _set_dotted(data: dict, key: str, value: Any, base: Path | None) -> None:
+    parts = key.split(".")
+    for part in parts[:-1]:
+        data = data.setdefault(part, {})
+        if not isinstance(data, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+    if base is not None and isinstance(value, str):
+        value = str((base / value).resolve())
+    data[parts[-1]] = value
+
+
+def _resolve_paths(data: dict, base: Path) -> None:
+    for key in PATH_FIELDS:
+        value = _get_dotted(data, key)
+        if isinstance(value, str):
+            _set_dotted(data, key, value, base)
+
+
+def _from_dict(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from a mapping, checking names and types; errors name file and key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+    kwargs = {name: _convert(hints[name], value, f"{where}: {name}") for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ConfigError(f"{where}: missing required key(s) {missing}") from None
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    """Check/convert one value against its type hint (int, float, str, bool, Optional, list, tuple)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, where)
+    if dataclasses.is_dataclass(hint):
+        return _from_dict(hint, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        items = [_convert(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        if origin is tuple and len(args) != len(items) and Ellipsis not in args:
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(items)}")
+        return tuple(items) if origin is tuple else items
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value

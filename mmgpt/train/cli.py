@@ -1,0 +1,178 @@
+"""`mmgpt train`: one run from a TrainConfig, on 1..N ranks.
+
+Under the DeepSpeed launcher run it as a module (the launcher adds --local_rank):
+    deepspeed --num_gpus 8 --module mmgpt.train.cli --config configs/mmgpt_9b.yaml --resume auto
+Alone (`mmgpt train --config ...`) it is a single-rank run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("mmgpt.train")
+
+EXIT_CONFIG = 2  # bad config / DeepSpeed JSON / checkpoint: nothing trained
+EXIT_NONFINITE = 3  # stopped after too many consecutive non-finite losses
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, type=Path, help="train config (YAML/JSON)")
+    parser.add_argument("--resume", choices=("auto", "none"), default="none",
+                        help="auto: continue from OUT/checkpoints/latest if present")
+    parser.add_argument("--max-steps", type=int, help="override schedule.max_steps (sets the LR schedule length)")
+    parser.add_argument("--stop-at-step", type=int,
+                        help="save and exit at this step without changing the schedule (split a run into jobs)")
+    parser.add_argument("--output-dir", help="override output_dir")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key, e.g. --set schedule.grad_accum=4 (repeatable)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("train", help="train LoRA with DeepSpeed ZeRO-2")
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate, then train; problems a human must fix print one line and return non-zero."""
+    from mmgpt.config import ConfigError, TrainConfig
+    from mmgpt.train.checkpoint import CheckpointError
+    from mmgpt.train.ds_config import DSConfigError
+    from mmgpt.train.loop import NonFiniteLossError
+
+    overrides = list(args.overrides)
+    if args.max_steps is not None:
+        overrides.append(f"schedule.max_steps={args.max_steps}")
+    if args.output_dir is not None:
+        overrides.append(f"output_dir={Path(args.output_dir).resolve()}")
+    try:
+        cfg = TrainConfig.load(args.config, overrides)
+        ds, mixture_cfg = validate(cfg, resume=args.resume == "auto")
+    except (ConfigError, DSConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
+        print(f"mmgpt train: error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        return _train(cfg, ds, mixture_cfg, resume=args.resume == "auto", stop_at_step=args.stop_at_step)
+    except (ConfigError, CheckpointError) as err:  # found after start-up: too little data, bad checkpoint
+        print(f"mmgpt train: error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except NonFiniteLossError as err:
+        log.error("%s", err)
+        print(f"mmgpt train: error: {err}", file=sys.stderr)
+        return EXIT_NONFINITE
+
+
+def validate(cfg, resume: bool) -> tuple[dict[str, Any], Any]:
+    """Every check that needs no process group, so a bad input fails before any rank waits on
+    another: the DeepSpeed JSON and batch split (world size from the launcher's WORLD_SIZE), the
+    mixture file, rows long enough for its samples, and no accidental restart over a finished run."""
+    from mmgpt.config import ConfigError
+    from mmgpt.data.mixture import MixtureConfig
+    from mmgpt.train.checkpoint import CheckpointError, CheckpointManager
+    from mmgpt.train.ds_config import load_ds_config, resolve_batch
+
+    ds = load_ds_config(cfg.deepspeed)
+    ds = resolve_batch(ds, cfg.packing.rows_per_batch, cfg.schedule.grad_accum,
+                       int(os.environ.get("WORLD_SIZE", "1")), where=cfg.deepspeed)
+    mixture_cfg = MixtureConfig.load(cfg.mixture)
+    if mixture_cfg.max_length > cfg.packing.max_tokens:
+        raise ConfigError(f"{cfg.mixture}: max_length {mixture_cfg.max_length} > packing.max_tokens "
+                          f"{cfg.packing.max_tokens}: a sample could not fit a row")
+    manager = CheckpointManager(Path(cfg.output_dir) / "checkpoints", cfg.keep_last)
+    if not resume and manager.latest() is not None:
+        raise CheckpointError(f"{manager.root} already has checkpoints (latest {manager.latest()}): "
+                              "pass --resume auto to continue, or choose another output_dir")
+    return ds, mixture_cfg
+
+
+def _train(cfg, ds: dict[str, Any], mixture_cfg, resume: bool, stop_at_step: int | None) -> int:
+    import torch.distributed as dist
+
+    from mmgpt.config import ConfigError
+    from mmgpt.data.mixture import Mixture
+    from mmgpt.models.builder import build_model, preset_image_size
+    from mmgpt.train import engine as eng
+    from mmgpt.train.checkpoint import CheckpointManager
+    from mmgpt.train.data import RankStream, count_batches, merge_reports
+    from mmgpt.train.ds_config import fill_optimizer
+    from mmgpt.train.loop import NonFiniteLossError, Trainer, restore
+    from mmgpt.train.monitor import Monitor, device_peak_flops, setup_logging
+
+    info = eng.init_distributed()
+    out = Path(cfg.output_dir)
+    if info.is_rank0:
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    setup_logging(out, info.is_rank0)
+    manager = CheckpointManager(out / "checkpoints", cfg.keep_last)
+    model, tokenizer = build_model(cfg.model, device=info.device, dtype=eng.model_dtype(ds))
+    image_size = preset_image_size(cfg.model.preset)
+    mixture = Mixture(mixture_cfg, tokenizer, image_size)
+    image_token_id = model.media_token_id
+
+    per_epoch = eng.all_reduce_min(
+        count_batches(mixture, cfg.packing, image_token_id, info.rank, info.world), info.device
+    ) // cfg.schedule.grad_accum
+    total = cfg.schedule.max_steps or per_epoch * cfg.schedule.epochs
+    if total < 1:
+        raise ConfigError(f"{cfg.mixture}: not enough data for one step ({per_epoch} per epoch with "
+                          f"{info.world} ranks x {cfg.schedule.grad_accum} micro-batches)")
+    s = cfg.schedule
+    ds = fill_optimizer(ds, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay, total_steps=total,
+                        warmup_steps=s.warmup_for(total), min_lr_ratio=s.min_lr_ratio,
+                        cpu=info.device.type == "cpu")
+    engine = eng.create_engine(model, ds, s.weight_decay)
+
+    step, position, nonfinite = 0, None, 0
+    if resume:
+        restored = restore(engine, model, manager, info.world, info.rank)
+        if restored is not None:
+            step, position, nonfinite = restored
+            log.info("resumed from %s at step %d", manager.root / manager.latest(), step)
+    stream = RankStream(mixture, cfg.packing, image_token_id, image_size, info.rank, info.world,
+                        s.epochs, state=position)
+    if info.is_rank0:
+        cfg.save(out / "config.yaml")
+        (out / "ds_config.json").write_text(json.dumps(ds, indent=2))
+    peak, peak_source = device_peak_flops(cfg.peak_flops, cfg.cpu_peak_flops)
+    log.info("world %d, %d step(s) (%d per epoch), global batch %d rows of %d tokens; MFU peak: %s",
+             info.world, total, per_epoch, ds["train_batch_size"], cfg.packing.max_tokens, peak_source)
+    monitor = Monitor(out, enabled=info.is_rank0, total_steps=total, world=info.world, peak_flops=peak,
+                      log_every=cfg.log_every)
+    trainer = Trainer(cfg, engine, model, stream, info, monitor, manager, total, step, nonfinite)
+
+    def write_data_report() -> None:  # collective: every rank's share of the drops
+        monitor.close()
+        reports = eng.all_gather(mixture.report.to_dict(), info.world)
+        if info.is_rank0:
+            (out / "data_report.json").write_text(json.dumps(merge_reports(reports), indent=2))
+
+    try:
+        reason = trainer.train(stop_at_step)
+    except NonFiniteLossError:
+        write_data_report()
+        raise
+    write_data_report()
+    if info.is_rank0:
+        model.lang_encoder.save_pretrained(str(out / "adapter"))
+        log.info("%s at step %d. TensorBoard: %s  checkpoints: %s  adapter: %s", reason, trainer.step,
+                 out / "tensorboard", manager.root, out / "adapter")
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mmgpt.train.cli", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Distributed setup and the DeepSpeed engine around the (mostly frozen) Flamingo model.
+
+Only trainable parameters (the LoRA matrices) reach the optimizer, so ZeRO-2 partitions LoRA
+weights, gradients and Adam state, while the frozen weights stay plain replicated tensors.
+Weight-decay grouping: matrices (ndim >= 2: LoRA A/B, any unfrozen projection) decay; vectors
+and scalars (biases, norms, cross-attention gates) do not. Empty groups are dropped, so with
+the LoRA presets there is exactly one group.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+from torch import nn
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group the launcher set up (gloo on the CPU accelerator, nccl on CUDA).
+
+    Run without a launcher (plain `mmgpt train`), it becomes a 1-rank group on 127.0.0.1.
+    """
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    accelerator = get_accelerator()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = torch.device("cpu")
+    if accelerator.device_name() != "cpu":  # pick the GPU before NCCL starts, so it binds the right one
+        accelerator.set_device(local_rank)
+        device = torch.device(accelerator.device_name(local_rank))
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters only, split into decay / no-decay groups (empty groups dropped)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError("the model has no trainable parameters (is LoRA disabled with lora: none?)")
+    return groups
+
+
+def model_dtype(ds: dict[str, Any]) -> torch.dtype:
+    """The dtype DeepSpeed will cast the module to: build the model in it directly (9B in fp32 is 36 GB)."""
+    if ds.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def create_engine(model: nn.Module, ds: dict[str, Any], weight_decay: float) -> deepspeed.DeepSpeedEngine:
+    """deepspeed.initialize with the optimizer and scheduler named in the (filled) JSON."""
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay),
+                                      config=ds)
+    return engine
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few numbers over ranks in one collective (float64: exact for token counts)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def all_reduce_min(value: int, device: torch.device) -> int:
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
+def all_gather(obj: Any, world: int) -> list[Any]:
+    """Small Python objects from every rank (data positions, data reports), indexed by rank."""
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,227 @@
+"""The training loop: global-token loss normalisation, non-finite skips, saving and exact resume.
+
+Loss normalisation. The loss of a step is the mean cross-entropy over the supervised tokens of the
+GLOBAL batch (all micro-batches of all ranks). The model returns per-micro-batch SUMS; before the
+window's backward passes, each rank counts its window's supervised tokens and one all-reduce gives
+the global count N. DeepSpeed then divides every backward loss by the accumulation steps
+(engine.backward, scale_wrt_gas) and averages gradients over the data-parallel ranks (ZeRO
+reduce with gradient_predivide_factor 1), so each micro-batch backpropagates
+loss_sum x world x accum / N, and the update sees sum(all token losses) / N, whatever the split.
+
+Non-finite losses. A rank whose micro-batch loss is NaN/inf backpropagates that loss times NaN:
+the same graph as a normal backward (so ZeRO's gradient hooks and bucket collectives run in the
+same order on every rank) but with gradients guaranteed NaN. ZeRO's overflow check (bf16.check_grad_overflow) all-reduces "any
+non-finite gradient", so every rank skips the update, zeroes the gradients and leaves the LR
+schedule alone; engine.was_step_applied() is then False on all ranks alike, which is how the loop
+counts skipped steps and stops after `max_consecutive_nonfinite` in a row.
+
+Gradient order. ZeRO-2 reduces gradients in buckets filled in the order the parameters' gradient
+hooks fire, and all ranks must fill them identically. That order depends on the data: a packed
+batch without images never reaches the cross-attention LoRA (zero keys give exact zeros), so those
+parameters get no gradient on that rank while another rank's batch has images (a collective
+mismatch, or silently mixed-up sums). See `gradient_anchor`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from mmgpt.config import TrainConfig
+from mmgpt.data.batch import PackedBatch
+from mmgpt.models.params import StepShape, step_flops
+from mmgpt.train import checkpoint as ckpt
+from mmgpt.train.data import RankStream
+from mmgpt.train.engine import DistInfo, all_gather, all_reduce_sum
+from mmgpt.train.monitor import Monitor, StepMetrics
+
+log = logging.getLogger("mmgpt.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss: the run stops instead of idling."""
+
+
+def global_loss_scale(global_supervised: int, world: int, accum: int) -> float:
+    """Factor for each micro-batch's loss SUM so that DeepSpeed's 1/accum and 1/world averaging
+    turn the accumulated gradient into the gradient of (sum of token losses / global_supervised).
+
+    A window without any supervised token contributes nothing (scale 0).
+    """
+    return world * accum / global_supervised if global_supervised > 0 else 0.0
+
+
+def gradient_anchor(params: list[Tensor]) -> Tensor:
+    """A zero-weight term, built BEFORE the forward, that makes gradient order data-independent.
+
+    `loss + 0 * anchor` gives every trainable parameter a gradient path through a node created
+    before the forward. Autograd runs ready nodes latest-created first, so these anchor nodes run
+    after the whole model backward, and each parameter's gradient is complete (its hook fires)
+    only then, in reverse parameter order: the same order on every rank, whatever the data.
+    The added gradient is exactly zero.
+    """
+    return torch.stack([p.sum() for p in params]).sum()
+
+
+@dataclass
+class WindowStats:
+    """Local sums over one accumulation window (all-reduced into StepMetrics)."""
+
+    values: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("loss_sum", "supervised", "language_loss_sum", "language_supervised", "vl_loss_sum",
+         "vl_supervised", "tokens", "samples", "capacity", "flops"), 0.0))
+
+    def add(self, batch: PackedBatch, loss_sum: float, sample_loss: Tensor, sample_count: Tensor,
+            preset: str) -> None:
+        v = self.values
+        v["flops"] += step_flops(preset, StepShape.from_batch(batch)).train
+        is_vl = batch.is_vl.to(sample_loss.device)
+        v["loss_sum"] += loss_sum
+        v["supervised"] += batch.num_supervised
+        v["vl_loss_sum"] += float(sample_loss[is_vl].sum())
+        v["vl_supervised"] += float(sample_count[is_vl].sum())
+        v["language_loss_sum"] += float(sample_loss[~is_vl].sum())
+        v["language_supervised"] += float(sample_count[~is_vl].sum())
+        v["tokens"] += batch.num_tokens
+        v["samples"] += batch.num_samples
+        v["capacity"] += batch.num_rows * batch.row_tokens
+
+
+class Trainer:
+    """Runs optimizer steps on a DeepSpeed engine; owns step count, data position and saving."""
+
+    def __init__(self, cfg: TrainConfig, engine: Any, model: nn.Module, stream: RankStream, dist_info: DistInfo,
+                 monitor: Monitor, manager: ckpt.CheckpointManager, total_steps: int, step: int = 0,
+                 consecutive_nonfinite: int = 0):
+        self.cfg = cfg
+        self.engine = engine
+        self.model = model
+        self.stream = stream
+        self.dist = dist_info
+        self.monitor = monitor
+        self.manager = manager
+        self.total_steps = total_steps
+        self.step = step
+        self.consecutive_nonfinite = consecutive_nonfinite
+        self.accum = cfg.schedule.grad_accum
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        out = Path(cfg.output_dir)
+        (out / "data_order").mkdir(parents=True, exist_ok=True)
+        self._order_log = open(out / "data_order" / f"rank_{dist_info.rank:03d}.jsonl", "a", encoding="utf-8")
+
+    def train(self, stop_at_step: int | None = None) -> str:
+        """Train until total_steps, the end of the data, or stop_at_step; returns why it stopped."""
+        last = min(self.total_steps, stop_at_step or self.total_steps)
+        reason = "finished"
+        while self.step < last:
+            if not self.train_step():
+                reason = "data exhausted"
+                break
+            if self.step % self.cfg.save_every == 0 and self.step < last:
+                self.save()
+        if self.step < self.total_steps and reason == "finished":
+            reason = "stopped by --stop-at-step"
+        if self.manager.latest() != ckpt.tag_for(self.step):  # e.g. resumed a run that had finished
+            self.save()
+        self._order_log.close()
+        return reason
+
+    def train_step(self) -> bool:
+        """One optimizer step over one accumulation window; False when the data ran out."""
+        start = time.perf_counter()
+        window = self.stream.window(self.accum)
+        supervised = sum(b.num_supervised for b in window)
+        global_supervised, short = all_reduce_sum([supervised, float(len(window) < self.accum)], self.dist.device)
+        if short:
+            log.info("data exhausted at step %d (a rank had fewer than %d batches left)", self.step, self.accum)
+            return False
+        scale = global_loss_scale(int(global_supervised), self.dist.world, self.accum)
+        stats = WindowStats()
+        lr = self.engine.get_lr()[0]
+        for batch in window:
+            anchor = gradient_anchor(self.trainable)
+            out = self.engine(batch.to(self.dist.device))
+            loss_sum = out.loss_sum
+            if self.dist.is_rank0 and self.step + 1 in self.cfg.inject_nonfinite_steps:
+                loss_sum = loss_sum * float("nan")
+            finite = bool(torch.isfinite(loss_sum.detach()))
+            self.engine.backward(loss_sum * (scale if finite else float("nan")) + 0.0 * anchor)
+            self.engine.step()
+            stats.add(batch, float(loss_sum.detach()), out.sample_loss_sum.float(), out.sample_count,
+                      self.cfg.model.preset)
+        self.step += 1
+        applied = self.engine.was_step_applied()
+        sample_ids = [i for b in window for i in b.sample_ids]
+        self._order_log.write(json.dumps({"step": self.step, "samples": sample_ids}) + "\n")
+        self._order_log.flush()
+        totals = dict(zip(stats.values, all_reduce_sum(list(stats.values.values()), self.dist.device)))
+        grad_norm = self.engine.get_global_grad_norm() if applied else None
+        metrics = StepMetrics(step=self.step, lr=lr, grad_norm=_finite_or_none(grad_norm),
+                              step_time=time.perf_counter() - start, skipped=not applied,
+                              **{k: (int(v) if k in _COUNTS else v) for k, v in totals.items()})
+        self.monitor.log_step(metrics)
+        self._track_nonfinite(applied, sample_ids)
+        return True
+
+    def _track_nonfinite(self, applied: bool, sample_ids: list[int]) -> None:
+        if applied:
+            self.consecutive_nonfinite = 0
+            return
+        self.consecutive_nonfinite += 1
+        log.warning("step %d skipped: non-finite loss or gradient (%d in a row; rank %d samples %s)",
+                    self.step, self.consecutive_nonfinite, self.dist.rank, sample_ids)
+        if self.consecutive_nonfinite >= self.cfg.max_consecutive_nonfinite:
+            raise NonFiniteLossError(
+                f"{self.consecutive_nonfinite} consecutive steps with a non-finite loss (steps "
+                f"{self.step - self.consecutive_nonfinite + 1}..{self.step}); stopping. Last good checkpoint: "
+                f"{self.manager.latest() or 'none'}; limit: max_consecutive_nonfinite="
+                f"{self.cfg.max_consecutive_nonfinite}")
+
+    def save(self) -> str:
+        """Checkpoint (collective): LoRA + optimizer + scheduler + step + every rank's data position."""
+        positions = all_gather(self.stream.state(), self.dist.world)
+        state = {"step": self.step, "world": self.dist.world, "data": positions,
+                 "consecutive_nonfinite": self.consecutive_nonfinite}
+        tag = ckpt.save(self.manager, self.engine, self.step, state, is_rank0=self.dist.is_rank0,
+                        barrier=dist.barrier, adapter=self.model.lang_encoder)
+        log.info("saved checkpoint %s", self.manager.root / tag)
+        return tag
+
+
+_COUNTS = {"supervised", "language_supervised", "vl_supervised", "tokens", "samples", "capacity"}
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def restore(engine: Any, model: nn.Module, manager: ckpt.CheckpointManager, world: int,
+            rank: int) -> tuple[int, dict[str, Any] | None, int] | None:
+    """Load the latest checkpoint: (step, this rank's data position, consecutive non-finite), or
+    None when there is none. Fails naming any trainable parameter the checkpoint did not restore."""
+    tag = manager.latest()
+    seen = all_gather(tag, world)
+    if len(set(seen)) > 1:
+        raise ckpt.CheckpointError(f"ranks see different checkpoints in {manager.root} (latest per rank: "
+                                   f"{seen}): output_dir must be one filesystem shared by all nodes")
+    if tag is None:
+        return None
+    ckpt.poison_trainable(model)
+    path, client = engine.load_checkpoint(str(manager.root), tag=tag, load_module_strict=False,
+                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise ckpt.CheckpointError(f"DeepSpeed could not load {manager.root / tag}")
+    ckpt.check_restored(model, tag)
+    if client.get("world") != world:
+        raise ckpt.CheckpointError(
+            f"checkpoint {tag} was written by {client.get('world')} ranks; resume with the same "
+            f"number of ranks ({world} now) so the data position maps exactly")
+    return int(client["step"]), client["data"][rank], int(client.get("consecutive_nonfinite", 0))

@@ -1,0 +1,233 @@
+"""Real-launcher training tests on CPU (2 ranks, gloo, ZeRO-2 bf16), sharing one set of runs:
+
+  demo     `bash launch/demo.sh` (deepspeed --num_gpus 2), 8 steps, NaN injected at step 3
+  resume   same config: --stop-at-step 5, then --resume auto to step 8
+  nodes    launch/multi_node.sh --no-ssh twice (node_rank 0 and 1, one rank each, 127.0.0.1)
+  offload  as demo, with ds_configs/zero2_offload.json (DeepSpeed CPU Adam)
+  nonfin   plain `mmgpt train` (1 rank): NaN at steps 2 and 3, limit 2 in a row -> exit 3
+
+The independent launches run concurrently to keep the wall time at about two launches.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from mmgpt.data.sample import write_sample
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS, STOP, NAN_STEP = 8, 5, 3
+TIMEOUT = 900
+
+pytestmark = pytest.mark.skipif(subprocess.run(["which", "deepspeed"], capture_output=True).returncode != 0,
+                                reason="deepspeed launcher not on PATH")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
+
+
+def train_config(path: Path, mixture: Path, out: Path, **changes) -> Path:
+    """configs/demo_tiny.yaml with absolute paths and the test's schedule."""
+    cfg = yaml.safe_load((REPO / "configs" / "demo_tiny.yaml").read_text())
+    cfg.update({"mixture": str(mixture), "output_dir": str(out), "deepspeed": str(REPO / "ds_configs" / "zero2.json"),
+                "save_every": 4, "inject_nonfinite_steps": [NAN_STEP], **changes})
+    cfg["schedule"]["max_steps"] = STEPS
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def start(cmd: list[str], log: Path, **extra_env: str) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=REPO, env=env(**extra_env), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def finish(proc: subprocess.Popen) -> int:
+    try:
+        return proc.wait(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
+def deepspeed_cmd(config: Path, *args: str, port: int) -> list[str]:
+    return ["deepspeed", "--num_gpus", "2", "--master_port", str(port), "--module", "mmgpt.train.cli",
+            "--config", str(config), *args]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("launch")
+    out = {name: root / name for name in ("demo", "resume", "nodes", "offload", "nonfin")}
+    mixture = write_sample(out["demo"] / "data", records=200, max_length=512)  # what demo.sh would write
+    hostfile = root / "hostfile"
+    hostfile.write_text("# two 'nodes' on loopback\nnode0 slots=1\nnode1 slots=1\n")
+    resume_cfg = train_config(root / "resume.yaml", mixture, out["resume"])
+    nodes_cfg = train_config(root / "nodes.yaml", mixture, out["nodes"])
+    offload_cfg = train_config(root / "offload.yaml", mixture, out["offload"],
+                               deepspeed=str(REPO / "ds_configs" / "zero2_offload.json"))
+    nonfin_cfg = train_config(root / "nonfin.yaml", mixture, out["nonfin"], save_every=1,
+                              inject_nonfinite_steps=[2, 3], max_consecutive_nonfinite=2,
+                              model={"preset": "tiny", "gradient_checkpointing": True})
+    nodes_port = str(free_port())
+    procs = {
+        "demo": start(["bash", "launch/demo.sh", str(out["demo"]), "--max-steps", str(STEPS), "--set", "save_every=4",
+                       "--set", f"inject_nonfinite_steps=[{NAN_STEP}]"], root / "demo.log", MASTER_PORT=str(free_port())),
+        "offload": start(deepspeed_cmd(offload_cfg, port=free_port()), root / "offload.log"),
+        "resume1": start(deepspeed_cmd(resume_cfg, "--stop-at-step", str(STOP), port=free_port()), root / "resume1.log"),
+        "node0": start(["bash", "launch/multi_node.sh", "--no-ssh", str(nodes_cfg), str(hostfile), "1"],
+                       root / "node0.log", NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=nodes_port),
+        "node1": start(["bash", "launch/multi_node.sh", "--no-ssh", str(nodes_cfg), str(hostfile), "1"],
+                       root / "node1.log", NODE_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=nodes_port),
+    }
+    codes = {name: finish(p) for name, p in procs.items()}
+    procs = {
+        "resume2": start(deepspeed_cmd(resume_cfg, "--resume", "auto", port=free_port()), root / "resume2.log"),
+        "nonfin": start([sys.executable, "-m", "mmgpt.cli", "train", "--config", str(nonfin_cfg)],
+                        root / "nonfin.log", MASTER_PORT=str(free_port())),
+    }
+    codes.update({name: finish(p) for name, p in procs.items()})
+    out["codes"] = codes
+    out["logs"] = root
+    return out
+
+
+def expect_success(runs, *names):
+    for name in names:
+        assert runs["codes"][name] == 0, (runs["logs"] / f"{name}.log").read_text()[-4000:]
+
+
+def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    """All scalars of a run (every event file: a resumed run adds one), step -> value, last wins."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, dict[int, float]] = {}
+    for events in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+    return out
+
+
+def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def data_order(run_dir: Path) -> dict[str, dict[int, list[int]]]:
+    out = {}
+    for path in sorted((run_dir / "data_order").glob("rank_*.jsonl")):
+        steps: dict[int, list[int]] = {}
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            steps[rec["step"]] = rec["samples"]  # a step redone after a resume: the last one counts
+        out[path.name] = steps
+    return out
+
+
+def test_demo_trains_and_reports(runs):
+    expect_success(runs, "demo")
+    demo = runs["demo"]
+    printed = (runs["logs"] / "demo.log").read_text()
+    for where in ("tensorboard", "checkpoints", "adapter"):
+        assert f"{demo / where}" in printed
+    assert (demo / "adapter" / "adapter_config.json").is_file()
+    assert json.loads((demo / "data_report.json").read_text())["sources"]
+    assert (demo / "config.yaml").is_file() and (demo / "train.log").is_file()
+    values = scalars(demo)
+    for tag in ("train/loss", "train/loss_language", "train/loss_vl", "train/lr", "train/grad_norm",
+                "throughput/tokens_per_s", "throughput/supervised_tokens_per_s", "throughput/samples_per_s",
+                "throughput/packing_efficiency", "throughput/step_time_s", "throughput/mfu", "memory/peak_gib",
+                "train/nonfinite_skipped_total"):
+        assert tag in values, tag
+    loss = values["train/loss"]
+    assert sorted(loss) == [s for s in range(1, STEPS + 1) if s != NAN_STEP]
+    assert loss[STEPS] < loss[1] - 0.02, loss  # the loss goes down on the sample data
+    assert all(0.5 < e <= 1.0 for e in values["throughput/packing_efficiency"].values())
+
+
+def test_nonfinite_step_is_skipped_without_update(runs):
+    expect_success(runs, "demo")
+    values = scalars(runs["demo"])
+    assert values["train/nonfinite_skipped_total"][STEPS] == 1
+    assert NAN_STEP not in values["train/grad_norm"]
+    lr = values["train/lr"]  # the lr used by each step: the skipped step did not advance the schedule
+    assert lr[NAN_STEP + 1] == lr[NAN_STEP] and lr[NAN_STEP] != lr[NAN_STEP - 1]
+    assert f"step {NAN_STEP} skipped: non-finite loss" in (runs["demo"] / "train.log").read_text()
+
+
+def test_too_many_nonfinite_steps_stop_with_a_clear_error(runs):
+    code = runs["codes"]["nonfin"]
+    log = (runs["logs"] / "nonfin.log").read_text()
+    assert code == 3, log[-3000:]
+    assert "2 consecutive steps with a non-finite loss (steps 2..3); stopping. Last good checkpoint: step_00000002" in log
+    assert (runs["nonfin"] / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+
+
+def test_checkpoint_holds_no_frozen_weights(runs):
+    from mmgpt.models.builder import ModelConfig, build_model
+
+    expect_success(runs, "demo")
+    model, _ = build_model(ModelConfig(preset="tiny"), meta=True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    ckpts = runs["demo"] / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == f"step_{STEPS:08d}"
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step_00000004", "step_00000008"]  # keep_last 2
+    files = [p for p in (ckpts / f"step_{STEPS:08d}").iterdir() if p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    bound = trainable * (2 + 12) + 128 * 1024  # bf16 LoRA + fp32 master, Adam m and v, + metadata
+    assert 2 * frozen > bound  # the bound would catch even the frozen weights in bf16
+    assert size < bound, (size, bound)
+    assert not (ckpts / f"step_{STEPS:08d}" / "latest").exists()
+
+
+def test_resume_equals_uninterrupted(runs):
+    expect_success(runs, "demo", "resume1", "resume2")
+    assert f"resumed from {runs['resume'] / 'checkpoints' / f'step_{STOP:08d}'} at step {STOP}" in \
+        (runs["resume"] / "train.log").read_text()
+    assert data_order(runs["resume"]) == data_order(runs["demo"])
+    assert len(data_order(runs["demo"])["rank_001.jsonl"]) == STEPS
+    full, resumed = adapter(runs["demo"]), adapter(runs["resume"])
+    assert full.keys() == resumed.keys()
+    for name in full:  # bf16 weights: state restored exactly, so equal to bf16 rounding at most
+        torch.testing.assert_close(resumed[name].float(), full[name].float(), rtol=8e-3, atol=1e-6, msg=name)
+    loss_full, loss_resumed = scalars(runs["demo"])["train/loss"], scalars(runs["resume"])["train/loss"]
+    assert loss_resumed.keys() == loss_full.keys()
+    for step in loss_full:
+        assert loss_resumed[step] == pytest.approx(loss_full[step], rel=1e-4), step
+
+
+def test_two_nodes_no_ssh_match_one_node(runs):
+    expect_success(runs, "demo", "node0", "node1")
+    assert "--node_rank=1" in (runs["logs"] / "node1.log").read_text()
+    loss_one, loss_two = scalars(runs["demo"])["train/loss"], scalars(runs["nodes"])["train/loss"]
+    assert loss_two.keys() == loss_one.keys()
+    for step in loss_one:
+        assert loss_two[step] == pytest.approx(loss_one[step], rel=1e-5), step
+    assert data_order(runs["nodes"]) == data_order(runs["demo"])
+    one, two = adapter(runs["demo"]), adapter(runs["nodes"])
+    for name in one:
+        torch.testing.assert_close(two[name].float(), one[name].float(), rtol=8e-3, atol=1e-6, msg=name)
+
+
+def test_optimizer_offload_trains_like_zero2(runs):
+    expect_success(runs, "demo", "offload")
+    loss_gpu_style, loss_offload = scalars(runs["demo"])["train/loss"], scalars(runs["offload"])["train/loss"]
+    assert loss_offload.keys() == loss_gpu_style.keys()  # same skipped step
+    for step in loss_gpu_style:  # DeepSpeed's CPU Adam vs torch AdamW: same maths, float rounding apart
+        assert loss_offload[step] == pytest.approx(loss_gpu_style[step], rel=1e-3), step
