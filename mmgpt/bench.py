@@ -1,0 +1,371 @@
+"""`mmgpt bench packing`: one sample per forward vs padded batches vs packed rows.
+
+All three variants train (forward + backward, LoRA trainable) on the SAME samples, so their
+supervised tokens/s compare the cost of the same useful work:
+  batch1  the seed trainer's loop: one sample per forward (`collate([s])`);
+  padded  k samples per forward (k = samples per packed row on average), right-padded to the
+          longest, with an attention mask, through HF's padded LLaMA path (`attention_mask`);
+  packed  rows of `max_tokens` from the streaming Packer (varlen attention, no padding).
+The length mix imitates MultiModal-GPT's training data in LLaMA tokens (template included):
+short COCO captions and VQA, long LLaVA answers and dialogues, Dolly/Alpaca/Baize text with a
+long tail. Token ids are random: only lengths, image counts and supervision matter for speed.
+(`mmgpt data sample` text goes through the bundled 1000-piece tokenizer, whose lengths are not
+LLaMA's; tests/test_packing.py checks the packer on that real pipeline as well.)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from mmgpt.data.batch import IGNORE_INDEX, PackedBatch, TokenizedSample
+from mmgpt.data.packing import Packer, PackingConfig, collate, packing_efficiency
+
+
+@dataclass(frozen=True)
+class SourceLengths:
+    """Length model of one source: lognormal around `median` tokens, `weight` = share of samples."""
+
+    name: str
+    is_vl: bool
+    median: int
+    sigma: float
+    weight: float
+    response_share: float  # fraction of the tokens that are supervised (the responses)
+
+
+LENGTH_MIX: tuple[SourceLengths, ...] = (
+    SourceLengths("coco_caption", True, 70, 0.15, 0.10, 0.2),
+    SourceLengths("aokvqa", True, 105, 0.25, 0.08, 0.3),
+    SourceLengths("ocr_vqa", True, 90, 0.30, 0.05, 0.2),
+    SourceLengths("minigpt4", True, 150, 0.30, 0.05, 0.6),
+    SourceLengths("llava_detail", True, 250, 0.25, 0.07, 0.7),
+    SourceLengths("llava_complex", True, 300, 0.30, 0.07, 0.7),
+    SourceLengths("llava_conversation", True, 380, 0.50, 0.08, 0.6),
+    SourceLengths("dolly", False, 180, 0.80, 0.20, 0.5),
+    SourceLengths("alpaca_gpt4", False, 250, 0.55, 0.20, 0.7),
+    SourceLengths("baize", False, 420, 0.50, 0.10, 0.6),
+)
+
+
+def synthetic_samples(
+    n: int,
+    *,
+    vocab_size: int,
+    image_token_id: int,
+    image: torch.Tensor,
+    max_tokens: int = 4096,
+    seed: int = 0,
+) -> list[TokenizedSample]:
+    """`n` samples drawn from LENGTH_MIX (indices 0..n-1), random ids below `vocab_size`.
+
+    VL samples hold one `<image>` token right after BOS and share the tensor `image` (the frozen
+    vision tower costs the same for any pixels), so thousands of samples cost little memory.
+    Ids 0..2 (unk, BOS, EOS) and `image_token_id` never appear as ordinary text.
+    """
+    rng = random.Random(seed)
+    weights = [s.weight for s in LENGTH_MIX]
+    text_ids = [t for t in range(3, vocab_size) if t != image_token_id]
+    samples: list[TokenizedSample] = []
+    for index in range(n):
+        source = rng.choices(LENGTH_MIX, weights)[0]
+        length = round(rng.lognormvariate(math.log(source.median), source.sigma))
+        length = max(8, min(length, max_tokens))
+        ids = [1] + [rng.choice(text_ids) for _ in range(length - 2)] + [2]
+        if source.is_vl:
+            ids[1] = image_token_id
+        prompt = max(2, length - round(length * source.response_share))
+        labels = [IGNORE_INDEX] * prompt + ids[prompt:]
+        samples.append(
+            TokenizedSample(
+                input_ids=ids,
+                labels=labels,
+                images=[image] if source.is_vl else [],
+                source=source.name,
+                is_vl=source.is_vl,
+                index=index,
+            )
+        )
+    return samples
+
+
+def padded_loss_sum(model, samples: list[TokenizedSample]) -> torch.Tensor:
+    """Summed token loss of `samples` as one right-padded batch [B, L] with an attention mask.
+
+    The padded baseline: LLaMA runs on B x L positions through transformers' masked SDPA path;
+    the LM head still only sees supervised positions, so the comparison isolates padding.
+    """
+    from mmgpt.models.cross_attention import MediaContext
+    from mmgpt.models.flamingo import media_index_from_ids
+
+    device = model.perceiver.latents.device
+    width = max(len(s) for s in samples)
+    ids = torch.zeros(len(samples), width, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros(len(samples), width, dtype=torch.long)
+    for row, sample in enumerate(samples):
+        n = len(sample)
+        ids[row, :n] = torch.tensor(sample.input_ids)
+        labels[row, : n - 1] = torch.tensor(sample.labels[1:])
+        mask[row, :n] = 1
+    images = [im for s in samples for im in s.images]
+    latents = model.encode_images(
+        torch.stack(images).to(device) if images else model.perceiver.latents.new_zeros(0, 3, 1, 1)
+    )
+    ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+    media = MediaContext.from_media_index(latents, media_index_from_ids(ids, model.media_token_id))
+    positions = torch.arange(width, device=device).expand(len(samples), width)
+    hidden = model.llama.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                               media=media, use_cache=False).last_hidden_state
+    supervised = labels != IGNORE_INDEX
+    logits = model.llama.lm_head(hidden[supervised]).float()
+    return F.cross_entropy(logits, labels[supervised], reduction="sum")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_variant(model, steps: list[Callable[[], torch.Tensor]],
+                 device: torch.device) -> tuple[float, float, float | None]:
+    """Forward+backward of each step (each returns a summed loss): seconds, total loss, peak GiB."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _synchronize(device)
+    total = torch.zeros((), device=device)
+    start = time.perf_counter()
+    for step in steps:
+        model.zero_grad(set_to_none=True)
+        loss = step()
+        loss.backward()
+        total += loss.detach().float()
+    _synchronize(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return seconds, float(total), peak
+
+
+def training_flops(model, batch: PackedBatch) -> float:
+    """Useful FLOPs of one forward+backward over `batch` with frozen weights and LoRA trainable.
+
+    Per text token: frozen matrices 4N (forward 2N + input-gradient backward 2N), LoRA 6N;
+    LM head 4VD per supervised token; causal self-attention 6 D sum(L_s^2) per layer (forward
+    2 D L^2, backward twice that); cross-attention 12 x latents x inner per token that has an
+    image. Per image: ViT and perceiver forward only (frozen, no_grad / no input gradient),
+    cross-attention `to_kv` on the latents 2N frozen + 6N LoRA. Padding is not useful work.
+    """
+    llama_cfg = model.llama.config
+    num_latents = model.perceiver.num_latents
+    # matrix parameters of the language side, by what they multiply and whether they train
+    counts = {(per_latent, trains): 0 for per_latent in (False, True) for trains in (False, True)}
+    for name, p in model.llama.model.named_parameters():
+        if p.dim() == 2 and "embed_tokens" not in name:
+            counts[(".to_kv." in name, p.requires_grad)] += p.numel()
+    tokens = batch.num_tokens
+    lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).double()
+    blocks = model.cross_attn_blocks()
+    inner = blocks[0].attn.heads * blocks[0].attn.dim_head if blocks else 0
+    images = batch.images.shape[0]
+    spec = model.vision_encoder.spec
+    patches = spec.num_patches + 1
+    vit = sum(p.numel() for p in model.vision_encoder.parameters() if p.dim() == 2)
+    perceiver = sum(p.numel() for p in model.perceiver.parameters() if p.dim() == 2)
+    flops = tokens * (4 * counts[(False, False)] + 6 * counts[(False, True)])
+    flops += batch.num_supervised * 4 * llama_cfg.vocab_size * llama_cfg.hidden_size
+    flops += 6 * llama_cfg.hidden_size * llama_cfg.num_hidden_layers * float((lengths**2).sum())
+    flops += 12 * num_latents * inner * len(blocks) * int((batch.media_index >= 0).sum())
+    flops += images * num_latents * (2 * counts[(True, False)] + 6 * counts[(True, True)])
+    flops += images * (2 * vit * patches + 4 * spec.layers * spec.width * patches**2)
+    flops += images * 2 * perceiver * (spec.num_patches + num_latents)
+    return float(flops)
+
+
+# Dense bf16 tensor-core peak (FLOP/s) by device-name fragment, most specific first.
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("A100", 312e12),
+)
+
+
+def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
+    """The MFU denominator: --peak-tflops, else the known bf16 peak of this GPU, else None."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for fragment, peak in PEAK_BF16_FLOPS if fragment in name), None)
+
+
+VARIANTS = ("batch1", "padded", "packed")
+
+
+@dataclass
+class _Work:
+    """One variant's share of the timed samples: its training steps and the positions it runs."""
+
+    steps: list[Callable[[], torch.Tensor]]
+    processed_tokens: int
+
+
+def _spread(row_ids: list[list[int]], steps: int) -> list[list[int]]:
+    """`steps` rows evenly spaced over the stream (its first rows hold the longest samples)."""
+    body = row_ids[:-1] if len(row_ids) > steps else row_ids  # the last row: drained remainder
+    return [body[i * len(body) // steps] for i in range(min(steps, len(body)))]
+
+
+def run_packing_bench(args: argparse.Namespace) -> dict:
+    """Pack `args.samples` samples, then time the three variants on the samples of `args.steps` rows.
+
+    The timed rows are split in two halves run in the orders batch1, padded, packed and then
+    packed, padded, batch1, so a drifting load on a shared machine biases no variant. Each
+    variant runs its steps once untimed right before timing them: every sample length is a new
+    shape, and first-use costs (oneDNN primitives, cuBLAS heuristics) would otherwise be charged
+    mostly to batch-1. Steady state is the conservative comparison for packing.
+    """
+    from mmgpt.models.builder import ModelConfig, build_model, preset_image_size
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    cfg = ModelConfig(preset=args.preset, attn_backend=args.attn_backend, seed=args.seed,
+                      gradient_checkpointing=args.gradient_checkpointing)
+    start = time.perf_counter()
+    with torch.device(device):  # random weights are initialised where they will live
+        model, _ = build_model(cfg, device=device, dtype=dtype)
+    build_seconds = time.perf_counter() - start
+    image_id = model.media_token_id
+    side = preset_image_size(args.preset)
+    image = torch.randn(3, side, side, generator=torch.Generator().manual_seed(args.seed))
+    samples = synthetic_samples(args.samples, vocab_size=model.llama.config.vocab_size,
+                                image_token_id=image_id, image=image, max_tokens=args.max_tokens,
+                                seed=args.seed)
+    packer = Packer(PackingConfig(max_tokens=args.max_tokens, seed=args.seed), image_id, (side, side))
+    row_ids: list[list[int]] = []  # only the ids are kept: the rows' stacked images are not
+
+    def recorded() -> Iterator[PackedBatch]:
+        for batch in packer.pack(samples):
+            row_ids.append(batch.sample_ids)
+            yield batch
+
+    efficiency = packing_efficiency(recorded())
+    per_row = len(samples) / len(row_ids)
+    group = max(1, round(per_row))
+
+    def packed(members: list[TokenizedSample], row_tokens: int = 0) -> PackedBatch:
+        return collate(members, row_tokens, image_token_id=image_id, image_size=(side, side))
+
+    def train_step(batch: PackedBatch) -> Callable[[], torch.Tensor]:
+        return lambda: model(batch.to(device, dtype)).loss_sum
+
+    def work(rows: list[list[int]]) -> dict[str, _Work]:
+        members = [[samples[i] for i in ids] for ids in rows]
+        flat = sorted((s for row in members for s in row), key=lambda s: s.index)
+        groups = [flat[i : i + group] for i in range(0, len(flat), group)]
+        return {
+            "batch1": _Work([train_step(packed([s])) for s in flat], sum(len(s) for s in flat)),
+            "padded": _Work([lambda g=g: padded_loss_sum(model, g) for g in groups],
+                            sum(len(g) * max(len(s) for s in g) for g in groups)),
+            "packed": _Work([train_step(packed(row, args.max_tokens)) for row in members],
+                            sum(len(s) for s in flat)),
+        }
+
+    timed_ids = _spread(row_ids, args.steps)
+    timed = [samples[i] for ids in timed_ids for i in ids]
+    halves = [h for h in (timed_ids[0::2], timed_ids[1::2]) if h]
+    report = {name: {"seconds": 0.0, "forwards": 0, "processed_tokens": 0, "loss_sum": 0.0,
+                     "peak_memory_gib": None} for name in VARIANTS}
+    for h, half in enumerate(halves):
+        jobs = work(half)
+        for name in VARIANTS if h % 2 == 0 else VARIANTS[::-1]:
+            time_variant(model, jobs[name].steps, device)  # warm: per-shape kernel caches
+            seconds, loss, memory = time_variant(model, jobs[name].steps, device)
+            r = report[name]
+            r["seconds"] += seconds
+            r["forwards"] += len(jobs[name].steps)
+            r["processed_tokens"] += jobs[name].processed_tokens
+            r["loss_sum"] += loss
+            if memory is not None:
+                r["peak_memory_gib"] = max(memory, r["peak_memory_gib"] or 0.0)
+    useful = training_flops(model, packed(timed))
+    peak = peak_flops(device, args.peak_tflops)
+    supervised = sum(s.num_supervised for s in timed)
+    for r in report.values():
+        r["supervised_tokens_per_s"] = supervised / r["seconds"]
+        r["useful_tflops_per_s"] = useful / r["seconds"] / 1e12
+        r["mfu"] = useful / r["seconds"] / peak if peak else None
+    tokens_per_s = {name: r["supervised_tokens_per_s"] for name, r in report.items()}
+    return {
+        "preset": args.preset,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "build_seconds": build_seconds,
+        "max_tokens": args.max_tokens,
+        "num_samples": len(samples),
+        "rows": len(row_ids),
+        "samples_per_row": per_row,
+        "packing_efficiency": efficiency,
+        "timed_samples": len(timed),
+        "timed_supervised_tokens": supervised,
+        "timed_useful_tflop": useful / 1e12,
+        "padded_batch_size": group,
+        "padded_fill": report["batch1"]["processed_tokens"] / report["padded"]["processed_tokens"],
+        "peak_tflops": peak / 1e12 if peak else None,
+        "variants": report,
+        "tokens_per_s": tokens_per_s,
+        "speedup_vs_batch1": tokens_per_s["packed"] / tokens_per_s["batch1"],
+        "speedup_vs_padded": tokens_per_s["packed"] / tokens_per_s["padded"],
+    }
+
+
+def _packing_main(args: argparse.Namespace) -> int:
+    result = run_packing_bench(args)
+    print(f"{result['device']} {result['preset']} {result['dtype']}: packing efficiency "
+          f"{result['packing_efficiency']:.4f} over {result['num_samples']} samples "
+          f"({result['samples_per_row']:.1f} per {result['max_tokens']}-token row); "
+          f"timed {result['timed_samples']} samples")
+    for name, r in result["variants"].items():
+        mfu = f"  MFU {r['mfu']:.3f}" if r["mfu"] is not None else ""
+        mem = f"  peak {r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] is not None else ""
+        print(f"  {name:7s} {r['supervised_tokens_per_s']:10.1f} supervised tok/s  "
+              f"{r['seconds']:8.2f} s  {r['forwards']:4d} forwards{mfu}{mem}")
+    print(f"  packed/batch1 {result['speedup_vs_batch1']:.2f}x  "
+          f"packed/padded {result['speedup_vs_padded']:.2f}x")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("bench", help="benchmarks (not tests)")
+    benches = parser.add_subparsers(dest="bench", required=True)
+    p = benches.add_parser("packing", help="batch-1 vs padded vs packed training throughput")
+    p.add_argument("--json", help="write the results to this JSON file")
+    p.add_argument("--preset", default="small", help="model preset (tiny, small, 9b)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--samples", type=int, default=2000, help="samples packed for the efficiency")
+    p.add_argument("--max-tokens", type=int, default=4096, help="packed row capacity")
+    p.add_argument("--steps", type=int, default=2, help="packed rows whose samples are timed")
+    p.add_argument("--attn-backend", default="auto", help="mmgpt_kernels backend")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator override")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_packing_main)

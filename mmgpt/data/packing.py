@@ -1,0 +1,320 @@
+"""Packing tokenised samples (and their images) into fixed-capacity rows, and collating them.
+
+Why: padded batches waste most of the compute on a mix of short captions and long LLaVA
+dialogues. Concatenating several whole samples per row keeps every token real; the model keeps
+samples apart with `cu_seqlens` (self-attention), per-sample `position_ids` (RoPE), labels
+shifted inside each sample, and a per-token media index (cross-attention), all built here.
+
+The packer is streaming: it holds at most `buffer_size` samples, so an epoch of any size packs in
+bounded memory. Each row is seeded with the longest buffered sample and then repeatedly gets the
+longest sample that still fits its remaining tokens and image budget (best fit for the gap),
+paced so that rows consume images at the buffer's rate (see `Packer._take_row`).
+Which samples form a row depends only on the SET of buffered samples and the seed, never on
+arrival order, so the stream can be recreated exactly from `Packer.state()` (exact resume).
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from mmgpt.data.batch import IGNORE_INDEX, PackedBatch, TokenizedSample
+
+_MASK64 = (1 << 64) - 1
+
+
+def _describe(sample: TokenizedSample) -> str:
+    """How an error message names a sample: its epoch index and source."""
+    where = f"sample index {sample.index}" if sample.index >= 0 else "ad-hoc sample"
+    return f"{where} (source {sample.source or '?'!r})"
+
+
+def _check_sample(sample: TokenizedSample, image_token_id: int) -> int:
+    """Validate one sample's internal consistency; return its number of `<image>` tokens."""
+    n = len(sample.input_ids)
+    if n == 0:
+        raise ValueError(f"{_describe(sample)} has no tokens")
+    if len(sample.labels) != n:
+        raise ValueError(f"{_describe(sample)}: {len(sample.labels)} labels for {n} input ids")
+    n_image_tokens = sum(1 for t in sample.input_ids if t == image_token_id)
+    if n_image_tokens != len(sample.images):
+        raise ValueError(
+            f"{_describe(sample)}: {n_image_tokens} <image> tokens (id {image_token_id}) "
+            f"but {len(sample.images)} images"
+        )
+    return n_image_tokens
+
+
+def _runs(values: list[int]) -> list[int]:
+    """Start offsets of maximal runs of equal values, plus the total length (cu_seqlens form)."""
+    starts = [i for i in range(len(values)) if i == 0 or values[i] != values[i - 1]]
+    return starts + [len(values)]
+
+
+def collate(
+    samples: list[TokenizedSample],
+    row_tokens: int = 0,
+    num_rows: int = 1,
+    *,
+    image_token_id: int,
+    image_size: tuple[int, int] | None = None,
+) -> PackedBatch:
+    """Concatenate `samples` into one PackedBatch (see mmgpt/data/batch.py for the fields).
+
+    `image_token_id` marks `<image>` tokens: the k-th one of a sample is that sample's k-th image,
+    and every token from it up to the sample's next `<image>` cross-attends that image (the
+    `<image>` token included, as in OpenFlamingo). `image_size` (H, W) shapes the empty image
+    tensor when no sample has an image; without it that tensor is [0, 3, 0, 0].
+    `row_tokens`/`num_rows` only record the capacity the samples were packed into (0 = unpacked).
+    """
+    if not samples:
+        raise ValueError("collate needs at least one sample")
+    input_ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    media: list[int] = []
+    sample_index: list[int] = []
+    images: list[torch.Tensor] = []
+    cu_seqlens = [0]
+    for s, sample in enumerate(samples):
+        _check_sample(sample, image_token_id)
+        n = len(sample.input_ids)
+        input_ids.extend(sample.input_ids)
+        labels.extend(sample.labels[1:])
+        labels.append(IGNORE_INDEX)  # the last token of a sample predicts nothing
+        positions.extend(range(n))
+        sample_index.extend([s] * n)
+        first_image = len(images)
+        current = -1
+        for token in sample.input_ids:
+            if token == image_token_id:
+                current = len(images)
+                images.append(sample.images[current - first_image])
+                if images[-1].shape != images[0].shape:
+                    raise ValueError(f"{_describe(sample)}: image shape {tuple(images[-1].shape)} "
+                                     f"differs from {tuple(images[0].shape)} earlier in the batch")
+            media.append(current)
+        cu_seqlens.append(cu_seqlens[-1] + n)
+    if images:
+        image_tensor = torch.stack(images)
+    else:
+        h, w = image_size if image_size is not None else (0, 0)
+        image_tensor = torch.zeros(0, 3, h, w)
+    chunk_starts = _runs(media)
+    chunk_lengths = [b - a for a, b in zip(chunk_starts, chunk_starts[1:])]
+    seq_lengths = [len(s.input_ids) for s in samples]
+    return PackedBatch(
+        input_ids=torch.tensor(input_ids, dtype=torch.long),
+        labels=torch.tensor(labels, dtype=torch.long),
+        position_ids=torch.tensor(positions, dtype=torch.long),
+        cu_seqlens=torch.tensor(cu_seqlens, dtype=torch.int32),
+        max_seqlen=max(seq_lengths),
+        images=image_tensor,
+        media_index=torch.tensor(media, dtype=torch.long),
+        cu_seqlens_q=torch.tensor(chunk_starts, dtype=torch.int32),
+        chunk_media=torch.tensor([media[a] for a in chunk_starts[:-1]], dtype=torch.long),
+        max_seqlen_q=max(chunk_lengths),
+        sample_index=torch.tensor(sample_index, dtype=torch.long),
+        sources=[s.source for s in samples],
+        is_vl=torch.tensor([s.is_vl for s in samples], dtype=torch.bool),
+        sample_ids=[s.index for s in samples],
+        num_rows=num_rows,
+        row_tokens=row_tokens,
+    )
+
+
+def packing_efficiency(batches: Iterable[PackedBatch]) -> float:
+    """Real tokens / (rows x row capacity) over several batches (1.0 = no empty room)."""
+    tokens = capacity = 0
+    for batch in batches:
+        tokens += batch.num_tokens
+        capacity += batch.num_rows * batch.row_tokens
+    return tokens / capacity if capacity else 1.0
+
+
+@dataclass
+class PackingConfig:
+    """Row capacity and packer limits; `buffer_size` bounds memory (samples held at once)."""
+
+    max_tokens: int = 4096
+    max_images_per_row: int = 32
+    buffer_size: int = 512
+    rows_per_batch: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_tokens", "max_images_per_row", "buffer_size", "rows_per_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"PackingConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+def _tiebreak(seed: int, key: int) -> int:
+    """A seeded, stateless pseudo-random order for equal lengths (splitmix64 of seed and key).
+
+    Stateless so that a resumed packer orders its buffer exactly as the uninterrupted one did.
+    """
+    z = (seed * 0x9E3779B97F4A7C15 + key + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+# A buffered sample: (-length, tiebreak, unique order, number of images, sample). The first
+# three fields are unique, so sorting never compares samples and the longest sample comes first.
+_Entry = tuple[int, int, int, int, TokenizedSample]
+
+
+class Packer:
+    """Streaming packer: samples in (epoch order), PackedBatches of `rows_per_batch` rows out.
+
+    Exact resume: after a batch is yielded, `state()` says which samples are still buffered and
+    where the input stream continues; `Packer.resume(cfg, image_token_id, state, load_fn)`
+    rebuilds the buffer and `pack(stream from state["next_index"])` then yields exactly the
+    batches the uninterrupted packer would have yielded.
+    """
+
+    def __init__(
+        self,
+        cfg: PackingConfig,
+        image_token_id: int,
+        image_size: tuple[int, int] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.image_token_id = image_token_id
+        self.image_size = image_size
+        self._buffer: list[_Entry] = []
+        self._buffer_tokens = 0  # totals over the buffer, for image pacing
+        self._buffer_images = 0
+        self._next_index = 0
+        self._arrivals = 0
+        self._ad_hoc = False  # a sample without an epoch index was pulled: no resumable state
+
+    @property
+    def buffered(self) -> int:
+        """Number of samples held right now (never more than cfg.buffer_size)."""
+        return len(self._buffer)
+
+    def state(self) -> dict[str, int | list[int]]:
+        """Where the stream stands after the last yielded batch (JSON-serialisable)."""
+        if self._ad_hoc:
+            raise ValueError("packer state needs samples with an epoch index (index >= 0)")
+        return {"next_index": self._next_index, "buffer": sorted(e[4].index for e in self._buffer)}
+
+    @classmethod
+    def resume(
+        cls,
+        cfg: PackingConfig,
+        image_token_id: int,
+        state: dict,
+        load_fn: Callable[[int], TokenizedSample | None],
+        image_size: tuple[int, int] | None = None,
+    ) -> "Packer":
+        """A packer whose buffer is `state["buffer"]` reloaded through `load_fn(index)`.
+
+        Feed its `pack()` the epoch stream starting at `state["next_index"]`.
+        """
+        packer = cls(cfg, image_token_id, image_size)
+        for index in state["buffer"]:
+            sample = load_fn(index)
+            if sample is None:
+                raise ValueError(f"resume: sample index {index} was buffered but now loads as None")
+            if sample.index != index:
+                raise ValueError(f"resume: load_fn({index}) returned sample index {sample.index}")
+            packer._admit(sample)
+        packer._next_index = int(state["next_index"])
+        return packer
+
+    def pack(self, samples: Iterable[TokenizedSample]) -> Iterator[PackedBatch]:
+        """Yield PackedBatches; the buffer is refilled before every row, drained at the end."""
+        stream = iter(samples)
+        exhausted = False
+        rows: list[list[TokenizedSample]] = []
+        while True:
+            while not exhausted and len(self._buffer) < self.cfg.buffer_size:
+                sample = next(stream, None)
+                if sample is None:
+                    exhausted = True
+                else:
+                    self._admit(sample)
+            if not self._buffer:
+                break
+            rows.append(self._take_row())
+            if len(rows) == self.cfg.rows_per_batch:
+                yield self._collate(rows)
+                rows = []
+        if rows:
+            yield self._collate(rows)
+
+    def _admit(self, sample: TokenizedSample) -> None:
+        """Validate `sample` against the row limits and insert it into the sorted buffer."""
+        n_images = _check_sample(sample, self.image_token_id)
+        if len(sample) > self.cfg.max_tokens:
+            raise ValueError(
+                f"{_describe(sample)} has {len(sample)} tokens > max_tokens={self.cfg.max_tokens}; "
+                "truncate at tokenisation (max_length <= packing max_tokens)"
+            )
+        if n_images > self.cfg.max_images_per_row:
+            raise ValueError(
+                f"{_describe(sample)} has {n_images} images > "
+                f"max_images_per_row={self.cfg.max_images_per_row}"
+            )
+        if sample.index >= 0:
+            if sample.index < self._next_index:
+                raise ValueError(
+                    f"{_describe(sample)} arrived after index {self._next_index - 1}: the stream "
+                    "must be in increasing epoch order (a resumed stream starts at next_index)"
+                )
+            self._next_index = sample.index + 1
+            order = sample.index
+        else:
+            self._ad_hoc = True
+            order = self._arrivals
+        self._arrivals += 1
+        entry = (-len(sample), _tiebreak(self.cfg.seed, order), order, n_images, sample)
+        bisect.insort(self._buffer, entry, key=lambda e: e[:3])
+        self._buffer_tokens += len(sample)
+        self._buffer_images += n_images
+
+    def _take_row(self) -> list[TokenizedSample]:
+        """Remove one row from the buffer: the longest sample, then longest-that-fits fillers.
+
+        Fillers are paced on images: while the row holds fewer images per token than the buffer
+        does, an image-carrying filler is preferred, otherwise a text-only one. Without pacing,
+        short captioned samples (cheap in tokens, one image each) pile up in the buffer and the
+        final rows hit the image budget half empty.
+        """
+        first = self._pop(0)
+        row = [first[4]]
+        tokens, images = len(first[4]), first[3]
+        while tokens < self.cfg.max_tokens and self._buffer:
+            room = self.cfg.max_tokens - tokens
+            images_left = self.cfg.max_images_per_row - images
+            want_images = images * self._buffer_tokens < self._buffer_images * tokens
+            start = bisect.bisect_left(self._buffer, (-room,), key=lambda e: e[:1])
+            fits = [j for j in range(start, len(self._buffer)) if self._buffer[j][3] <= images_left]
+            if not fits:
+                break
+            pick = next((j for j in fits if (self._buffer[j][3] > 0) == want_images), fits[0])
+            entry = self._pop(pick)
+            row.append(entry[4])
+            tokens += len(entry[4])
+            images += entry[3]
+        return row
+
+    def _pop(self, position: int) -> _Entry:
+        entry = self._buffer.pop(position)
+        self._buffer_tokens -= len(entry[4])
+        self._buffer_images -= entry[3]
+        return entry
+
+    def _collate(self, rows: list[list[TokenizedSample]]) -> PackedBatch:
+        samples = [s for row in rows for s in row]
+        return collate(
+            samples,
+            row_tokens=self.cfg.max_tokens,
+            num_rows=len(rows),
+            image_token_id=self.image_token_id,
+            image_size=self.image_size,
+        )
