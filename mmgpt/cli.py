@@ -23,14 +23,8 @@ COMMANDS: dict[str, str] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmgpt", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for name, module in COMMANDS.items():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name != module:  # a real missing dependency inside the module: surface it
-                raise
-            continue
-        mod.register(subparsers)
+    for module in COMMANDS.values():
+        importlib.import_module(module).register(subparsers)
     return parser
 
 
