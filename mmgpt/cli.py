@@ -9,21 +9,21 @@ import argparse
 import importlib
 import sys
 
-COMMANDS: dict[str, str] = {
-    "params": "mmgpt.models.params",
-    "data": "mmgpt.data.cli",
-    "bench": "mmgpt.bench",
-    "train": "mmgpt.train.cli",
-    "export": "mmgpt.export",
-    "chat": "mmgpt.inference.chat",
-    "serve": "mmgpt.inference.serve",
-}
+COMMANDS: tuple[str, ...] = (
+    "mmgpt.models.params",  # params
+    "mmgpt.data.cli",  # data inspect | sample
+    "mmgpt.bench",  # bench packing
+    "mmgpt.train.cli",  # train
+    "mmgpt.export",  # export
+    "mmgpt.inference.chat",  # chat
+    "mmgpt.inference.serve",  # serve
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmgpt", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for module in COMMANDS.values():
+    for module in COMMANDS:
         importlib.import_module(module).register(subparsers)
     return parser
 
