@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from mmgpt.data.batch import IGNORE_INDEX, PackedBatch, TokenizedSample
 from mmgpt.data.packing import Packer, PackingConfig, collate, packing_efficiency
+from mmgpt.models.params import StepShape, peak_bf16_flops, step_flops
 
 
 @dataclass(frozen=True)
@@ -154,61 +155,6 @@ def time_variant(model, steps: list[Callable[[], torch.Tensor]],
     return seconds, float(total), peak
 
 
-def training_flops(model, batch: PackedBatch) -> float:
-    """Useful FLOPs of one forward+backward over `batch` with frozen weights and LoRA trainable.
-
-    Per text token: frozen matrices 4N (forward 2N + input-gradient backward 2N), LoRA 6N;
-    LM head 4VD per supervised token; causal self-attention 6 D sum(L_s^2) per layer (forward
-    2 D L^2, backward twice that); cross-attention 12 x latents x inner per token that has an
-    image. Per image: ViT and perceiver forward only (frozen, no_grad / no input gradient),
-    cross-attention `to_kv` on the latents 2N frozen + 6N LoRA. Padding is not useful work.
-    """
-    llama_cfg = model.llama.config
-    num_latents = model.perceiver.num_latents
-    # matrix parameters of the language side, by what they multiply and whether they train
-    counts = {(per_latent, trains): 0 for per_latent in (False, True) for trains in (False, True)}
-    for name, p in model.llama.model.named_parameters():
-        if p.dim() == 2 and "embed_tokens" not in name:
-            counts[(".to_kv." in name, p.requires_grad)] += p.numel()
-    tokens = batch.num_tokens
-    lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).double()
-    blocks = model.cross_attn_blocks()
-    inner = blocks[0].attn.heads * blocks[0].attn.dim_head if blocks else 0
-    images = batch.images.shape[0]
-    spec = model.vision_encoder.spec
-    patches = spec.num_patches + 1
-    vit = sum(p.numel() for p in model.vision_encoder.parameters() if p.dim() == 2)
-    perceiver = sum(p.numel() for p in model.perceiver.parameters() if p.dim() == 2)
-    flops = tokens * (4 * counts[(False, False)] + 6 * counts[(False, True)])
-    flops += batch.num_supervised * 4 * llama_cfg.vocab_size * llama_cfg.hidden_size
-    flops += 6 * llama_cfg.hidden_size * llama_cfg.num_hidden_layers * float((lengths**2).sum())
-    flops += 12 * num_latents * inner * len(blocks) * int((batch.media_index >= 0).sum())
-    flops += images * num_latents * (2 * counts[(True, False)] + 6 * counts[(True, True)])
-    flops += images * (2 * vit * patches + 4 * spec.layers * spec.width * patches**2)
-    flops += images * 2 * perceiver * (spec.num_patches + num_latents)
-    return float(flops)
-
-
-# Dense bf16 tensor-core peak (FLOP/s) by device-name fragment, most specific first.
-PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("A100", 312e12),
-)
-
-
-def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
-    """The MFU denominator: --peak-tflops, else the known bf16 peak of this GPU, else None."""
-    if override_tflops:
-        return override_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for fragment, peak in PEAK_BF16_FLOPS if fragment in name), None)
-
-
 VARIANTS = ("batch1", "padded", "packed")
 
 
@@ -300,8 +246,9 @@ def run_packing_bench(args: argparse.Namespace) -> dict:
             r["loss_sum"] += loss
             if memory is not None:
                 r["peak_memory_gib"] = max(memory, r["peak_memory_gib"] or 0.0)
-    useful = training_flops(model, packed(timed))
-    peak = peak_flops(device, args.peak_tflops)
+    useful = step_flops(args.preset, StepShape.from_batch(packed(timed))).train
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else (
+        peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
     supervised = sum(s.num_supervised for s in timed)
     for r in report.values():
         r["supervised_tokens_per_s"] = supervised / r["seconds"]

@@ -74,6 +74,19 @@ class StepFlops:
         return self.image_linear + self.image_attention + 2 * self.text_linear + 3 * self.text_attention
 
 
+# Dense bf16 tensor-core peak (FLOP/s) by device-name fragment, most specific first: the MFU
+# denominator when the user gives none.
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+    ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12), ("A6000", 155e12), ("4090", 165e12),
+)
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """Known dense bf16 peak of a GPU named `device_name` (torch.cuda.get_device_name), else None."""
+    return next((peak for fragment, peak in PEAK_BF16_FLOPS if fragment in device_name), None)
+
+
 def step_flops(preset: str, shape: StepShape) -> StepFlops:
     """Analytic FLOPs (2 per multiply-add) of a preset's architecture on one batch shape."""
     p = get_preset(preset)

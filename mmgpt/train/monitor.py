@@ -16,12 +16,9 @@ from pathlib import Path
 
 import torch
 
+from mmgpt.models.params import peak_bf16_flops
+
 log = logging.getLogger("mmgpt.train")
-
-# bf16 dense peak FLOP/s per device, by substring of torch.cuda.get_device_name().
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12,
-                   "A6000": 155e12, "4090": 165e12}
-
 
 def device_peak_flops(configured: float | None, cpu_nominal: float) -> tuple[float | None, str]:
     """Peak FLOP/s of one device and where the number comes from (for the log)."""
@@ -29,9 +26,9 @@ def device_peak_flops(configured: float | None, cpu_nominal: float) -> tuple[flo
         return configured, "config peak_flops"
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
-        for key, flops in PEAK_BF16_FLOPS.items():
-            if key in name:
-                return flops, f"{name} bf16 dense peak"
+        peak = peak_bf16_flops(name)
+        if peak is not None:
+            return peak, f"{name} bf16 dense peak"
         return None, f"unknown peak for {name}: set peak_flops in the config for MFU"
     return cpu_nominal, "nominal CPU value (config cpu_peak_flops), not a measured peak"
 
