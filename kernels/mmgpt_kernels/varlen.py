@@ -15,8 +15,10 @@ import torch.nn.functional as F
 
 BACKENDS: tuple[str, ...] = ("flash_attn", "torch_varlen", "sdpa")
 
-# Fused CUDA kernels only implement half precision and head dims up to 256 (multiple of 8).
+# Fused CUDA kernels only implement half precision and head dims up to 256 (multiple of 8). Below
+# 32 we keep SDPA: torch's varlen backward failed (cudaErrorInvalidValue) at head dim 16 on an H200.
 _FUSED_DTYPES = (torch.float16, torch.bfloat16)
+_FUSED_MIN_HEAD_DIM = 32
 _FUSED_MAX_HEAD_DIM = 256
 
 
@@ -63,8 +65,9 @@ def _unsupported_reason(backend: str, q: torch.Tensor) -> str | None:
     if q.dtype not in _FUSED_DTYPES:
         return f"backend {backend!r} needs float16/bfloat16 tensors; got {q.dtype}"
     head_dim = q.shape[-1]
-    if head_dim > _FUSED_MAX_HEAD_DIM or head_dim % 8:
-        return f"backend {backend!r} needs head dim <= 256 and a multiple of 8; got {head_dim}"
+    if not _FUSED_MIN_HEAD_DIM <= head_dim <= _FUSED_MAX_HEAD_DIM or head_dim % 8:
+        return (f"backend {backend!r} needs a head dim in [{_FUSED_MIN_HEAD_DIM}, "
+                f"{_FUSED_MAX_HEAD_DIM}], a multiple of 8; got {head_dim}")
     return None
 
 
