@@ -14,6 +14,7 @@ from mmgpt_kernels.bench import time_backends
 from mmgpt_kernels.reference import reference_varlen_attention
 
 CUDA = torch.device("cuda") if torch.cuda.is_available() else None
+HEAD_DIM = 32  # the smallest head dim the fused CUDA backends accept
 
 # (forward atol, gradient atol) against float64; rtol equals atol.
 TOLERANCE = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5),
@@ -69,7 +70,7 @@ SCENARIOS = {
 def test_matches_float64_reference(backend: str, dtype: torch.dtype, scenario: str) -> None:
     device = _skip_unless_available(backend)
     lens_q, lens_k, causal, hq, hkv = SCENARIOS[scenario]
-    dim = 16
+    dim = HEAD_DIM
     q, k, v, cu_q, cu_k = _inputs(lens_q, lens_k, hq, hkv, dim, dtype, device)
     scale = 0.3  # non-default, so a backend that ignores `scale` fails
     out = varlen_attention(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
@@ -94,7 +95,7 @@ def test_keyless_segments_are_exact_zeros(backend: str, dtype: torch.dtype) -> N
     """Text chunks before any image: exact zeros out, exact zeros back to their queries."""
     device = _skip_unless_available(backend)
     lens_q, lens_k = [3, 5, 4], [0, 8, 0]
-    q, k, v, cu_q, cu_k = _inputs(lens_q, lens_k, 4, 4, 16, dtype, device)
+    q, k, v, cu_q, cu_k = _inputs(lens_q, lens_k, 4, 4, HEAD_DIM, dtype, device)
     out = varlen_attention(q, k, v, cu_q, cu_k, 5, 8, causal=False, backend=backend)
     keyless = torch.cat([torch.arange(0, 3), torch.arange(8, 12)]).to(device)
     assert torch.equal(out[keyless], torch.zeros_like(out[keyless]))
@@ -107,7 +108,7 @@ def test_keyless_segments_are_exact_zeros(backend: str, dtype: torch.dtype) -> N
 @pytest.mark.parametrize("backend,dtype", _cases())
 def test_single_segment_equals_plain_sdpa(backend: str, dtype: torch.dtype, causal: bool) -> None:
     device = _skip_unless_available(backend)
-    q, k, v, cu_q, cu_k = _inputs([19], [19], 4, 4, 16, dtype, device)
+    q, k, v, cu_q, cu_k = _inputs([19], [19], 4, 4, HEAD_DIM, dtype, device)
     out = varlen_attention(q, k, v, cu_q, cu_k, 19, 19, causal=causal, backend=backend)
     plain = F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q, k, v)),
                                            is_causal=causal).transpose(0, 1)
@@ -121,7 +122,7 @@ def test_no_leakage_between_segments(backend: str, dtype: torch.dtype, causal: b
     """Changing one segment's keys/values changes no other segment's output."""
     device = _skip_unless_available(backend)
     lens = [6, 9, 4, 7]
-    q, k, v, cu_q, cu_k = _inputs(lens, lens, 4, 2, 16, dtype, device)
+    q, k, v, cu_q, cu_k = _inputs(lens, lens, 4, 2, HEAD_DIM, dtype, device)
     before = varlen_attention(q, k, v, cu_q, cu_k, 9, 9, causal=causal, backend=backend)
     k2, v2 = k.detach().clone(), v.detach().clone()
     k2[6:15] += 3.0
@@ -135,7 +136,7 @@ def test_no_leakage_between_segments(backend: str, dtype: torch.dtype, causal: b
 def test_keys_past_the_last_segment_are_ignored(backend: str, dtype: torch.dtype) -> None:
     device = _skip_unless_available(backend)
     lens_q, lens_k = [5, 3], [8, 8]
-    q, k, v, cu_q, cu_k = _inputs(lens_q, lens_k + [6], 4, 4, 16, dtype, device)
+    q, k, v, cu_q, cu_k = _inputs(lens_q, lens_k + [6], 4, 4, HEAD_DIM, dtype, device)
     cu_k = cu_k[:-1]  # 6 trailing keys belong to no segment
     before = varlen_attention(q, k, v, cu_q, cu_k, 5, 8, causal=False, backend=backend)
     k2, v2 = k.detach().clone(), v.detach().clone()
@@ -150,7 +151,7 @@ def test_keys_past_the_last_segment_are_ignored(backend: str, dtype: torch.dtype
 def test_causal_hides_later_tokens(backend: str, dtype: torch.dtype) -> None:
     device = _skip_unless_available(backend)
     lens = [8, 10]
-    q, k, v, cu_q, cu_k = _inputs(lens, lens, 2, 2, 16, dtype, device)
+    q, k, v, cu_q, cu_k = _inputs(lens, lens, 2, 2, HEAD_DIM, dtype, device)
     before = varlen_attention(q, k, v, cu_q, cu_k, 10, 10, causal=True, backend=backend)
     k2, v2 = k.detach().clone(), v.detach().clone()
     k2[13], v2[13] = k2[13] + 2.0, v2[13] + 2.0  # token 5 of segment 1
