@@ -10,16 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from mmgpt.data.conversation import Conversation, Round
-from mmgpt.data.sources.base import (
-    BAD_FIELD,
-    RecordError,
-    ReadResult,
-    expect_list,
-    get,
-    indexed,
-    load_json,
-    read_records,
-)
+from mmgpt.data.sources.base import (BAD_FIELD, ReadResult, RecordError, expect_list, get,
+                                     indexed, load_json, read_records)
 
 _TURN = re.compile(r"(?:^|\n)\[\|(Human|AI)\|\] ?")
 

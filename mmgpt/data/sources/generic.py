@@ -8,17 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from mmgpt.data.conversation import Conversation
-from mmgpt.data.sources.base import ReadResult, get, iter_jsonl, read_records
-from mmgpt.data.sources.llava import image_list, parse_turns
+from mmgpt.data.sources.base import ReadResult, iter_jsonl, read_records
+from mmgpt.data.sources.llava import to_conversation
 
 
 def read(path: Path, *, source: str, seed: int) -> ReadResult:
     def convert(rec: Any, where: str) -> Conversation:
-        return Conversation(
-            rounds=parse_turns(get(rec, "conversations", list, path, where), path, where),
-            images=image_list(rec, path, where, required=False),
-            source=source,
-            origin=f"{path.name} {where}",
-        )
+        return to_conversation(rec, path, where, source=source, image_required=False)
 
     return read_records(iter_jsonl(path), convert)

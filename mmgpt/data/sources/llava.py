@@ -11,16 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from mmgpt.data.conversation import Conversation, Round
-from mmgpt.data.sources.base import (
-    BAD_FIELD,
-    RecordError,
-    ReadResult,
-    expect_list,
-    get,
-    indexed,
-    load_json,
-    read_records,
-)
+from mmgpt.data.sources.base import (BAD_FIELD, ReadResult, RecordError, expect_list, get,
+                                     indexed, load_json, read_records)
 from mmgpt.models.tokenizer import IMAGE
 
 # Leading or trailing runs of `<image>` markers and the whitespace around them.
@@ -68,13 +60,20 @@ def image_list(rec: Any, path: Path, where: str, required: bool) -> list[str]:
     return images
 
 
+def to_conversation(rec: Any, path: Path, where: str, *, source: str,
+                    image_required: bool) -> Conversation:
+    """One LLaVA-shaped record ({image?, conversations}) as a Conversation."""
+    ident = f" id {rec['id']}" if isinstance(rec, dict) and "id" in rec else ""
+    return Conversation(
+        rounds=parse_turns(get(rec, "conversations", list, path, where), path, where),
+        images=image_list(rec, path, where, required=image_required),
+        source=source,
+        origin=f"{path.name} {where}{ident}",
+    )
+
+
 def read(path: Path, *, source: str, seed: int) -> ReadResult:
     def convert(rec: Any, where: str) -> Conversation:
-        return Conversation(
-            rounds=parse_turns(get(rec, "conversations", list, path, where), path, where),
-            images=image_list(rec, path, where, required=True),
-            source=source,
-            origin=f"{path.name} {where} id {rec.get('id', '?')}",
-        )
+        return to_conversation(rec, path, where, source=source, image_required=True)
 
     return read_records(indexed(expect_list(path, load_json(path))), convert)
