@@ -74,5 +74,5 @@ class VisionEncoder(nn.Module):
         missing, unexpected = self.visual.load_state_dict(visual, strict=False)
         if missing or unexpected:
             raise CheckpointError(f"{path}: CLIP vision weights do not match the ViT: "
-                             f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+                                  f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
 
