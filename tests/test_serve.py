@@ -1,6 +1,6 @@
 """`mmgpt serve`: real HTTP requests on loopback (server on port 0 in a thread): the page, a
 multi-round image chat whose answers equal a local ChatSession's, clear history, bad requests.
-No headless browser is installed here, so the page is checked for the API it calls."""
+The page itself is driven in a headless browser by tests/test_serve_browser.py."""
 from __future__ import annotations
 
 import base64
