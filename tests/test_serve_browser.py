@@ -10,15 +10,10 @@ import base64
 import json
 import shutil
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
-from test_export import make_run
-from test_serve import new_session, picture, post
-
-from mmgpt.inference.model_dir import load_model, resolve_source
-from mmgpt.inference.serve import ChatService, make_server
+from test_serve import loaded, new_session, picture, post, run_dir, url  # noqa: F401 (fixtures)
 
 BROWSER_DIR = Path(__file__).parent / "browser"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -31,23 +26,6 @@ _missing = [why for ok, why in (
 ) if not ok]
 pytestmark = pytest.mark.skipif(
     bool(_missing), reason="headless browser test needs tests/browser/install.sh: " + "; ".join(_missing))
-
-
-@pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
-    return load_model(resolve_source(make_run(tmp_path_factory.mktemp("serve_browser"))[0]))
-
-
-@pytest.fixture(scope="module")
-def url(loaded):
-    server = make_server(ChatService(lambda: new_session(loaded)), port=0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    host, port = server.server_address[:2]
-    yield f"http://{host}:{port}"
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
 
 
 def drive_page(url: str, image: Path, screenshot: Path) -> dict:
