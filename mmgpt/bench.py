@@ -104,8 +104,8 @@ def padded_loss_sum(model, samples: list[TokenizedSample]) -> torch.Tensor:
     The padded baseline: LLaMA runs on B x L positions through transformers' masked SDPA path;
     the LM head still only sees supervised positions, so the comparison isolates padding.
     """
+    from mmgpt.media import MediaLayout, media_index
     from mmgpt.models.cross_attention import MediaContext
-    from mmgpt.models.flamingo import media_index_from_ids
 
     device = model.perceiver.latents.device
     width = max(len(s) for s in samples)
@@ -122,7 +122,9 @@ def padded_loss_sum(model, samples: list[TokenizedSample]) -> torch.Tensor:
         torch.stack(images).to(device) if images else model.perceiver.latents.new_zeros(0, 3, 1, 1)
     )
     ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
-    media = MediaContext.from_media_index(latents, media_index_from_ids(ids, model.media_token_id))
+    has_images = torch.tensor([bool(s.images) for s in samples])[:, None].expand(-1, width)
+    index = media_index(ids, model.media_token_id, attend_previous=False)  # the default "next" mode
+    media = MediaContext(latents, MediaLayout.build(index, has_images.to(device))) if images else None
     positions = torch.arange(width, device=device).expand(len(samples), width)
     hidden = model.llama.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                                media=media, use_cache=False).last_hidden_state
@@ -212,7 +214,7 @@ def run_packing_bench(args: argparse.Namespace) -> dict:
     group = max(1, round(per_row))
 
     def packed(members: list[TokenizedSample], row_tokens: int = 0) -> PackedBatch:
-        return collate(members, row_tokens, image_token_id=image_id, image_size=(side, side))
+        return collate(members, row_tokens, image_token_id=image_id, media_attention="next", image_size=(side, side))
 
     def train_step(batch: PackedBatch) -> Callable[[], torch.Tensor]:
         return lambda: model(batch.to(device, dtype)).loss_sum

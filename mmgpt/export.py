@@ -40,11 +40,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 import mmgpt
 from mmgpt.data.conversation import Conversation, Round
-from mmgpt.data.templates import render
+from mmgpt.data.conversation import tokenize
 from mmgpt.inference.model_dir import (ADAPTER_DIR, DTYPES, EXPORT_CONFIG, LANGUAGE_MODEL_DIR,
                                        OPENFLAMINGO_DIR, OPENFLAMINGO_FILE, ModelSource, image_size_of,
                                        load_model, resolve_source)
-from mmgpt.models.flamingo import Flamingo, MediaContext, media_index_from_ids
+from mmgpt.media import row_layout
+from mmgpt.models.flamingo import Flamingo, MediaContext
 
 EXPORT_FORMAT = "mmgpt-export/1"
 MERGE_TOLERANCE = 1e-4  # fp32: max |merged - adapter| <= 1e-4 * max(1, max |adapter logit|)
@@ -58,16 +59,17 @@ class MergeCheckError(RuntimeError):
 
 def probe_inputs(model: Flamingo, tokenizer: PreTrainedTokenizerBase, image_size: int
                  ) -> tuple[Tensor, MediaContext]:
-    """A templated question + answer about one seeded random image: ids [1, T] and its media."""
+    """A templated question + answer about one seeded random image: ids [1, T] and its media
+    (in "previous" mode, so that every answer token attends the image and the probe tests the
+    merged cross-attention on all of them, whatever mode the model was trained with)."""
     conv = Conversation(rounds=[Round("Describe the image in detail.", "A probe answer with a few words.")],
                         images=["probe"])
-    ids = torch.tensor([tokenizer(render(conv)[0], add_special_tokens=False)["input_ids"]])
+    ids = torch.tensor([tokenize(conv, tokenizer, max_length=1 << 20).input_ids])
     gen = torch.Generator().manual_seed(PROBE_SEED)
     image = torch.randn(1, 3, image_size, image_size, generator=gen)
     device = next(model.parameters()).device
     ids, image = ids.to(device), image.to(device)
-    index = media_index_from_ids(ids, model.media_token_id)
-    return ids, MediaContext.from_media_index(model.encode_images(image), index)
+    return ids, MediaContext(model.encode_images(image), row_layout(ids, model.media_token_id, "previous"))
 
 
 @torch.no_grad()

@@ -16,7 +16,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from mmgpt.models.builder import ModelConfig, build_model
 from mmgpt.models.checkpoints import CheckpointError, load_lora, load_openflamingo
-from mmgpt.models.flamingo import MediaContext, media_index_from_ids
+from mmgpt.media import row_layout
+from mmgpt.models.flamingo import MediaContext
 from mmgpt.models.lora import randomize_lora_b
 from mmgpt.models.tokenizer import TINY_TOKENIZER_DIR
 
@@ -174,8 +175,7 @@ def test_released_lora_layout_round_trip(tmp_path, with_default):
     ids = torch.tensor([[1, 1001, 11, 12, 13]])
     imgs = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        outs = [m.lm_forward(ids, MediaContext.from_media_index(m.encode_images(imgs),
-                                                                media_index_from_ids(ids, 1001))).logits
+        outs = [m.lm_forward(ids, MediaContext(m.encode_images(imgs), row_layout(ids, 1001, "previous"))).logits
                 for m in (src, reloaded)]
     torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
 

@@ -27,7 +27,8 @@ from mmgpt.config import TrainConfig
 from mmgpt.export import MergeCheckError, export, merge_checked, openflamingo_state, write_language_model
 from mmgpt.inference.model_dir import load_model, resolve_source
 from mmgpt.models.builder import ModelConfig, build_model, preset_image_size
-from mmgpt.models.flamingo import MediaContext, media_index_from_ids
+from mmgpt.media import row_layout
+from mmgpt.models.flamingo import MediaContext
 from mmgpt.models.lora import randomize_lora_b
 
 SIZE = preset_image_size("tiny")
@@ -93,7 +94,7 @@ def exported(tmp_path_factory):
 def inputs(model, tok, seed: int = 5):
     ids = torch.tensor([tok(TEXT, add_special_tokens=False)["input_ids"]])
     image = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
-    media = MediaContext.from_media_index(model.encode_images(image), media_index_from_ids(ids, model.media_token_id))
+    media = MediaContext(model.encode_images(image), row_layout(ids, model.media_token_id, "previous"))
     return ids, media
 
 

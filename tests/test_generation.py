@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmgpt.data.conversation import Conversation, Round
-from mmgpt.data.templates import render_prompt
+from mmgpt.data.conversation import Conversation, Round, encode_prompt
 from mmgpt.inference.generation import (GenerationConfig, LanguageModelStepper, filter_for_sampling,
                                         generate, process_logits, special_token_ids)
+from mmgpt.media import MEDIA_ATTENTION_MODES, MediaLayout
 from mmgpt.models.builder import ModelConfig, build_model, preset_image_size
 from mmgpt.models.flamingo import MediaContext
 from mmgpt.models.lora import randomize_lora_b
@@ -34,43 +34,49 @@ def image(seed: int) -> torch.Tensor:
 
 def prompt(tok, images: int = 1) -> list[int]:
     conv = Conversation(rounds=[Round("What is in the picture?", "")], images=["x"] * images)
-    return tok(render_prompt(conv), add_special_tokens=False)["input_ids"]
+    return encode_prompt(conv, tok)
 
 
-def test_cached_greedy_equals_uncached_with_image(model_tok):
+@pytest.mark.parametrize("mode", MEDIA_ATTENTION_MODES)
+def test_cached_greedy_equals_uncached_with_image(model_tok, mode):
     model, tok = model_tok
     latents = model.encode_images(image(0))
     cfg = GenerationConfig(max_new_tokens=24)
-    cached = generate(model, tok, prompt(tok), latents, cfg, use_cache=True)
-    uncached = generate(model, tok, prompt(tok), latents, cfg, use_cache=False)
+    cached = generate(model, tok, prompt(tok), latents, cfg, use_cache=True, mode=mode)
+    uncached = generate(model, tok, prompt(tok), latents, cfg, use_cache=False, mode=mode)
     assert len(cached) >= 8, "too short to compare cached decoding"
     assert cached == uncached
-    other = generate(model, tok, prompt(tok), model.encode_images(image(1)), cfg)
+    other = generate(model, tok, prompt(tok), model.encode_images(image(1)), cfg, mode=mode)
     assert other != cached, "the image should matter (gates are open)"
 
 
-def test_cached_step_logits_match_and_keep_image_attention(model_tok):
-    """Step by step the cached logits equal the full recomputation; a cached step whose new token
-    has NO media (OpenFlamingo v1's bug) does not, so this test would catch that regression."""
+@pytest.mark.parametrize("mode", ["next", "previous"])
+def test_cached_step_logits_match_and_keep_image_attention(model_tok, mode):
+    """Step by step the cached logits equal the full recomputation, in each mode. In "previous"
+    mode a cached step whose new token has NO media (OpenFlamingo v1's cached-generation bug)
+    does not, so this test would catch that regression."""
     model, tok = model_tok
     latents = model.encode_images(image(0))
     image_id, _, _ = special_token_ids(tok)
-    ids = torch.tensor([prompt(tok)])
-    cached = LanguageModelStepper(model, latents, image_id, use_cache=True)
-    full = LanguageModelStepper(model, latents, image_id, use_cache=False)
+    ids = torch.tensor([prompt(tok, images=2)])
+    latents = model.encode_images(torch.cat([image(0), image(5)]))
+    cached = LanguageModelStepper(model, latents, image_id, use_cache=True, mode=mode)
+    full = LanguageModelStepper(model, latents, image_id, use_cache=False, mode=mode)
     a, b = cached.start(ids), full.start(ids)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
     for _ in range(6):
         token = a.argmax(-1)
         a, b = cached.extend(token), full.extend(token)
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    if mode == "next":
+        return  # after the last image a token attends no image: there is nothing to lose
     # the v1 bug: the new token's media index is -1 (no image) during the cached step
-    probe = LanguageModelStepper(model, latents, image_id, use_cache=True)
+    probe = LanguageModelStepper(model, latents, image_id, use_cache=True, mode=mode)
     probe.start(ids)
-    no_media = MediaContext.from_media_index(latents, torch.full((1, 1), -1))
+    no_media = MediaContext(latents, MediaLayout.build(torch.full((1, 1), -1)))
     lost = model.lm_forward(a.argmax(-1)[:, None], no_media, position_ids=torch.tensor([[ids.shape[1]]]),
                             cache=probe.cache, use_cache=True).logits[:, -1].float()
-    kept = LanguageModelStepper(model, latents, image_id, use_cache=False).start(
+    kept = LanguageModelStepper(model, latents, image_id, use_cache=False, mode=mode).start(
         torch.cat([ids, a.argmax(-1)[:, None]], 1))
     assert (lost - kept).abs().max() > 1e-3
 

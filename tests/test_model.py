@@ -5,47 +5,41 @@ float64 references use 1e-10.
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 from transformers.masking_utils import create_causal_mask
 
-from mmgpt.data.batch import IGNORE_INDEX, PackedBatch
+from mmgpt.data.batch import IGNORE_INDEX, PackedBatch, TokenizedSample
+from mmgpt.data.packing import collate
+from mmgpt.media import MEDIA_ATTENTION_MODES, MediaLayout, attends_previous, media_index, row_layout
 from mmgpt.models import flamingo as flamingo_mod
 from mmgpt.models.builder import ModelConfig, build_model, preset_image_size
 from mmgpt.models.cross_attention import MaskedCrossAttention, MediaContext
-from mmgpt.models.flamingo import media_index_from_ids
 from mmgpt.models.lora import randomize_lora_b
 
 IMG = 1001  # <image> in the tiny tokenizer
 SIZE = preset_image_size("tiny")
 
 
-def pack(samples: list[tuple[list[int], list[int], int]], images: torch.Tensor) -> PackedBatch:
-    """Reference packer for tests: samples (ids, unshifted labels, number of images), images in order."""
-    ids, labels, pos, media, sample_index, cu = [], [], [], [], [], [0]
-    next_image = 0
-    for s, (sid, slab, _) in enumerate(samples):
-        ids += sid
-        labels += slab[1:] + [IGNORE_INDEX]
-        pos += list(range(len(sid)))
-        current = -1
-        for t in sid:
-            if t == IMG:
-                current = next_image
-                next_image += 1
-            media.append(current)
-        sample_index += [s] * len(sid)
-        cu.append(cu[-1] + len(sid))
-    media_t = torch.tensor(media)
-    ctx = MediaContext.from_media_index(torch.zeros(max(next_image, 1), 1, 1), media_t)
-    return PackedBatch(
-        input_ids=torch.tensor(ids), labels=torch.tensor(labels), position_ids=torch.tensor(pos),
-        cu_seqlens=torch.tensor(cu, dtype=torch.int32), max_seqlen=max(len(s[0]) for s in samples),
-        images=images, media_index=media_t, cu_seqlens_q=ctx.cu_seqlens_q, chunk_media=ctx.chunk_media,
-        max_seqlen_q=ctx.max_seqlen_q, sample_index=torch.tensor(sample_index),
-        sources=["t"] * len(samples), is_vl=torch.tensor([n > 0 for *_, n in samples]))
+def pack(samples: list[tuple[list[int], list[int], int]], images: torch.Tensor, mode: str = "previous",
+         seed: int = 0) -> PackedBatch:
+    """Samples (ids, unshifted labels, number of images) with `images` in order, through the packer's collate."""
+    tokenized, first = [], 0
+    for index, (ids, labels, n) in enumerate(samples):
+        tokenized.append(TokenizedSample(ids, labels, images=list(images[first:first + n]), index=index))
+        first += n
+    return collate(tokenized, image_token_id=IMG, media_attention=mode, media_seed=seed,
+                   image_size=(SIZE, SIZE))
+
+
+def media(latents: torch.Tensor, ids: torch.Tensor, mode: str = "previous") -> MediaContext | None:
+    """Media of [B, T] rows that each hold one sequence (None: no image, blocks skipped)."""
+    layout = row_layout(ids, IMG, mode)
+    return None if layout is None else MediaContext(latents, layout)
 
 
 def build(lora: str = "default", dtype=torch.float32, gates: float = 0.0, lora_b: bool = False, seed=0):
@@ -81,35 +75,50 @@ def bare_llama(model) -> LlamaForCausalLM:
 def test_gate_zero_logits_equal_bare_llama():
     model, _ = build(lora="none")
     ids = torch.tensor([SAMPLES[0][0]])
-    media = MediaContext.from_media_index(model.encode_images(images(2)), media_index_from_ids(ids, IMG))
+    ctx = media(model.encode_images(images(2)), ids)
     with torch.no_grad():
-        ours = model.lm_forward(ids, media).logits
+        ours = model.lm_forward(ids, ctx).logits
         ref = bare_llama(model)(ids).logits
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
         model.init_gates(0.5)  # the same check must notice cross-attention once gates open
-        assert (model.lm_forward(ids, media).logits - ref).abs().max() > 1e-3
+        assert (model.lm_forward(ids, ctx).logits - ref).abs().max() > 1e-3
 
 
-def test_media_index_from_ids():
-    ids = torch.tensor([[IMG, 5, 6, IMG, 7], [8, IMG, 9, 9, 9]])
-    assert media_index_from_ids(ids, IMG).tolist() == [[0, 0, 0, 1, 1], [-1, 2, 2, 2, 2]]
-    # continuation across cached steps: new tokens keep the row's last image, new images follow offsets
-    step = torch.tensor([[5, IMG], [6, 6]])
-    got = media_index_from_ids(step, IMG, image_offsets=torch.tensor([3, 3]), previous=torch.tensor([1, 2]))
-    assert got.tolist() == [[1, 3], [2, 2]]
-    first = media_index_from_ids(torch.tensor([[5, 6]]), IMG, previous=torch.tensor([[-1, -1]]))
-    assert first.tolist() == [[-1, -1]]
+def test_media_index_modes_give_the_documented_image_per_token():
+    ids = torch.tensor([[1, 5, IMG, 6, 7, IMG, 8, 9], [1, IMG, 3, 3, 3, 3, 3, 3]])
+    # next (OpenFlamingo v1 default): <image> -> its own image; others -> the NEXT image; none after the last
+    assert media_index(ids, IMG, False).tolist() == [[0, 0, 0, 1, 1, 1, -1, -1], [2, 2, -1, -1, -1, -1, -1, -1]]
+    # previous: the latest image at or before the token; none before the first
+    assert media_index(ids, IMG, True).tolist() == [[-1, -1, 0, 0, 0, 1, 1, 1], [-1, 2, 2, 2, 2, 2, 2, 2]]
+    # one mode per row (random mode's per-sample coins)
+    assert media_index(ids, IMG, torch.tensor([True, False]))[1].tolist() == [2, 2, -1, -1, -1, -1, -1, -1]
+    # continuation of cached tokens: images before them and in the whole row decide
+    step = torch.tensor([[5, IMG, 6]])
+    kwargs = dict(images_before=torch.tensor([1]), images_total=torch.tensor([3]), image_offsets=torch.tensor([0]))
+    assert media_index(step, IMG, False, **kwargs).tolist() == [[1, 1, 2]]
+    assert media_index(step, IMG, True, **kwargs).tolist() == [[0, 1, 1]]
 
 
-def test_media_context_chunks():
-    latents = torch.zeros(3, 4, 8)
-    ctx = MediaContext.from_media_index(latents, torch.tensor([-1, -1, 0, 0, 0, 2, 2]))
-    assert ctx.cu_seqlens_q.tolist() == [0, 2, 5, 7]
-    assert ctx.chunk_media.tolist() == [-1, 0, 2]
+def test_random_mode_is_a_seeded_coin_per_sample():
+    coins = [attends_previous("random", 7, key) for key in range(200)]
+    assert coins == [attends_previous("random", 7, key) for key in range(200)]  # reproducible
+    assert 70 < sum(coins) < 130 and coins != [attends_previous("random", 8, key) for key in range(200)]
+    assert attends_previous("next") is False and attends_previous("previous") is True
+    with pytest.raises(ValueError, match="media_attention"):
+        attends_previous("latest")
+
+
+def test_media_layout_chunks_and_keys():
+    layout = MediaLayout.build(torch.tensor([-1, -1, 0, 0, 0, 2, 2, 5, 5]),
+                               through=torch.tensor([1, 1, 1, 1, 1, 1, 1, 0, 0]))
+    assert layout.token_index.tolist() == list(range(7)) and layout.num_tokens == 7
+    assert layout.cu_seqlens_q.tolist() == [0, 2, 5, 7]
+    assert layout.chunk_images.tolist() == [0, 2] and layout.cu_image_chunks.tolist() == [0, 0, 1, 2]
+    ctx = MediaContext(torch.zeros(3, 4, 8), layout)
     assert ctx.cu_seqlens_k.tolist() == [0, 0, 4, 8]
-    assert (ctx.max_seqlen_q, ctx.max_seqlen_k) == (3, 4)
+    assert (layout.max_seqlen_q, ctx.max_seqlen_k) == (3, 4)
     with pytest.raises(ValueError, match="refers past"):
-        MediaContext.from_media_index(latents, torch.tensor([0, 3]))
+        MediaContext(torch.zeros(3, 4, 8), MediaLayout.build(torch.tensor([0, 3])))
 
 
 def test_cross_attention_matches_dense_reference_and_zero_before_first_image():
@@ -118,7 +127,7 @@ def test_cross_attention_matches_dense_reference_and_zero_before_first_image():
     x = torch.randn(2, 5, 16, dtype=torch.float64)
     latents = torch.randn(3, 6, 12, dtype=torch.float64)
     media_index = torch.tensor([[-1, -1, 0, 0, 1], [-1, 2, 2, 2, 2]])
-    out = xattn(x, MediaContext.from_media_index(latents, media_index)).reshape(10, 16)
+    out = xattn(x, MediaContext(latents, MediaLayout.build(media_index))).reshape(10, 16)
     # dense per-token reference in float64
     q = xattn.to_q(xattn.norm(x.reshape(10, 16))).view(10, 3, 4)
     k, v = xattn.to_kv(latents).view(3, 6, 2, 3, 4).unbind(2)
@@ -131,35 +140,62 @@ def test_cross_attention_matches_dense_reference_and_zero_before_first_image():
         torch.testing.assert_close(out[t], ref, atol=1e-10, rtol=0)
 
 
-def test_token_never_sees_a_later_image():
+@pytest.mark.parametrize("mode, sees", [("previous", "earlier"), ("next", "later")])
+def test_which_image_changes_which_logits(mode, sees):
+    """previous: a token never sees a later image; next: the tokens before image 2 (and <image> 2
+    itself) see it, and the tokens after the last image see no image at all."""
     model, _ = build(gates=0.7, lora_b=True)
     ids = torch.tensor([SAMPLES[0][0]])
-    mi = media_index_from_ids(ids, IMG)
     imgs = images(2)
     perturbed = imgs.clone()
     perturbed[1] += 3.0
     with torch.no_grad():
-        a = model.lm_forward(ids, MediaContext.from_media_index(model.encode_images(imgs), mi)).logits[0]
-        b = model.lm_forward(ids, MediaContext.from_media_index(model.encode_images(perturbed), mi)).logits[0]
+        a = model.lm_forward(ids, media(model.encode_images(imgs), ids, mode)).logits[0]
+        b = model.lm_forward(ids, media(model.encode_images(perturbed), ids, mode)).logits[0]
     second = SAMPLES[0][0].index(IMG, 2)
-    assert torch.equal(a[:second], b[:second])  # tokens before image 2 are bit-identical
-    assert (a[second:] - b[second:]).abs().amax(dim=-1).min() > 1e-4  # every later token changes
+    if sees == "earlier":
+        assert torch.equal(a[:second], b[:second])  # tokens before image 2 are bit-identical
+        assert (a[second:] - b[second:]).abs().amax(dim=-1).min() > 1e-4  # every later token changes
+    else:
+        first = SAMPLES[0][0].index(IMG)
+        assert torch.equal(a[:first + 1], b[:first + 1])  # up to <image> 1: they attend image 1
+        assert (a[first + 1:] - b[first + 1:]).abs().amax(dim=-1).min() > 1e-4  # image 2 reaches the rest
 
 
-def test_packed_logits_equal_unpacked():
+@pytest.mark.parametrize("mode", MEDIA_ATTENTION_MODES)
+def test_packed_logits_equal_unpacked(mode):
     model, _ = build(gates=0.7, lora_b=True)
     imgs = images(3)
-    batch = pack(SAMPLES, imgs)
+    batch = pack(SAMPLES, imgs, mode, seed=3)
     with torch.no_grad():
         packed = model.batch_logits(batch)
         start, first_image = 0, 0
-        for ids, _, n in SAMPLES:
+        for index, (ids, _, n) in enumerate(SAMPLES):
             row = torch.tensor([ids])
             lat = model.encode_images(imgs[first_image:first_image + n])
-            media = MediaContext.from_media_index(lat, media_index_from_ids(row, IMG))
-            alone = model.lm_forward(row, media).logits[0]
+            alone_mode = "previous" if attends_previous(mode, 3, index) else "next"
+            alone = model.lm_forward(row, media(lat, row, alone_mode)).logits[0]
             torch.testing.assert_close(packed[start:start + len(ids)], alone, atol=1e-5, rtol=0)
             start, first_image = start + len(ids), first_image + n
+
+
+def test_imageless_sample_equals_plain_llama_with_lora_in_a_packed_row():
+    """Language-only samples bypass every cross-attention block (attention AND feed-forward), also
+    beside image samples in one packed row with open gates: they equal LLaMA + merged LoRA."""
+    model, _ = build(gates=0.7, lora_b=True)
+    batch = pack(SAMPLES, images(3), "next")
+    with torch.no_grad():
+        packed = model.batch_logits(batch)
+        merged = copy.deepcopy(model)
+        merged.lang_encoder = merged.lang_encoder.merge_and_unload()
+        text_ids = torch.tensor([SAMPLES[1][0]])
+        ref = bare_llama(merged)(text_ids).logits[0]
+        start = len(SAMPLES[0][0])
+        torch.testing.assert_close(packed[start:start + len(SAMPLES[1][0])], ref, atol=1e-5, rtol=0)
+        # the same sample pushed through the blocks (the old behaviour) differs: the check has teeth
+        through = MediaLayout.build(torch.full((1, text_ids.shape[1]), -1))
+        forced = model.lm_forward(text_ids, MediaContext(model.encode_images(images(1)), through)).logits[0]
+        assert (forced - ref).abs().max() > 1e-3
 
 
 def test_chunked_loss_equals_full_logits_float64(monkeypatch):
@@ -261,23 +297,24 @@ def test_vision_tokens_are_before_ln_post():
     assert (tokens - visual.ln_post(manual)).abs().max() > 1e-2
 
 
-def test_lm_forward_with_kv_cache_matches_full_forward():
+@pytest.mark.parametrize("mode", ["next", "previous"])
+def test_lm_forward_with_kv_cache_matches_full_forward(mode):
     """Prefill, a multi-token continuation and single steps with a cache == one full forward."""
     model, _ = build(gates=0.7, lora_b=True)
     ids = torch.tensor([[1, IMG, 11, 12, 13, IMG, 14, 15, 2, 7]])
     latents = model.encode_images(images(2))
-    full_index = media_index_from_ids(ids, IMG)
+    total = torch.tensor([2])
     with torch.no_grad():
-        full = model.lm_forward(ids, MediaContext.from_media_index(latents, full_index)).logits
-        out = model.lm_forward(ids[:, :4], MediaContext.from_media_index(latents, full_index[:, :4]), use_cache=True)
-        logits, cache, previous = [out.logits], out.cache, full_index[:, :4]
-        for a, b in [(4, 7), (7, 8), (8, 9), (9, 10)]:
-            seen = torch.tensor([int((ids[0, :a] == IMG).sum())])
-            index = media_index_from_ids(ids[:, a:b], IMG, image_offsets=seen, previous=previous)
-            out = model.lm_forward(ids[:, a:b], MediaContext.from_media_index(latents, index), cache=cache,
+        full = model.lm_forward(ids, media(latents, ids, mode)).logits
+        logits, cache = [], None
+        for a, b in [(0, 4), (4, 7), (7, 8), (8, 9), (9, 10)]:
+            before = (ids[:, :a] == IMG).sum(dim=1)
+            layout = row_layout(ids[:, a:b], IMG, mode, images_before=before, images_total=total,
+                                image_offsets=torch.tensor([0]))
+            out = model.lm_forward(ids[:, a:b], MediaContext(latents, layout), cache=cache,
                                    use_cache=True, position_ids=torch.arange(a, b)[None])
             logits.append(out.logits)
-            cache, previous = out.cache, index
+            cache = out.cache
     torch.testing.assert_close(torch.cat(logits, 1), full, atol=1e-5, rtol=0)
 
 
@@ -287,12 +324,11 @@ def test_lm_forward_left_padded_batch_matches_single_rows():
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     latents = model.encode_images(images(2))
     with torch.no_grad():
-        padded = model.lm_forward(rows, MediaContext.from_media_index(latents, media_index_from_ids(rows, IMG)),
+        padded = model.lm_forward(rows, media(latents, rows),
                                   attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
         for b, start in [(0, 2), (1, 0)]:
             row = rows[b:b + 1, start:]
-            alone = model.lm_forward(row, MediaContext.from_media_index(latents[b:b + 1],
-                                                                        media_index_from_ids(row, IMG))).logits
+            alone = model.lm_forward(row, media(latents[b:b + 1], row)).logits
             torch.testing.assert_close(padded[b, start:], alone[0], atol=1e-5, rtol=0)
 
 

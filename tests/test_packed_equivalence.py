@@ -11,6 +11,7 @@ import torch
 
 from mmgpt.data.batch import IGNORE_INDEX, TokenizedSample
 from mmgpt.data.packing import collate
+from mmgpt.media import MEDIA_ATTENTION_MODES, attends_previous
 from mmgpt.models.builder import ModelConfig, build_model, preset_image_size
 from mmgpt.models.lora import randomize_lora_b
 
@@ -48,8 +49,9 @@ def samples(model) -> list[TokenizedSample]:
     return [_sample(gen, image_id, n, at, i, size) for i, (n, at) in enumerate(specs)]
 
 
-def _collate(model, samples: list[TokenizedSample]):
-    return collate(samples, image_token_id=model.media_token_id, image_size=(preset_image_size("tiny"),) * 2)
+def _collate(model, samples: list[TokenizedSample], mode: str = "previous"):
+    return collate(samples, image_token_id=model.media_token_id, media_attention=mode,
+                   image_size=(preset_image_size("tiny"),) * 2)
 
 
 def _lora_grads(model, batches) -> dict[str, torch.Tensor]:
@@ -96,8 +98,8 @@ def test_equivalence_test_detects_a_missing_boundary(model, samples) -> None:
     assert (bad[first:] - good[first:]).abs().max() > 1e-3
 
 
-def _sample_logits(model, samples: list[TokenizedSample]) -> list[torch.Tensor]:
-    batch = _collate(model, samples)
+def _sample_logits(model, samples: list[TokenizedSample], mode: str = "previous") -> list[torch.Tensor]:
+    batch = _collate(model, samples, mode)
     with torch.no_grad():
         logits = model.batch_logits(batch)
     cu = batch.cu_seqlens.tolist()
@@ -125,18 +127,21 @@ def test_changing_one_samples_tokens_changes_no_other_sample(model, samples, vic
             torch.testing.assert_close(after[s], before[s], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", MEDIA_ATTENTION_MODES)
 @pytest.mark.parametrize("victim", [0, 2, 5])
-def test_changing_one_samples_image_changes_no_other_sample(model, samples, victim: int) -> None:
-    before = _sample_logits(model, samples)
+def test_changing_one_samples_image_changes_no_other_sample(model, samples, victim: int, mode: str) -> None:
+    before = _sample_logits(model, samples, mode)
     gen = torch.Generator().manual_seed(99)
     images = [torch.randn(im.shape, generator=gen) for im in samples[victim].images]
     changed = samples[:victim] + [_replace(samples[victim], images=images)] + samples[victim + 1:]
-    after = _sample_logits(model, changed)
+    after = _sample_logits(model, changed, mode)
     first_image = samples[victim].input_ids.index(model.media_token_id)
+    # in "previous" mode the tokens before the first image see no image ("next": they see it)
+    unseen = first_image if attends_previous(mode, 0, samples[victim].index) else 0
     for s in range(len(samples)):
         if s == victim:
-            torch.testing.assert_close(after[s][:first_image], before[s][:first_image], rtol=0, atol=1e-6)
-            assert (after[s][first_image:] - before[s][first_image:]).abs().max() > 1e-4
+            torch.testing.assert_close(after[s][:unseen], before[s][:unseen], rtol=0, atol=1e-6)
+            assert (after[s][unseen:] - before[s][unseen:]).abs().max() > 1e-4
         else:
             torch.testing.assert_close(after[s], before[s], rtol=0, atol=1e-6)
 
@@ -152,12 +157,12 @@ def test_padded_benchmark_baseline_computes_the_same_loss(model, samples) -> Non
     """`mmgpt bench packing`'s padded variant does the same maths: same summed loss and grads."""
     from mmgpt.bench import padded_loss_sum
 
-    grads_packed = _lora_grads(model, [_collate(model, samples)])
+    grads_packed = _lora_grads(model, [_collate(model, samples, "next")])  # the benchmark's mode
     model.zero_grad(set_to_none=True)
     loss = padded_loss_sum(model, samples)
     loss.backward()
     with torch.no_grad():
-        packed_loss = model(_collate(model, samples)).loss_sum
+        packed_loss = model(_collate(model, samples, "next")).loss_sum
     assert abs(float(loss) - float(packed_loss)) <= REL_TOL * float(packed_loss)
     for name, g in grads_packed.items():
         assert _rel(model.get_parameter(name).grad, g) < REL_TOL, name

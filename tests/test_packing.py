@@ -35,7 +35,7 @@ def _hand_made() -> list[TokenizedSample]:
 
 
 def test_collate_fields_on_hand_made_samples() -> None:
-    batch = collate(_hand_made(), row_tokens=32, num_rows=1, image_token_id=IMG)
+    batch = collate(_hand_made(), row_tokens=32, num_rows=1, image_token_id=IMG, media_attention="previous")
     assert batch.input_ids.tolist() == [1, 10, IMG, 11, 12, IMG, 13, 2, 1, 20, 21, 2, 1, IMG, 30, 2]
     # next-token targets, shifted inside each sample; each sample's last token predicts nothing
     assert batch.labels.tolist() == [X, X, X, 12, X, 13, 2, X, X, 21, 2, X, X, 30, 2, X]
@@ -45,10 +45,14 @@ def test_collate_fields_on_hand_made_samples() -> None:
     assert batch.max_seqlen == 8
     # the <image> token sees its own image; sample 1 sees nothing although sample 0 had images
     assert batch.media_index.tolist() == [-1, -1, 0, 0, 0, 1, 1, 1, -1, -1, -1, -1, -1, 2, 2, 2]
-    assert batch.cu_seqlens_q.dtype == torch.int32
-    assert batch.cu_seqlens_q.tolist() == [0, 2, 5, 8, 13, 16]
-    assert batch.chunk_media.tolist() == [-1, 0, 1, -1, 2]
-    assert batch.max_seqlen_q == 5
+    # the text-only sample 1 skips the cross-attention blocks: its tokens 8..11 are not in the layout
+    layout = batch.media
+    assert layout.token_index.tolist() == list(range(8)) + list(range(12, 16))
+    assert layout.cu_seqlens_q.dtype == torch.int32
+    assert layout.cu_seqlens_q.tolist() == [0, 2, 5, 8, 9, 12]
+    assert layout.media_index.tolist() == [-1, -1, 0, 0, 0, 1, 1, 1, -1, 2, 2, 2]
+    assert layout.chunk_images.tolist() == [0, 1, 2] and layout.cu_image_chunks.tolist() == [0, 0, 1, 2, 2, 3]
+    assert layout.max_seqlen_q == 3
     assert torch.equal(batch.images[:, 0, 0, 0], torch.tensor([1.0, 2.0, 3.0]))
     assert batch.sample_index.tolist() == [0] * 8 + [1] * 4 + [2] * 4
     assert batch.sources == ["llava", "dolly", "coco"]
@@ -58,13 +62,26 @@ def test_collate_fields_on_hand_made_samples() -> None:
     assert batch.efficiency == pytest.approx(16 / 32)
 
 
+def test_collate_next_mode_and_random_mode() -> None:
+    """next (the released model's mode): tokens attend the following image of their own sample."""
+    batch = collate(_hand_made(), image_token_id=IMG, media_attention="next")
+    assert batch.media_index.tolist() == [0, 0, 0, 1, 1, 1, -1, -1, -1, -1, -1, -1, 2, 2, -1, -1]
+    samples = [TokenizedSample([1, IMG, 5, 2], [X, X, 5, 2], [_image(0.0)], "coco", True, i) for i in range(40)]
+    coins = collate(samples, image_token_id=IMG, media_attention="random", media_seed=11).media_index.view(40, 4)
+    for i, row in enumerate(coins.tolist()):  # each sample is wholly "next" or wholly "previous"
+        assert row in ([i, i, -1, -1], [-1, i, i, i])
+    previous = coins[:, 2] >= 0
+    assert 5 < int(previous.sum()) < 35
+    again = collate(samples, image_token_id=IMG, media_attention="random", media_seed=11).media_index
+    assert torch.equal(again.view(40, 4), coins)
+
+
 def test_collate_without_images_keeps_image_shape() -> None:
     text = [TokenizedSample([1, 5, 2], [X, 5, 2], index=0)]
     batch = collate(text, image_token_id=IMG, image_size=(8, 6))
     assert batch.images.shape == (0, 3, 8, 6)
     assert batch.media_index.tolist() == [-1, -1, -1]
-    assert batch.chunk_media.tolist() == [-1]
-    assert batch.cu_seqlens_q.tolist() == [0, 3]
+    assert batch.media is None  # no sample has an image: every token skips the cross-attention blocks
 
 
 def test_collate_rejects_image_count_mismatch() -> None:
@@ -95,11 +112,16 @@ def test_collate_matches_each_sample_on_random_mix() -> None:
         media = batch.media_index[a:b]
         for m in media[media >= 0].unique().tolist():
             assert torch.equal(batch.images[m], images[s])
-    # chunks tile the sequence and each chunk has one media index
-    cq = batch.cu_seqlens_q.tolist()
-    assert cq[0] == 0 and cq[-1] == batch.num_tokens
-    for c, m in enumerate(batch.chunk_media.tolist()):
-        assert (batch.media_index[cq[c] : cq[c + 1]] == m).all()
+    # chunks tile the tokens of image samples and each chunk has one media index
+    layout = batch.media
+    vl_tokens = torch.cat([torch.arange(cu[s], cu[s + 1]) for s, x in enumerate(samples) if x.images])
+    assert torch.equal(layout.token_index, vl_tokens)
+    cq = layout.cu_seqlens_q.tolist()
+    assert cq[0] == 0 and cq[-1] == layout.num_tokens == len(vl_tokens)
+    chunk_media = layout.media_index[layout.cu_seqlens_q[:-1].long()]
+    assert torch.equal(layout.chunk_images, chunk_media[chunk_media >= 0])
+    for c, m in enumerate(chunk_media.tolist()):
+        assert (layout.media_index[cq[c] : cq[c + 1]] == m).all()
 
 
 def _mix(n: int, seed: int = 0, max_tokens: int = 4096) -> list[TokenizedSample]:

@@ -97,9 +97,9 @@ def test_llava_multi_round_rendered_exact(real_samples):
     assert render(conv)[0] == (
         "<s>" + HEADER + "### Image:\n<image>\n\n"
         "### Instruction:\nWhat are the colors of the bus in the image?\n\n"
-        "### Response:\nThe bus in the image is white and red.</s>\n\n"
+        "### Response:\nThe bus in the image is white and red.</s><s>\n\n"
         "### Instruction:\nWhat feature can be seen on the back of the bus?\n\n"
-        "### Response:\nThe back of the bus features an advertisement.</s>\n\n"
+        "### Response:\nThe back of the bus features an advertisement.</s><s>\n\n"
         "### Instruction:\nIs the bus driving down the street or pulled off to the side?\n\n"
         "### Response:\nThe bus is driving down the street, which is crowded with people and other vehicles.</s>"
     )

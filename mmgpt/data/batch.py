@@ -8,6 +8,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from mmgpt.media import MediaLayout
+
 IGNORE_INDEX = -100
 
 
@@ -39,10 +41,11 @@ class TokenizedSample:
 class PackedBatch:
     """Several samples (and their images) concatenated into one flat sequence of T tokens.
 
-    Self-attention is causal inside each [cu_seqlens[s], cu_seqlens[s+1]) span. Cross-attention is
-    segmented into text chunks: chunk c covers tokens [cu_seqlens_q[c], cu_seqlens_q[c+1]), all of
-    which attend the latents of image `chunk_media[c]` (-1: no image yet, output exactly zero).
-    The model derives cu_seqlens_k from chunk_media and its number of latents per image.
+    Self-attention is causal inside each [cu_seqlens[s], cu_seqlens[s+1]) span. `media_index` says
+    which image each token cross-attends (-1 none; the rule is the run's media-attention mode, see
+    mmgpt/media.py), and `media` is the cross-attention work derived from it on the host: the
+    tokens of samples with images, their text chunks and key layout (None: no sample has an
+    image, so every token skips the cross-attention blocks).
     """
 
     input_ids: torch.Tensor  # [T] long
@@ -52,9 +55,7 @@ class PackedBatch:
     max_seqlen: int
     images: torch.Tensor  # [M, 3, H, W] float (M may be 0)
     media_index: torch.Tensor  # [T] long, image each token cross-attends, -1 = none
-    cu_seqlens_q: torch.Tensor  # [C+1] int32, text chunks
-    chunk_media: torch.Tensor  # [C] long, image of each chunk, -1 = none
-    max_seqlen_q: int
+    media: MediaLayout | None  # cross-attention layout over the tokens of samples with images
     sample_index: torch.Tensor  # [T] long, sample each token belongs to
     sources: list[str]  # [S] source name per sample
     is_vl: torch.Tensor  # [S] bool
@@ -85,7 +86,7 @@ class PackedBatch:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor):
+            if isinstance(v, (torch.Tensor, MediaLayout)):
                 if f.name == "images" and dtype is not None:
                     v = v.to(device=device, dtype=dtype)
                 else:

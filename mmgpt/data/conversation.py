@@ -1,8 +1,18 @@
 """Conversation (what every reader produces) and its tokenisation into a TokenizedSample.
 
-The whole conversation is rendered to one string (templates.render) and tokenised ONCE with
-character offsets; a token is supervised iff its span lies inside a response+EOS span. Drops are
-returned as a reason string (never raised) so one bad record cannot stop a long run.
+Token ids are exactly the original MultiModal-GPT's (its datasets on the LLaMA tokenizer of its
+time), for training and chat alike:
+  - each round is tokenised on its own: BOS + its prompt and response + EOS (a dialogue has one
+    BOS per round); prompt tokens are unsupervised, response tokens and the EOS supervised;
+  - `<image>` is an added special token, and the tokenizer of that era stripped the whitespace on
+    both sides of one, so `:\n<image>\n\n###` gives `:`, `<image>`, `▁###`; the text between two
+    special tokens is encoded on its own, with SentencePiece's leading `▁`;
+  - the prompt/response boundary is the prompt's own token count, as the original computes it; a
+    token spanning the boundary would make chat prompts differ from training, so such a sample is
+    dropped (never seen with the LLaMA tokenizer, whose newline is its own byte token).
+Text from the data is always ordinary text: a record saying "<image>" or "</s>" gets the pieces of
+those characters, never the special ids (the original would have turned them into special tokens).
+Drops are returned as a reason string (never raised) so one bad record cannot stop a long run.
 """
 from __future__ import annotations
 
@@ -11,14 +21,12 @@ from dataclasses import dataclass, field
 from transformers import PreTrainedTokenizerBase
 
 from mmgpt.data.batch import IGNORE_INDEX, TokenizedSample
-from mmgpt.data.templates import render
+from mmgpt.data.templates import ImageSlot, Piece, RoundText, render_rounds
 from mmgpt.models.tokenizer import IMAGE
 
 # Drop reasons returned by tokenize (counted per source in the data report).
 EMPTY_RESPONSE = "empty_response"
 NO_ROUNDS = "no_rounds"
-IMAGE_COUNT_MISMATCH = "image_count_mismatch"
-SPECIAL_TOKEN_IN_TEXT = "special_token_in_text"
 TOKEN_STRADDLES_BOUNDARY = "token_straddles_boundary"
 TOO_LONG = "too_long"
 
@@ -46,24 +54,42 @@ class Conversation:
     origin: str = ""
 
 
-def _supervision(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool] | None:
-    """Per token: inside a supervised span? None when a token straddles a span boundary."""
-    out: list[bool] = []
-    for s, e in offsets:
-        inside = any(a <= s and e <= b and s < b for a, b in spans)
-        overlaps = any(s < b and e > a for a, b in spans)
-        if overlaps and not inside:
-            return None
-        out.append(inside)
-    return out
+def encode_pieces(tokenizer: PreTrainedTokenizerBase, pieces: list[Piece]) -> list[int]:
+    """Ids of text and image slots, as the original's tokenizer gives them (no BOS/EOS added).
+
+    Adjacent text joins into one chunk; a chunk loses its whitespace next to an image slot; each
+    chunk is encoded separately (its own leading `▁`) with special-token strings kept as text.
+    """
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE)
+    ids: list[int] = []
+    chunks: list[str | ImageSlot] = []
+    for piece in pieces:
+        if isinstance(piece, str) and chunks and isinstance(chunks[-1], str):
+            chunks[-1] += piece
+        else:
+            chunks.append(piece)
+    for k, chunk in enumerate(chunks):
+        if isinstance(chunk, ImageSlot):
+            ids.append(image_id)
+            continue
+        if k > 0:
+            chunk = chunk.lstrip()
+        if k + 1 < len(chunks):
+            chunk = chunk.rstrip()
+        if chunk:
+            ids += tokenizer(chunk, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return ids
 
 
-def _round_ends(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
-    """Token count at the end of each round (the token that ends at the round's `</s>`)."""
-    ends = []
-    for _, b in spans:
-        ends.append(next(i + 1 for i, (_, e) in enumerate(offsets) if e == b))
-    return ends
+def _encode_round(tokenizer: PreTrainedTokenizerBase, rnd: RoundText) -> tuple[list[int], list[int]] | str:
+    """(ids, labels) of one round, or a drop reason."""
+    prompt = encode_pieces(tokenizer, rnd.prompt)
+    full = encode_pieces(tokenizer, rnd.prompt + [rnd.response])
+    if full[: len(prompt)] != prompt or len(full) == len(prompt):
+        return TOKEN_STRADDLES_BOUNDARY
+    ids = [tokenizer.bos_token_id] + full + [tokenizer.eos_token_id]
+    labels = [IGNORE_INDEX] * (1 + len(prompt)) + full[len(prompt):] + [tokenizer.eos_token_id]
+    return ids, labels
 
 
 def tokenize(
@@ -72,31 +98,36 @@ def tokenize(
     """Tokenise with the unified template; a str return is the drop reason.
 
     Over-long conversations keep the whole leading rounds that fit in `max_length` tokens (the
-    images all sit before the first round, so they are always kept with it).
+    images all sit before the first round, so they are always kept with it). The original cut
+    every sample at 512 tokens, mid-answer and then without EOS; whole rounds are kept here.
     """
     if not conv.rounds:
         return NO_ROUNDS
     if any(not r.response.strip() for r in conv.rounds):
         return EMPTY_RESPONSE
-    text, spans = render(conv)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = enc["input_ids"]
-    offsets = [tuple(o) for o in enc["offset_mapping"]]
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE)
-    if ids.count(image_id) != len(conv.images):
-        return IMAGE_COUNT_MISMATCH
-    # One BOS and one EOS per round, else the text itself held a special token.
-    if ids.count(tokenizer.bos_token_id) != 1 or ids.count(tokenizer.eos_token_id) != len(spans):
-        return SPECIAL_TOKEN_IN_TEXT
-    supervised = _supervision(offsets, spans)
-    if supervised is None:
-        return TOKEN_STRADDLES_BOUNDARY
-    if len(ids) > max_length:
-        fitting = [end for end in _round_ends(offsets, spans) if end <= max_length]
-        if not fitting:
-            return TOO_LONG
-        ids, supervised = ids[: fitting[-1]], supervised[: fitting[-1]]
-    labels = [t if sup else IGNORE_INDEX for t, sup in zip(ids, supervised)]
-    return TokenizedSample(
-        input_ids=ids, labels=labels, source=conv.source, is_vl=bool(conv.images)
-    )
+    ids: list[int] = []
+    labels: list[int] = []
+    for rnd in render_rounds(conv):
+        encoded = _encode_round(tokenizer, rnd)
+        if isinstance(encoded, str):
+            return encoded
+        if len(ids) + len(encoded[0]) > max_length:
+            if not ids:
+                return TOO_LONG
+            break
+        ids += encoded[0]
+        labels += encoded[1]
+    return TokenizedSample(input_ids=ids, labels=labels, source=conv.source, is_vl=bool(conv.images))
+
+
+def encode_prompt(conv: Conversation, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Generation prompt: the training ids of every round but the last, then the last round's BOS
+    and prompt (its response is left for the model). A prefix of `tokenize`'s ids whenever the
+    last round is answered, so chat sees exactly the token boundaries training did."""
+    if not conv.rounds:
+        raise ValueError("encode_prompt needs at least one round (the question to answer)")
+    *history, last = render_rounds(conv)
+    ids: list[int] = []
+    for rnd in history:
+        ids += [tokenizer.bos_token_id, *encode_pieces(tokenizer, rnd.prompt + [rnd.response]), tokenizer.eos_token_id]
+    return ids + [tokenizer.bos_token_id] + encode_pieces(tokenizer, last.prompt)

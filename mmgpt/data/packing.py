@@ -21,8 +21,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from mmgpt.data.batch import IGNORE_INDEX, PackedBatch, TokenizedSample
-
-_MASK64 = (1 << 64) - 1
+from mmgpt.media import MediaLayout, attends_previous, check_mode, media_index, splitmix64
 
 
 def _describe(sample: TokenizedSample) -> str:
@@ -47,34 +46,33 @@ def _check_sample(sample: TokenizedSample, image_token_id: int) -> int:
     return n_image_tokens
 
 
-def _runs(values: list[int]) -> list[int]:
-    """Start offsets of maximal runs of equal values, plus the total length (cu_seqlens form)."""
-    starts = [i for i in range(len(values)) if i == 0 or values[i] != values[i - 1]]
-    return starts + [len(values)]
-
-
 def collate(
     samples: list[TokenizedSample],
     row_tokens: int = 0,
     num_rows: int = 1,
     *,
     image_token_id: int,
+    media_attention: str = "next",
+    media_seed: int = 0,
     image_size: tuple[int, int] | None = None,
 ) -> PackedBatch:
     """Concatenate `samples` into one PackedBatch (see mmgpt/data/batch.py for the fields).
 
-    `image_token_id` marks `<image>` tokens: the k-th one of a sample is that sample's k-th image,
-    and every token from it up to the sample's next `<image>` cross-attends that image (the
-    `<image>` token included, as in OpenFlamingo). `image_size` (H, W) shapes the empty image
-    tensor when no sample has an image; without it that tensor is [0, 3, 0, 0].
-    `row_tokens`/`num_rows` only record the capacity the samples were packed into (0 = unpacked).
+    `image_token_id` marks `<image>` tokens: the k-th one of a sample is that sample's k-th image.
+    Which image each token attends follows `media_attention` (next | previous | random, see
+    mmgpt/media.py; random flips a coin per sample from `media_seed` and the sample's epoch index).
+    `image_size` (H, W) shapes the empty image tensor when no sample has an image; without it that
+    tensor is [0, 3, 0, 0]. `row_tokens`/`num_rows` only record the capacity the samples were
+    packed into (0 = unpacked).
     """
+    check_mode(media_attention)
     if not samples:
         raise ValueError("collate needs at least one sample")
     input_ids: list[int] = []
     labels: list[int] = []
     positions: list[int] = []
-    media: list[int] = []
+    media: list[torch.Tensor] = []
+    through: list[bool] = []
     sample_index: list[int] = []
     images: list[torch.Tensor] = []
     cu_seqlens = [0]
@@ -86,24 +84,23 @@ def collate(
         labels.append(IGNORE_INDEX)  # the last token of a sample predicts nothing
         positions.extend(range(n))
         sample_index.extend([s] * n)
-        first_image = len(images)
-        current = -1
-        for token in sample.input_ids:
-            if token == image_token_id:
-                current = len(images)
-                images.append(sample.images[current - first_image])
-                if images[-1].shape != images[0].shape:
-                    raise ValueError(f"{_describe(sample)}: image shape {tuple(images[-1].shape)} "
-                                     f"differs from {tuple(images[0].shape)} earlier in the batch")
-            media.append(current)
+        previous = attends_previous(media_attention, media_seed, sample.index)
+        ids = torch.tensor([sample.input_ids], dtype=torch.long)
+        media.append(media_index(ids, image_token_id, previous,
+                                 image_offsets=torch.tensor([len(images)]))[0])
+        through.extend([bool(sample.images)] * n)
+        for image in sample.images:
+            if image.shape != (images[0].shape if images else image.shape):
+                raise ValueError(f"{_describe(sample)}: image shape {tuple(image.shape)} "
+                                 f"differs from {tuple(images[0].shape)} earlier in the batch")
+            images.append(image)
         cu_seqlens.append(cu_seqlens[-1] + n)
     if images:
         image_tensor = torch.stack(images)
     else:
         h, w = image_size if image_size is not None else (0, 0)
         image_tensor = torch.zeros(0, 3, h, w)
-    chunk_starts = _runs(media)
-    chunk_lengths = [b - a for a, b in zip(chunk_starts, chunk_starts[1:])]
+    media_t = torch.cat(media)
     seq_lengths = [len(s.input_ids) for s in samples]
     return PackedBatch(
         input_ids=torch.tensor(input_ids, dtype=torch.long),
@@ -112,10 +109,8 @@ def collate(
         cu_seqlens=torch.tensor(cu_seqlens, dtype=torch.int32),
         max_seqlen=max(seq_lengths),
         images=image_tensor,
-        media_index=torch.tensor(media, dtype=torch.long),
-        cu_seqlens_q=torch.tensor(chunk_starts, dtype=torch.int32),
-        chunk_media=torch.tensor([media[a] for a in chunk_starts[:-1]], dtype=torch.long),
-        max_seqlen_q=max(chunk_lengths),
+        media_index=media_t,
+        media=MediaLayout.build(media_t, torch.tensor(through)) if images else None,
         sample_index=torch.tensor(sample_index, dtype=torch.long),
         sources=[s.source for s in samples],
         is_vl=torch.tensor([s.is_vl for s in samples], dtype=torch.bool),
@@ -150,19 +145,9 @@ class PackingConfig:
                 raise ValueError(f"PackingConfig.{name} must be >= 1, got {getattr(self, name)}")
 
 
-def _tiebreak(seed: int, key: int) -> int:
-    """A seeded, stateless pseudo-random order for equal lengths (splitmix64 of seed and key).
-
-    Stateless so that a resumed packer orders its buffer exactly as the uninterrupted one did.
-    """
-    z = (seed * 0x9E3779B97F4A7C15 + key + 1) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
-# A buffered sample: (-length, tiebreak, unique order, number of images, sample). The first
-# three fields are unique, so sorting never compares samples and the longest sample comes first.
+# A buffered sample: (-length, tiebreak, unique order, number of images, sample). The tiebreak is
+# a stateless seeded hash of the order, so a resumed packer orders its buffer exactly as the
+# uninterrupted one did. The first three fields are unique, so sorting never compares samples and the longest sample comes first.
 _Entry = tuple[int, int, int, int, TokenizedSample]
 
 
@@ -172,7 +157,8 @@ class Packer:
     Exact resume: after a batch is yielded, `state()` says which samples are still buffered and
     where the input stream continues; `Packer.resume(cfg, image_token_id, state, load_fn)`
     rebuilds the buffer and `pack(stream from state["next_index"])` then yields exactly the
-    batches the uninterrupted packer would have yielded.
+    batches the uninterrupted packer would have yielded. `media_attention` / `media_seed` go to
+    `collate` (a random-mode coin depends only on the seed and the sample's epoch index).
     """
 
     def __init__(
@@ -180,10 +166,14 @@ class Packer:
         cfg: PackingConfig,
         image_token_id: int,
         image_size: tuple[int, int] | None = None,
+        media_attention: str = "next",
+        media_seed: int = 0,
     ) -> None:
         self.cfg = cfg
         self.image_token_id = image_token_id
         self.image_size = image_size
+        self.media_attention = check_mode(media_attention)
+        self.media_seed = media_seed
         self._buffer: list[_Entry] = []
         self._buffer_tokens = 0  # totals over the buffer, for image pacing
         self._buffer_images = 0
@@ -210,12 +200,14 @@ class Packer:
         state: dict,
         load_fn: Callable[[int], TokenizedSample | None],
         image_size: tuple[int, int] | None = None,
+        media_attention: str = "next",
+        media_seed: int = 0,
     ) -> "Packer":
         """A packer whose buffer is `state["buffer"]` reloaded through `load_fn(index)`.
 
         Feed its `pack()` the epoch stream starting at `state["next_index"]`.
         """
-        packer = cls(cfg, image_token_id, image_size)
+        packer = cls(cfg, image_token_id, image_size, media_attention, media_seed)
         for index in state["buffer"]:
             sample = load_fn(index)
             if sample is None:
@@ -272,7 +264,7 @@ class Packer:
             self._ad_hoc = True
             order = self._arrivals
         self._arrivals += 1
-        entry = (-len(sample), _tiebreak(self.cfg.seed, order), order, n_images, sample)
+        entry = (-len(sample), splitmix64(self.cfg.seed, order), order, n_images, sample)
         bisect.insort(self._buffer, entry, key=lambda e: e[:3])
         self._buffer_tokens += len(sample)
         self._buffer_images += n_images
@@ -316,5 +308,7 @@ class Packer:
             row_tokens=self.cfg.max_tokens,
             num_rows=len(rows),
             image_token_id=self.image_token_id,
+            media_attention=self.media_attention,
+            media_seed=self.media_seed,
             image_size=self.image_size,
         )

@@ -1,22 +1,43 @@
-"""The paper's unified instruction template (MultiModal-GPT, Tables 1-3).
+"""The paper's unified instruction template (MultiModal-GPT, Tables 1-3), round by round.
 
 Language-only and vision-language data share one template so the model sees one prompt format.
-`render` builds the whole conversation as ONE string with `<s>`, `</s>` and `<image>` inline and
-returns the character spans that are supervised (each response and its EOS): tokenisation then
-happens once on that string, so training and inference see the same token boundaries.
-
-Every response is preceded by "\n" (end of "### Response:\n") and followed by the special token
-`</s>`, so with a LLaMA sentencepiece tokenizer no token can straddle a prompt/response boundary.
+`render_rounds` gives each round as its prompt pieces (text and image slots) and its response,
+exactly the strings the original MultiModal-GPT code builds: the header (with one `### Image:`
+block per image) opens the first round, later rounds start with "\n\n### Instruction:". The
+original tokenises every round separately with its own BOS and appends EOS after each response;
+`mmgpt.data.conversation` does the same, so training and chat see the original's token ids.
+`render` is the same conversation as one display string (inspection, tests).
 """
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mmgpt.models.tokenizer import IMAGE
 
 if TYPE_CHECKING:
     from mmgpt.data.conversation import Conversation
+
+
+class ImageSlot:
+    """Where an `<image>` token goes; a type of its own so that text saying "<image>" stays text."""
+
+    def __repr__(self) -> str:
+        return IMAGE
+
+
+IMAGE_SLOT = ImageSlot()
+Piece = str | ImageSlot
+
+
+@dataclass
+class RoundText:
+    """One round: prompt pieces (unsupervised) and the response (supervised, then EOS)."""
+
+    prompt: list[Piece]
+    response: str
+
 
 BOS = "<s>"
 EOS = "</s>"
@@ -25,16 +46,15 @@ HEADER = (
     "Below is an instruction that describes a task. "
     "Write a response that appropriately completes the request.\n\n"
 )
-IMAGE_BLOCK = f"### Image:\n{IMAGE}\n\n"
+IMAGE_BLOCK: list[Piece] = ["### Image:\n", IMAGE_SLOT, "\n\n"]
 INSTRUCTION = "### Instruction:\n{instruction}\n\n"
 INPUT = "### Input:\n{input}\n\n"
 RESPONSE = "### Response:\n"
 ROUND_SEPARATOR = "\n\n"
 
-# Paper Table 3: instructions for caption-only data (the first ten of the released code's list).
+# Paper Table 3, verbatim: the instructions for caption-only data (COCO Caption, MiniGPT-4).
 CAPTION_INSTRUCTIONS: tuple[str, ...] = (
-    "please describe the image",
-    "can you describe the image",
+    "Can you describe the image?",
     "Could you provide a description of the image?",
     "What do you see in this image?",
     "Share your thoughts on the content of the image.",
@@ -42,7 +62,8 @@ CAPTION_INSTRUCTIONS: tuple[str, ...] = (
     "Can you give a brief explanation of the image?",
     "Describe the main elements and details present in the image.",
     "In your own words, what is depicted in the image?",
-    "Can you outline the key aspects of the image?",
+    "How would you describe the image's content in a caption?",
+    "Can you suggest an insightful caption that highlights the underlying message of the image?",
 )
 
 
@@ -51,45 +72,27 @@ def caption_instruction(rng: random.Random) -> str:
     return rng.choice(CAPTION_INSTRUCTIONS)
 
 
-def _prompt_prefix(conv: "Conversation") -> str:
-    return BOS + HEADER + IMAGE_BLOCK * len(conv.images)
+def _round_prompt(conv: "Conversation", index: int) -> list[Piece]:
+    rnd = conv.rounds[index]
+    pieces: list[Piece] = [HEADER] + IMAGE_BLOCK * len(conv.images) if index == 0 else [ROUND_SEPARATOR]
+    text = INSTRUCTION.format(instruction=rnd.instruction.strip())
+    if rnd.input.strip():
+        text += INPUT.format(input=rnd.input.strip())
+    return pieces + [text + RESPONSE]
 
 
-def _round_prompt(index: int, instruction: str, input_text: str) -> str:
-    text = ROUND_SEPARATOR if index > 0 else ""
-    text += INSTRUCTION.format(instruction=instruction.strip())
-    if input_text.strip():
-        text += INPUT.format(input=input_text.strip())
-    return text + RESPONSE
+def render_rounds(conv: "Conversation") -> list[RoundText]:
+    """Every round's prompt pieces and response. Fields are stripped of surrounding whitespace
+    (the template owns all layout whitespace)."""
+    return [RoundText(_round_prompt(conv, k), rnd.response.strip()) for k, rnd in enumerate(conv.rounds)]
 
 
 def render(conv: "Conversation") -> tuple[str, list[tuple[int, int]]]:
-    """Full training text and the supervised [start, end) character span of each round.
-
-    Span k covers round k's response and its `</s>`; round k ends exactly at span k's end, so
-    truncation at a round boundary is a cut at a span end. Fields are stripped of surrounding
-    whitespace (the template owns all layout whitespace).
-    """
-    parts = [_prompt_prefix(conv)]
-    spans: list[tuple[int, int]] = []
-    pos = len(parts[0])
-    for k, rnd in enumerate(conv.rounds):
-        prompt = _round_prompt(k, rnd.instruction, rnd.input)
-        answer = rnd.response.strip() + EOS
-        parts += [prompt, answer]
-        start = pos + len(prompt)
-        pos = start + len(answer)
-        spans.append((start, pos))
-    return "".join(parts), spans
-
-
-def render_prompt(conv: "Conversation") -> str:
-    """Generation prompt: every round rendered, the LAST round's response left for the model.
-
-    The text equals `render(conv)[0]` up to the start of the last response, so inference sees the
-    token boundaries the model was trained on.
-    """
-    if not conv.rounds:
-        raise ValueError("render_prompt needs at least one round (the question to answer)")
-    text, spans = render(conv)
-    return text[: spans[-1][0]]
+    """The conversation as one display string (`<s>` before and `</s>` after each round, `<image>`
+    in place) and the [start, end) character span of each round's response and `</s>`."""
+    text, spans = "", []
+    for rnd in render_rounds(conv):
+        text += BOS + "".join(str(p) if isinstance(p, str) else IMAGE for p in rnd.prompt)
+        spans.append((len(text), len(text) + len(rnd.response) + len(EOS)))
+        text += rnd.response + EOS
+    return text, spans

@@ -1,10 +1,12 @@
 """`mmgpt chat`: multi-round image chat in the terminal, in the exact training template.
 
-Each question re-renders the whole conversation with the data side's `render_prompt` (paper
-Table 2: `### Image:` header, later rounds as `### Instruction / ### Response`) and tokenises it
-as training does (one string, `<s>`/`</s>`/`<image>` inline, no added special tokens), so the
-model sees the token boundaries it was trained on. The image is encoded once per conversation;
-its perceiver latents are reused by every round and every generated token.
+Each question re-encodes the whole conversation with the data side's `encode_prompt` (paper
+Table 2: `### Image:` header, later rounds as `### Instruction / ### Response`, one BOS and EOS
+per round), the code path training tokenises with, so the model sees exactly the token ids it was
+trained on. The original app.py rendered its chat history differently from its training data
+(one string, one BOS, by default only the last round); training's rendering is used here. The
+image is encoded once per conversation; its perceiver latents are reused by every round and
+every generated token, in the model's media-attention mode.
 """
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from transformers import PreTrainedTokenizerBase
 
-from mmgpt.data.conversation import Conversation, Round
+from mmgpt.data.conversation import Conversation, Round, encode_prompt
 from mmgpt.data.images import clip_transform
-from mmgpt.data.templates import render_prompt
+from mmgpt.data.conversation import encode_prompt
 from mmgpt.inference.generation import (GenerationConfig, add_generation_args, generate,
                                         generation_config_from_args)
 from mmgpt.inference.model_dir import DTYPES, image_size_of, load_model, resolve_source
@@ -34,8 +36,9 @@ class ChatSession:
     """One conversation: its rounds (question, answer) and its image's latents (or none)."""
 
     def __init__(self, model: Flamingo, tokenizer: PreTrainedTokenizerBase, image_size: int,
-                 generation: GenerationConfig):
+                 generation: GenerationConfig, media_attention: str = "next"):
         self.model = model
+        self.media_attention = media_attention
         self.tokenizer = tokenizer
         self.transform = clip_transform(image_size)
         self.generation = generation
@@ -64,14 +67,11 @@ class ChatSession:
 
         Oldest rounds are dropped when the prompt plus `max_new_tokens` would pass the model's
         context (the image header always stays)."""
-        special = [t for t in self.tokenizer.all_special_tokens if t in question]
-        if special:
-            raise ValueError(f"the question contains special tokens {special}; remove them")
         images = [UPLOADED_IMAGE] if self.latents is not None else []
         rounds = self.rounds
         while True:
             conv = Conversation(rounds=rounds + [Round(question, "")], images=images)
-            ids = self.tokenizer(render_prompt(conv), add_special_tokens=False)["input_ids"]
+            ids = encode_prompt(conv, self.tokenizer)
             if len(ids) + self.generation.max_new_tokens <= self.max_length or not rounds:
                 break
             rounds = rounds[1:]
@@ -87,7 +87,8 @@ class ChatSession:
             raise ValueError("empty question")
         ids = self.prompt_ids(question)
         room = min(self.generation.max_new_tokens, self.max_length - len(ids))
-        new = generate(self.model, self.tokenizer, ids, self.latents, replace(self.generation, max_new_tokens=room))
+        new = generate(self.model, self.tokenizer, ids, self.latents, replace(self.generation, max_new_tokens=room),
+                       mode=self.media_attention)
         answer = self.tokenizer.decode(new, skip_special_tokens=True).strip()
         self.rounds.append(Round(question, answer))
         return answer
@@ -120,14 +121,16 @@ def session_factory_from_args(args: argparse.Namespace) -> Callable[[], ChatSess
     if args.model is None:
         print("warning: no --model given; serving the UNTRAINED tiny preset (answers are noise)",
               file=sys.stderr)
-        model, tokenizer = build_model(ModelConfig(preset="tiny"), device=args.device, dtype=dtype)
+        model_config = ModelConfig(preset="tiny")
+        model, tokenizer = build_model(model_config, device=args.device, dtype=dtype)
         model, image_size = model.eval(), preset_image_size("tiny")
     else:
         source = resolve_source(args.model)
+        model_config = source.model_config
         model, tokenizer = load_model(source, device=args.device, dtype=dtype)
         image_size = image_size_of(source)
     generation = generation_config_from_args(args)
-    return lambda: ChatSession(model, tokenizer, image_size, generation)
+    return lambda: ChatSession(model, tokenizer, image_size, generation, model_config.media_attention)
 
 
 HELP = "commands: /image PATH (new conversation about an image), /clear, /quit"

@@ -2,9 +2,10 @@
 new token attending its image.
 
 OpenFlamingo v1 lost image attention during cached decoding (the new token had no media
-location, so its cross-attention saw nothing). Here each step's tokens get an explicit media index:
-the latest image of the sequence so far, exactly what the same token would get in a full forward,
-so cached and uncached decoding agree token for token.
+location, so its cross-attention saw nothing). Here each step's tokens get an explicit media
+layout (`mmgpt.media.row_layout`, in the model's media-attention mode): exactly what the same
+token would get in a full forward, so cached and uncached decoding agree token for token. A prompt
+without images skips the cross-attention blocks, as the original chat does.
 
 The loop is written here rather than driving `transformers` `generate()`: the media context of a
 step depends on that step's tokens, which `generate()` can only be told through a model-specific
@@ -19,7 +20,8 @@ import torch
 from torch import Tensor
 from transformers import Cache, PreTrainedTokenizerBase
 
-from mmgpt.models.flamingo import Flamingo, MediaContext, media_index_from_ids
+from mmgpt.media import row_layout
+from mmgpt.models.flamingo import Flamingo, MediaContext
 from mmgpt.models.tokenizer import IMAGE
 
 
@@ -81,40 +83,41 @@ def generation_config_from_args(args: argparse.Namespace) -> GenerationConfig:
 class LanguageModelStepper:
     """Feeds equal-length rows to `Flamingo.lm_forward` step by step and returns next-token logits.
 
-    Every row attends the same images (`latents`, computed once by the caller; zero images is a
-    valid media context, so text-only prompts take the training path through the cross-attention
-    blocks too). With `use_cache` only the new tokens run (KV cache) and their media index
-    continues from each row's last one; without it the whole sequence is recomputed each step
-    (the reference the cache is tested against).
+    Every row attends the same images (`latents`, computed once by the caller), with the model's
+    media-attention `mode`. With `use_cache` only the new tokens run (KV cache) and their media
+    layout continues the row's (images before them and in the whole sequence); without it the
+    whole sequence is recomputed each step (the reference the cache is tested against).
     """
 
-    def __init__(self, model: Flamingo, latents: Tensor, image_token_id: int, use_cache: bool = True):
+    def __init__(self, model: Flamingo, latents: Tensor, image_token_id: int, use_cache: bool = True,
+                 mode: str = "next"):
         self.model = model
         self.latents = latents
         self.image_token_id = image_token_id
         self.use_cache = use_cache
+        self.mode = mode
         self.ids = torch.zeros(0, 0, dtype=torch.long)  # [B, T] everything fed so far
         self.cache: Cache | None = None
-        self.last_media: Tensor | None = None  # [B] media index of each row's last cached token
 
     def _run(self, new_ids: Tensor) -> Tensor:
         rows, length = new_ids.shape
         start = self.ids.shape[1] - length
         positions = torch.arange(start, start + length, device=new_ids.device).expand(rows, length)
-        index = media_index_from_ids(new_ids, self.image_token_id,
-                                     image_offsets=torch.zeros(rows, dtype=torch.long),
-                                     previous=self.last_media if self.use_cache else None)
-        media = MediaContext.from_media_index(self.latents, index)
+        is_image = self.ids == self.image_token_id
+        layout = row_layout(new_ids, self.image_token_id, self.mode,
+                            images_before=is_image[:, :start].sum(dim=1), images_total=is_image.sum(dim=1),
+                            image_offsets=torch.zeros(rows, dtype=torch.long))
+        media = None if layout is None else MediaContext(self.latents, layout)
         out = self.model.lm_forward(new_ids, media, position_ids=positions, cache=self.cache,
                                     use_cache=self.use_cache)
         if self.use_cache:
-            self.cache, self.last_media = out.cache, index[:, -1]
+            self.cache = out.cache
         return out.logits[:, -1, :].float()
 
     @torch.no_grad()
     def start(self, ids: Tensor) -> Tensor:
         """Run the prompt [B, T]; logits [B, V] for the next token."""
-        self.ids, self.cache, self.last_media = ids, None, None
+        self.ids, self.cache = ids, None
         return self._run(ids)
 
     @torch.no_grad()
@@ -128,7 +131,6 @@ class LanguageModelStepper:
         self.ids = self.ids[rows]
         if self.cache is not None:
             self.cache.reorder_cache(rows)
-            self.last_media = self.last_media[rows]
 
 
 def process_logits(logits: Tensor, history: Tensor, cfg: GenerationConfig, banned: list[int]) -> Tensor:
@@ -236,11 +238,13 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, set[int]
 
 @torch.no_grad()
 def generate(model: Flamingo, tokenizer: PreTrainedTokenizerBase, input_ids: list[int] | Tensor,
-             latents: Tensor | None, cfg: GenerationConfig, use_cache: bool = True) -> list[int]:
+             latents: Tensor | None, cfg: GenerationConfig, use_cache: bool = True,
+             mode: str = "next") -> list[int]:
     """New token ids (EOS excluded) continuing one prompt.
 
     `latents` [M, num_latents, dim_visual] are `model.encode_images(images)` for the prompt's M
-    `<image>` tokens (computed once by the caller, reused every step and every round).
+    `<image>` tokens (computed once by the caller, reused every step and every round); `mode` is
+    the model's media attention (`ModelConfig.media_attention`).
     """
     device = next(model.parameters()).device
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=device).reshape(1, -1)
@@ -250,7 +254,7 @@ def generate(model: Flamingo, tokenizer: PreTrainedTokenizerBase, input_ids: lis
     num_images = int((ids == image_id).sum())
     if num_images != latents.shape[0]:
         raise ValueError(f"prompt has {num_images} <image> tokens but {latents.shape[0]} images were given")
-    stepper = LanguageModelStepper(model, latents, image_id, use_cache)
+    stepper = LanguageModelStepper(model, latents, image_id, use_cache, mode)
     if cfg.num_beams > 1:
         return _beam_search(stepper, ids, cfg, eos, banned)
     return _greedy_or_sample(stepper, ids, cfg, eos, banned)

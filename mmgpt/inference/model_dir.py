@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
@@ -29,6 +30,8 @@ OPENFLAMINGO_DIR = "openflamingo"
 OPENFLAMINGO_FILE = "checkpoint.safetensors"
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Runs and exports written before `media_attention` existed were trained with "previous" semantics.
+LEGACY_MEDIA_ATTENTION = "previous"
 
 
 @dataclass
@@ -50,14 +53,16 @@ def model_config_from_dict(data: dict[str, Any], where: Path) -> ModelConfig:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{where}: unknown model config keys {unknown}; known: {sorted(known)}")
-    return ModelConfig(**data)
+    return ModelConfig(**{"media_attention": LEGACY_MEDIA_ATTENTION, **data})
 
 
 def _train_model_config(path: Path) -> ModelConfig:
     """The model section of a training run's resolved config.yaml."""
     from mmgpt.config import TrainConfig
 
-    return TrainConfig.load(path).model
+    cfg = TrainConfig.load(path).model
+    written = yaml.safe_load(path.read_text(encoding="utf-8")).get("model") or {}
+    return cfg if "media_attention" in written else replace(cfg, media_attention=LEGACY_MEDIA_ATTENTION)
 
 
 def _export_config(path: Path) -> dict[str, Any]:

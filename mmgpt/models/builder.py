@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
+from mmgpt.media import check_mode
 from mmgpt.models import checkpoints
 from mmgpt.models.flamingo import Flamingo, add_cross_attention
 from mmgpt.models.lora import apply_lora
@@ -82,6 +83,12 @@ class ModelConfig:
     seed: int = 0
     gradient_checkpointing: bool = False
     attn_backend: str = "auto"  # mmgpt_kernels backend: auto | flash_attn | torch_varlen | sdpa
+    # Which image a token cross-attends (mmgpt/media.py): next (the released MultiModal-GPT and
+    # OpenFlamingo v1 default) | previous (OpenFlamingo v2) | random (v1's placement augmentation)
+    media_attention: str = "next"
+
+    def __post_init__(self) -> None:
+        check_mode(self.media_attention)
 
 
 def get_preset(name: str) -> Preset:

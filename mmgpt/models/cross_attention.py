@@ -1,10 +1,11 @@
 """OpenFlamingo v1 gated cross-attention ("only attend immediate media") on packed text.
 
-Text is processed as one flat sequence of N tokens split into chunks: maximal runs of tokens
-that attend the same image. Each chunk is one varlen segment whose keys are the latents of its
-image, or no keys at all (tokens before the first image) which gives an exact zero output.
-Parameter names follow OpenFlamingo (`attn.norm/to_q/to_kv/to_out`, `ff.0/1/3`, `attn_gate`,
-`ff_gate`) so its checkpoints and the released MultiModal-GPT LoRA load by name.
+The tokens that pass the blocks (`MediaLayout.token_index`: those of samples with images) are
+processed as one flat sequence split into chunks, maximal runs of tokens that attend the same
+image (which image: `mmgpt.media`). Each chunk is one varlen segment whose keys are the latents of
+its image, or no keys at all, which gives an exact zero output. Parameter names follow OpenFlamingo
+(`attn.norm/to_q/to_kv/to_out`, `ff.0/1/3`, `attn_gate`, `ff_gate`) so its checkpoints and the
+released MultiModal-GPT LoRA load by name.
 """
 from __future__ import annotations
 
@@ -14,55 +15,39 @@ import torch
 from mmgpt_kernels.varlen import varlen_attention
 from torch import Tensor, nn
 
-from mmgpt.data.batch import PackedBatch
+from mmgpt.media import MediaLayout
 from mmgpt.models.perceiver import feed_forward
 
 
 @dataclass
 class MediaContext:
-    """Everything one forward's cross-attention layers need; passed as the keyword `media=`."""
+    """Everything one forward's cross-attention layers need; passed as the keyword `media=`.
+
+    `layout` was computed on the host from token ids alone; the key segments follow from it and
+    the number of latents per image without a host sync.
+    """
 
     latents: Tensor  # [M, num_latents, dim_visual]
-    media_index: Tensor  # [N] long, image of each flattened token, -1 = none
-    cu_seqlens_q: Tensor  # [C+1] int32, chunk boundaries over the N tokens
-    cu_seqlens_k: Tensor  # [C+1] int32, chunk c owns num_latents keys if it has an image, else 0
-    max_seqlen_q: int
-    max_seqlen_k: int
-    chunk_media: Tensor  # [C] long, image of each chunk, -1 = none
+    layout: MediaLayout
 
-    @classmethod
-    def from_chunks(cls, latents: Tensor, media_index: Tensor, cu_seqlens_q: Tensor,
-                    chunk_media: Tensor, max_seqlen_q: int) -> "MediaContext":
-        """Derive key segments from the chunks: num_latents keys per chunk with an image."""
-        num_images, num_latents = latents.shape[0], latents.shape[1]
-        if chunk_media.numel() and int(chunk_media.max()) >= num_images:
-            raise ValueError(f"media index {int(chunk_media.max())} refers past the {num_images} "
-                             "images given (each <image> token needs its image)")
-        has_image = chunk_media >= 0
-        k_lens = has_image.to(torch.int32) * num_latents
-        cu_k = torch.zeros(chunk_media.numel() + 1, dtype=torch.int32, device=chunk_media.device)
-        cu_k[1:] = torch.cumsum(k_lens, 0)
-        return cls(latents=latents, media_index=media_index, cu_seqlens_q=cu_seqlens_q.to(torch.int32),
-                   cu_seqlens_k=cu_k, max_seqlen_q=int(max_seqlen_q),
-                   max_seqlen_k=num_latents if bool(has_image.any()) else 0, chunk_media=chunk_media)
+    def __post_init__(self) -> None:
+        if self.layout.chunk_images.device.type == "cpu" and self.layout.has_keys:
+            top = int(self.layout.chunk_images.max())  # CPU tensor: no device sync
+            if top >= self.latents.shape[0]:
+                raise ValueError(f"media index {top} refers past the {self.latents.shape[0]} "
+                                 "images given (each <image> token needs its image)")
 
-    @classmethod
-    def from_media_index(cls, latents: Tensor, media_index: Tensor) -> "MediaContext":
-        """Chunks = maximal runs of equal media_index over the flattened tokens."""
-        media_index = media_index.reshape(-1)
-        n = media_index.numel()
-        starts_mask = torch.ones(n, dtype=torch.bool, device=media_index.device)
-        starts_mask[1:] = media_index[1:] != media_index[:-1]
-        starts = starts_mask.nonzero().flatten()
-        cu_q = torch.cat([starts, starts.new_tensor([n])]).to(torch.int32)
-        max_q = int((cu_q[1:] - cu_q[:-1]).max()) if n else 0
-        return cls.from_chunks(latents, media_index, cu_q, media_index[starts], max_q)
+    @property
+    def num_latents(self) -> int:
+        return int(self.latents.shape[1])
 
-    @classmethod
-    def from_batch(cls, latents: Tensor, batch: PackedBatch) -> "MediaContext":
-        """Use the chunks the packer already computed."""
-        return cls.from_chunks(latents, batch.media_index, batch.cu_seqlens_q, batch.chunk_media,
-                               batch.max_seqlen_q)
+    @property
+    def cu_seqlens_k(self) -> Tensor:
+        return self.layout.cu_image_chunks * self.num_latents
+
+    @property
+    def max_seqlen_k(self) -> int:
+        return self.num_latents if self.layout.has_keys else 0
 
 
 class MaskedCrossAttention(nn.Module):
@@ -80,13 +65,13 @@ class MaskedCrossAttention(nn.Module):
         self.to_out = nn.Linear(inner, dim, bias=False)
 
     def forward(self, x: Tensor, media: MediaContext) -> Tensor:
-        """x [..., N, dim] (flattened to N tokens in row-major order) -> same shape."""
+        """x [..., N, dim], the N tokens of `media.layout` in row-major order -> same shape."""
         shape = x.shape
         q = self.to_q(self.norm(x.reshape(-1, shape[-1]))).unflatten(-1, (self.heads, self.dim_head))
-        used = media.chunk_media[media.chunk_media >= 0]
-        kv = self.to_kv(media.latents.to(x.dtype))[used].flatten(0, 1)  # [C' * num_latents, 2*inner]
+        layout = media.layout
+        kv = self.to_kv(media.latents.to(x.dtype))[layout.chunk_images].flatten(0, 1)  # [C' * L, 2*inner]
         k, v = (t.unflatten(-1, (self.heads, self.dim_head)) for t in kv.chunk(2, dim=-1))
-        out = varlen_attention(q, k, v, media.cu_seqlens_q, media.cu_seqlens_k, media.max_seqlen_q,
+        out = varlen_attention(q, k, v, layout.cu_seqlens_q, media.cu_seqlens_k, layout.max_seqlen_q,
                                media.max_seqlen_k, causal=False, backend=self.backend)
         return self.to_out(out.flatten(-2)).reshape(shape)
 
@@ -103,5 +88,10 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: Tensor, media: MediaContext) -> Tensor:
-        x = self.attn(x, media) * self.attn_gate.tanh() + x
-        return self.ff(x) * self.ff_gate.tanh() + x
+        """x [..., T, dim]; only the tokens in `media.layout.token_index` (all when None) change."""
+        index = media.layout.token_index
+        flat = x.reshape(-1, x.shape[-1])
+        y = flat if index is None else flat.index_select(0, index)
+        y = self.attn(y, media) * self.attn_gate.tanh() + y
+        y = self.ff(y) * self.ff_gate.tanh() + y
+        return (y if index is None else flat.index_copy(0, index, y)).reshape(x.shape)

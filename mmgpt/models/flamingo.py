@@ -5,7 +5,9 @@ The language model is composed, not patched: each `LlamaForCausalLM.model.layers
 OpenFlamingo v1's (`...layers.{i}.decoder_layer.*`, `...layers.{i}.gated_cross_attn_layer.*`).
 Images reach the layers as the keyword argument `media=MediaContext(...)`, which transformers
 forwards to every decoder layer; no media is stored on modules, so packed rows, KV caches and
-activation checkpointing all see exactly the media of the current call.
+activation checkpointing all see exactly the media of the current call. `media=None` (or a layout
+with no token) skips every cross-attention block: language-only samples bypass them, as in the
+original MultiModal-GPT.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from mmgpt.models.cross_attention import GatedCrossAttentionBlock, MediaContext
 from mmgpt.models.perceiver import PerceiverResampler
 from mmgpt.models.vision import VisionEncoder
 
-__all__ = ["Flamingo", "FlamingoLayer", "LossOutput", "MediaContext", "media_index_from_ids"]
+__all__ = ["Flamingo", "FlamingoLayer", "LossOutput", "MediaContext"]
 
 LOSS_CHUNK_TOKENS = 1024  # supervised positions per LM-head chunk: bounds logits memory to chunk x V
 
@@ -40,7 +42,7 @@ class FlamingoLayer(GradientCheckpointingLayer):
         self.gated_cross_attn_layer = gated_cross_attn_layer
 
     def forward(self, hidden_states: Tensor, *args, media: MediaContext | None = None, **kwargs) -> Tensor:
-        if self.gated_cross_attn_layer is not None and media is not None:
+        if self.gated_cross_attn_layer is not None and media is not None and media.layout.num_tokens:
             hidden_states = self.gated_cross_attn_layer(hidden_states, media)
         return self.decoder_layer(hidden_states, *args, **kwargs)
 
@@ -117,7 +119,7 @@ class Flamingo(nn.Module):
 
     def _packed_hidden(self, batch: PackedBatch) -> Tensor:
         """Final hidden states [T, dim] of a packed batch (one row, causal within each sample)."""
-        media = MediaContext.from_batch(self.encode_images(batch.images), batch)
+        media = None if batch.media is None else MediaContext(self.encode_images(batch.images), batch.media)
         out = self.llama.model(
             input_ids=batch.input_ids[None], position_ids=batch.position_ids[None], media=media,
             cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens,
@@ -161,7 +163,7 @@ class Flamingo(nn.Module):
     def lm_forward(self, input_ids: Tensor, media: MediaContext | None, position_ids: Tensor | None = None,
                    attention_mask: Tensor | None = None, cache=None, use_cache: bool = False,
                    **kwargs) -> CausalLMOutputWithPast:
-        """HF-style forward on [B, T] ids (generation, tests); `media.media_index` covers B x T.
+        """HF-style forward on [B, T] ids (generation, tests); `media.layout` covers B x T tokens.
 
         One sequence per row (left padding via attention_mask is fine); packed rows must go
         through `forward`/`batch_logits`, which pass the sample boundaries to self-attention.
@@ -169,25 +171,3 @@ class Flamingo(nn.Module):
         return self.llama(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           cache=cache, use_cache=use_cache, media=media, **kwargs)
 
-
-def media_index_from_ids(input_ids: Tensor, image_token_id: int, image_offsets: Tensor | None = None,
-                         previous: Tensor | None = None) -> Tensor:
-    """Image each token attends: the latest `<image>` at or before it in its row, -1 if none.
-
-    Images are numbered in order across the flattened latents. Row b's first `<image>` in
-    `input_ids` is image `image_offsets[b]` (default: this call's images numbered row after row,
-    right for a fresh batch; a call that adds images after cached ones passes their numbers).
-    `previous` ([B] or [B, T_prev]: the index of the row's cached tokens) gives the index of tokens
-    that come before the row's first new `<image>`; without it they get -1.
-    """
-    is_image = input_ids == image_token_id
-    count = torch.cumsum(is_image.long(), dim=1)
-    if image_offsets is None:
-        per_row = count[:, -1] if count.shape[1] else count.new_zeros(count.shape[0])
-        image_offsets = torch.cumsum(per_row, 0) - per_row
-    image_offsets = image_offsets.to(input_ids.device).long()
-    if previous is None:
-        last = torch.full_like(image_offsets, -1)
-    else:
-        last = (previous[:, -1] if previous.dim() == 2 else previous).to(input_ids.device).long()
-    return torch.where(count == 0, last[:, None], image_offsets[:, None] + count - 1)

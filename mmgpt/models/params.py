@@ -46,13 +46,15 @@ class StepShape:
     attention_pairs: int  # self-attention query-key pairs: sum over samples of L*(L+1)/2
     media_tokens: int  # tokens that cross-attend an image (media_index >= 0)
     num_supervised: int
+    xattn_tokens: int | None = None  # tokens through the cross-attention blocks (None: all tokens)
 
     @classmethod
     def from_batch(cls, batch: PackedBatch) -> "StepShape":
         lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
         return cls(num_tokens=batch.num_tokens, num_images=int(batch.images.shape[0]),
                    attention_pairs=int((lengths * (lengths + 1) // 2).sum()),
-                   media_tokens=int((batch.media_index >= 0).sum()), num_supervised=batch.num_supervised)
+                   media_tokens=int((batch.media_index >= 0).sum()), num_supervised=batch.num_supervised,
+                   xattn_tokens=batch.media.num_tokens if batch.media is not None else 0)
 
 
 @dataclass
@@ -103,8 +105,9 @@ def step_flops(preset: str, shape: StepShape) -> StepFlops:
                                             + 2 * 2 * w * p_inner * (patches + lat))  # to_kv(media, latents)
     image_attention = (v.layers * 4 * w * (patches + 1) ** 2
                        + p.perceiver_depth * 4 * p_inner * lat * (patches + lat))
-    text_linear = (shape.num_tokens * (layers * 2 * (4 * d * d + 3 * d * inter)
-                                       + n_xattn * 2 * (2 * d * x_inner + 8 * d * d))
+    xattn_tokens = shape.num_tokens if shape.xattn_tokens is None else shape.xattn_tokens
+    text_linear = (shape.num_tokens * layers * 2 * (4 * d * d + 3 * d * inter)
+                   + xattn_tokens * n_xattn * 2 * (2 * d * x_inner + 8 * d * d)
                    + n_xattn * images * 2 * 2 * w * x_inner * lat  # to_kv on the latents
                    + shape.num_supervised * 2 * d * ll["vocab_size"])
     text_attention = (layers * 4 * d * shape.attention_pairs

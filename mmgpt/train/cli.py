@@ -136,7 +136,7 @@ def _train(cfg, ds: dict[str, Any], mixture_cfg, resume: bool, stop_at_step: int
             step, position, nonfinite = restored
             log.info("resumed from %s at step %d", manager.root / manager.latest(), step)
     stream = RankStream(mixture, cfg.packing, image_token_id, image_size, info.rank, info.world,
-                        s.epochs, state=position)
+                        s.epochs, state=position, media_attention=cfg.model.media_attention)
     if info.is_rank0:
         cfg.save(out / "config.yaml")
         (out / "ds_config.json").write_text(json.dumps(ds, indent=2))

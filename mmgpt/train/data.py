@@ -15,14 +15,17 @@ from mmgpt.data.batch import PackedBatch, TokenizedSample
 from mmgpt.data.conversation import tokenize
 from mmgpt.data.mixture import MAX_ERROR_EXAMPLES, Mixture
 from mmgpt.data.packing import Packer, PackingConfig
+from mmgpt.media import splitmix64
 
 
 class RankStream:
     """PackedBatches of rank `rank` of `world`, for `epochs` passes over the mixture."""
 
     def __init__(self, mixture: Mixture, packing: PackingConfig, image_token_id: int, image_size: int,
-                 rank: int, world: int, epochs: int = 1, state: dict[str, Any] | None = None):
+                 rank: int, world: int, epochs: int = 1, state: dict[str, Any] | None = None,
+                 media_attention: str = "next"):
         self.mixture = mixture
+        self.media_attention = media_attention
         self.packing = packing
         self.image_token_id = image_token_id
         self.image_size = (image_size, image_size)
@@ -43,12 +46,14 @@ class RankStream:
                 yield sample
 
     def _start_epoch(self, packer_state: dict | None) -> None:
+        # random media attention: a new coin per sample and epoch, the same after a resume
+        media = dict(media_attention=self.media_attention, media_seed=splitmix64(self.packing.seed, self.epoch))
         if packer_state is None:
-            self._packer = Packer(self.packing, self.image_token_id, self.image_size)
+            self._packer = Packer(self.packing, self.image_token_id, self.image_size, **media)
             start = 0
         else:
             self._packer = Packer.resume(self.packing, self.image_token_id, packer_state,
-                                         self.mixture.load, self.image_size)
+                                         self.mixture.load, self.image_size, **media)
             start = int(packer_state["next_index"])
         self._batches = self._packer.pack(self._samples(start))
 

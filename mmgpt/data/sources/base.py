@@ -17,6 +17,7 @@ from mmgpt.data.conversation import Conversation
 MALFORMED_JSON = "malformed_json"
 MISSING_FIELD = "missing_field"
 BAD_FIELD = "bad_field"
+IMAGE_COUNT_MISMATCH = "image_count_mismatch"
 
 
 class RecordError(ValueError):

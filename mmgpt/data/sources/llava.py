@@ -1,8 +1,10 @@
 """LLaVA-Instruct-150K files (detail_23k, complex_reasoning_77k, conversation_58k).
 
 A JSON list of {id, image, conversations: [{from: human|gpt, value}]}. The first human turn
-carries an `<image>` marker at its start or end (with a newline): it is stripped, because the
-template places the image. Every human->gpt pair becomes one round, in file order.
+carries an `<image>` marker at its start or end (with a newline): markers are stripped, because
+the template places the image (the original code strips them too). A record whose human turns
+hold a different number of markers than it has images is dropped (`image_count_mismatch`) rather
+than silently altered. Every human->gpt pair becomes one round, in file order.
 """
 from __future__ import annotations
 
@@ -11,20 +13,18 @@ from pathlib import Path
 from typing import Any
 
 from mmgpt.data.conversation import Conversation, Round
-from mmgpt.data.sources.base import (BAD_FIELD, ReadResult, RecordError, expect_list, get,
-                                     indexed, load_json, read_records)
+from mmgpt.data.sources.base import (BAD_FIELD, IMAGE_COUNT_MISMATCH, ReadResult, RecordError,
+                                     expect_list, get, indexed, load_json, read_records)
 from mmgpt.models.tokenizer import IMAGE
 
-# Leading or trailing runs of `<image>` markers and the whitespace around them.
-_EDGE_MARKERS = re.compile(rf"^(?:\s*{re.escape(IMAGE)})+\s*|\s*(?:{re.escape(IMAGE)}\s*)+$")
+_MARKER = re.compile(rf"\s*{re.escape(IMAGE)}\s*")  # a marker and the whitespace around it
 HUMAN = ("human", "user")
 ASSISTANT = ("gpt", "assistant")
 
 
 def strip_image_markers(text: str) -> str:
-    """Remove `<image>` markers at the start/end of a turn; markers mid-text are kept (and then
-    make the image count mismatch, so the sample is dropped rather than silently altered)."""
-    return _EDGE_MARKERS.sub("", text)
+    """Remove every `<image>` marker (one space stays where a marker sat mid-text)."""
+    return _MARKER.sub(" ", text).strip()
 
 
 def parse_turns(turns: Any, path: Path, where: str) -> list[Round]:
@@ -40,7 +40,7 @@ def parse_turns(turns: Any, path: Path, where: str) -> list[Round]:
         if speaker not in expected:
             raise RecordError(path, at, BAD_FIELD, f"expected {expected[0]}, got {speaker!r}", "from")
         if t % 2 == 0:
-            question = strip_image_markers(value) if t == 0 else value
+            question = strip_image_markers(value)
         else:
             rounds.append(Round(instruction=question, response=value))
     if len(turns) % 2:
@@ -64,9 +64,17 @@ def to_conversation(rec: Any, path: Path, where: str, *, source: str,
                     image_required: bool) -> Conversation:
     """One LLaVA-shaped record ({image?, conversations}) as a Conversation."""
     ident = f" id {rec['id']}" if isinstance(rec, dict) and "id" in rec else ""
+    turns = get(rec, "conversations", list, path, where)
+    rounds = parse_turns(turns, path, where)  # validates every turn first
+    images = image_list(rec, path, where, required=image_required)
+    markers = sum(turn["value"].count(IMAGE) for turn in turns[::2])
+    if markers != len(images):
+        raise RecordError(path, where, IMAGE_COUNT_MISMATCH,
+                          f"{markers} {IMAGE} markers in the human turns for {len(images)} images",
+                          "conversations")
     return Conversation(
-        rounds=parse_turns(get(rec, "conversations", list, path, where), path, where),
-        images=image_list(rec, path, where, required=image_required),
+        rounds=rounds,
+        images=images,
         source=source,
         origin=f"{path.name} {where}{ident}",
     )
