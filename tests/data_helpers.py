@@ -94,3 +94,24 @@ def bad_input_dataset(root: Path) -> tuple[Path, Path]:
         image_size=16,
     )
     return config, outside
+
+
+def screened_dataset(root: Path, bad: bool) -> Path:
+    """30 dolly and 20 llava records, all usable; with `bad`, a malformed dolly line, a `../` image
+    path (to a real file) and a missing image are injected among them. Returns `root`.
+
+    The bad records sit mid-file, so they shift the positions of the good records after them.
+    """
+    lines = [json.dumps({"instruction": f"Question {i}?", "context": "", "response": f"Answer {i}.",
+                         "category": "x"}) for i in range(30)]
+    for i in range(4):
+        make_image(root / "img" / f"{i}.jpg", color=(60 * i, 90, 200 - 40 * i))
+    records = [llava_record(f"{i % 4}.jpg", f"<image>\nWhat is {i}?", f"It is {i}.") for i in range(20)]
+    if bad:
+        lines.insert(10, '{"instruction": "broken", ')
+        make_image(root / "outside.jpg")
+        records[5:5] = [llava_record("../outside.jpg", "<image>\nWhat is it?", "A secret."),
+                        llava_record("missing.jpg", "<image>\nWhat is it?", "Nothing.")]
+    write_lines(root / "dolly.jsonl", lines)
+    write_json(root / "llava.json", records)
+    return root

@@ -12,7 +12,8 @@ import PIL.Image
 import pytest
 import torch
 
-from data_helpers import bad_input_dataset, llava_record, make_image, write_config, write_json, write_lines
+from data_helpers import (bad_input_dataset, llava_record, make_image, screened_dataset, write_config, write_json,
+                          write_lines)
 from mmgpt.data.images import CLIP_MEAN, CLIP_STD, clip_transform, load_image
 from mmgpt.data.inspect import inspect_mixture, length_stats
 from mmgpt.data.mixture import DataError, Mixture, MixtureConfig
@@ -155,14 +156,20 @@ def test_clip_transform_equals_open_clip_preprocess(tmp_path):
     assert CLIP_MEAN == (0.48145466, 0.4578275, 0.40821073) and CLIP_STD == (0.26862954, 0.26130258, 0.27577711)
 
 
-def test_path_escaping_root_is_never_opened(tmp_path, monkeypatch):
+@pytest.fixture
+def opened(monkeypatch) -> list[str]:
+    """Every path PIL.Image.open is asked for during the test."""
+    paths: list[str] = []
+    real_open = PIL.Image.open
+    monkeypatch.setattr(PIL.Image, "open", lambda fp, *a, **k: paths.append(str(fp)) or real_open(fp, *a, **k))
+    return paths
+
+
+def test_path_escaping_root_is_never_opened(tmp_path, opened):
     root = tmp_path / "root"
     make_image(root / "inside.jpg")
     outside = make_image(tmp_path / "outside.jpg")
     (root / "link.jpg").symlink_to(outside)
-    opened: list[str] = []
-    real_open = PIL.Image.open
-    monkeypatch.setattr(PIL.Image, "open", lambda fp, *a, **k: opened.append(str(fp)) or real_open(fp, *a, **k))
     transform = clip_transform(8)
     for rel in ("../outside.jpg", str(outside), "sub/../../outside.jpg", "link.jpg"):
         assert load_image(root, rel, transform) == "path_escapes_root", rel
@@ -170,11 +177,8 @@ def test_path_escaping_root_is_never_opened(tmp_path, monkeypatch):
     assert isinstance(load_image(root, "inside.jpg", transform), torch.Tensor) and len(opened) == 1
 
 
-def test_bad_inputs_are_counted_by_reason(tmp_path, tiny_tokenizer, monkeypatch):
+def test_bad_inputs_are_counted_by_reason(tmp_path, tiny_tokenizer, opened):
     cfg_path, outside = bad_input_dataset(tmp_path)
-    opened: list[str] = []
-    real_open = PIL.Image.open
-    monkeypatch.setattr(PIL.Image, "open", lambda fp, *a, **k: opened.append(str(fp)) or real_open(fp, *a, **k))
     report = inspect_mixture(Mixture(MixtureConfig.load(cfg_path), tiny_tokenizer), show=0)
     dolly, llava = report["sources"]["dolly"], report["sources"]["llava"]
     assert (dolly["read"], dolly["kept"]) == (6, 2)
@@ -185,6 +189,59 @@ def test_bad_inputs_are_counted_by_reason(tmp_path, tiny_tokenizer, monkeypatch)
     assert any("dolly.jsonl: line 2: malformed_json" in e for e in dolly["errors"])
     assert any("'response'" in e and "line 3" in e for e in dolly["errors"])
     assert str(outside) not in opened and all("outside" not in p for p in opened)
+
+
+def test_construction_screens_images_without_opening_any(tmp_path, tiny_tokenizer, opened, monkeypatch):
+    cfg_path, _ = bad_input_dataset(tmp_path)
+    files: list[str] = []
+    real_open = open
+    with monkeypatch.context() as patch:
+        patch.setattr("builtins.open", lambda f, *a, **k: files.append(str(f)) or real_open(f, *a, **k))
+        mix = Mixture(MixtureConfig.load(cfg_path), tiny_tokenizer)
+    assert opened == [] and not any(Path(f).suffix == ".jpg" for f in files)
+    report = mix.report.to_dict()["sources"]
+    assert report["llava"]["dropped"] == {"missing_image": 1, "path_escapes_root": 2}  # before any load
+    assert report["dolly"]["dropped"] == {"empty_response": 1, "malformed_json": 1, "missing_field": 1}
+    assert (report["llava"]["selected"], report["dolly"]["selected"]) == (3, 3)
+    assert any("llava.json record 3 " in e and "'../outside/secret.jpg'" in e for e in report["llava"]["errors"])
+
+
+def _screened_run(root: Path, tokenizer, samples: tuple[int | None, int | None], ratio: float | None) -> Mixture:
+    """The mixture of a screened_dataset, every sample loaded once (so `kept` is final)."""
+    cfg = write_config(root / "mixture.yaml", [
+        {"name": "dolly", "type": "dolly", "path": "dolly.jsonl", "sample": samples[0]},
+        {"name": "llava", "type": "llava", "path": "llava.json", "image_root": "img", "sample": samples[1]},
+    ], language_vl_ratio=ratio, image_size=16)
+    mix = Mixture(MixtureConfig.load(cfg), tokenizer)
+    for i in range(len(mix)):
+        mix.load(i)
+    return mix
+
+
+@pytest.mark.parametrize("ratio, expected", [(None, (25, 18)), (1.0, (18, 18)), (0.5, (9, 18))])
+def test_bad_records_do_not_change_what_is_kept(tmp_path, tiny_tokenizer, ratio, expected):
+    """sample: and the ratio count usable records: injecting 3 bad ones adds 3 drops, nothing else."""
+    clean, dirty = (_screened_run(screened_dataset(tmp_path / name, bad=name == "dirty"), tiny_tokenizer,
+                                  (25, 18), ratio) for name in ("clean", "dirty"))
+    for mix in (clean, dirty):
+        assert {n: (r.selected, r.kept) for n, r in mix.report.sources.items()} == {
+            "dolly": (expected[0],) * 2, "llava": (expected[1],) * 2}
+    assert {n: r.read - clean.report.sources[n].read for n, r in dirty.report.sources.items()} == {
+        "dolly": 1, "llava": 2}
+    assert all(not r.dropped for r in clean.report.sources.values())
+    dolly, llava = dirty.report.sources["dolly"], dirty.report.sources["llava"]
+    assert dolly.dropped == {"malformed_json": 1} and llava.dropped == {"path_escapes_root": 1, "missing_image": 1}
+    assert any("dolly.jsonl: line 11: malformed_json" in e for e in dolly.errors)
+    assert any("llava.json record 6 " in e and "'missing.jpg'" in e for e in llava.errors)
+    # The very same records, in the same order (origins differ: the bad ones shift positions).
+    content = [[(c.rounds, c.images) for c in map(mix.conversation, range(len(mix)))] for mix in (clean, dirty)]
+    assert content[0] == content[1]
+
+
+def test_sample_of_every_usable_record_keeps_them_all(tmp_path, tiny_tokenizer):
+    mix = _screened_run(screened_dataset(tmp_path, bad=True), tiny_tokenizer, (30, 20), None)
+    assert {n: (r.read, r.selected, r.kept) for n, r in mix.report.sources.items()} == {
+        "dolly": (31, 30, 30), "llava": (22, 20, 20)}
 
 
 def test_report_counts_each_index_once(tmp_path, tiny_tokenizer):
@@ -204,10 +261,12 @@ def test_on_error_raise(tmp_path, tiny_tokenizer):
     with pytest.raises(RecordError, match=r"dolly.jsonl: line 2: malformed_json"):
         Mixture(cfg, tiny_tokenizer)
     cfg.sources = cfg.sources[1:]
-    mix = Mixture(cfg, tiny_tokenizer)
-    missing = next(i for i in range(len(mix)) if mix.conversation(i).images == ["missing.jpg"])
     with pytest.raises(DataError, match=r"llava.json record 1 .*'missing.jpg'.*missing_image"):
-        mix.load(missing)
+        Mixture(cfg, tiny_tokenizer)  # found when the mixture is built, before sampling
+    write_json(tmp_path / "llava.json", [llava_record("corrupt.jpg", "<image>\nWhat is shown?", "Noise.")])
+    mix = Mixture(cfg, tiny_tokenizer)
+    with pytest.raises(DataError, match=r"llava.json record 0 .*'corrupt.jpg'.*corrupt_image"):
+        mix.load(0)  # only decoding finds this one
 
 
 def test_vl_source_without_image_root_is_a_config_error(small_dataset, tiny_tokenizer):

@@ -55,13 +55,22 @@ def resolve_inside(root: Path, rel: str) -> Path | str:
     return path
 
 
-def load_image(root: Path, rel: str, transform: Transform) -> torch.Tensor | str:
-    """Open, convert to RGB and transform one image; a str return is the skip reason."""
+def find_image(root: Path, rel: str) -> Path | str:
+    """The existing file `rel` names under `root`, or the reason it is unusable.
+
+    Only resolves and stats (never opens), so the mixture can screen every record up front.
+    """
     path = resolve_inside(root, rel)
     if isinstance(path, str):
         return path
-    if not path.is_file():
-        return MISSING_IMAGE
+    return path if path.is_file() else MISSING_IMAGE
+
+
+def load_image(root: Path, rel: str, transform: Transform) -> torch.Tensor | str:
+    """Open, convert to RGB and transform one image; a str return is the skip reason."""
+    path = find_image(root, rel)
+    if isinstance(path, str):
+        return path
     try:
         with Image.open(path) as img:
             rgb = img.convert("RGB")

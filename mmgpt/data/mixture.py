@@ -1,9 +1,12 @@
 """The training data of one epoch: sources, per-source sampling, language:VL ratio, seeded order.
 
-Construction parses every source file (cheap) and fixes the epoch order from the seed alone, so
-every process that builds the same config gets the same order; exact resume is a start index.
-Tokenisation and image loading happen lazily in `load(i)`. Bad records never stop a run under
-on_error="skip": they are counted per source and reason in `report`.
+Construction parses every source file and drops every record that can be judged without decoding
+or tokenising (parse errors, missing fields, no rounds / empty response, image path outside the
+root, missing image file), so `sample:` and the language:VL ratio count usable records only and
+adding bad records to a source does not change which good ones are kept. It then fixes the epoch
+order from the seed alone, so every process that builds the same config gets the same order;
+exact resume is a start index. Tokenisation and image decoding happen lazily in `load(i)`. Bad
+records never stop a run under on_error="skip": they are counted per source and reason in `report`.
 """
 from __future__ import annotations
 
@@ -18,8 +21,8 @@ import yaml
 from transformers import PreTrainedTokenizerBase
 
 from mmgpt.data.batch import TokenizedSample
-from mmgpt.data.conversation import Conversation, tokenize
-from mmgpt.data.images import clip_transform, load_image
+from mmgpt.data.conversation import EMPTY_RESPONSE, NO_ROUNDS, Conversation, tokenize
+from mmgpt.data.images import clip_transform, find_image, load_image
 from mmgpt.data.sources import READERS, ReadResult, RecordError
 
 ON_ERROR = ("skip", "raise")
@@ -28,7 +31,7 @@ MAX_ERROR_EXAMPLES = 10
 
 @dataclass
 class SourceConfig:
-    """One dataset file. `sample`: records drawn (seeded, without replacement); None/"all" = all.
+    """One dataset file. `sample`: usable records drawn (seeded, without replacement); None/"all" = all.
 
     `options` go to the reader (e.g. ocrvqa `pairs: one`, aokvqa `split: val`).
     """
@@ -60,7 +63,8 @@ class MixtureConfig:
 
     language_vl_ratio: language-only : vision-language samples (the paper's 1:1 by default; the
     larger side is subsampled; None keeps the sampled counts). on_error="raise" turns record
-    errors (malformed JSON, missing fields, bad images) into exceptions; content drops (empty
+    errors into exceptions: malformed JSON, missing fields, image paths escaping the root and
+    missing images when the mixture is built, corrupt images when loaded; content drops (empty
     response, too long, image-count mismatch) are always counted, never raised.
     """
 
@@ -122,8 +126,11 @@ class MixtureConfig:
 
 @dataclass
 class SourceReport:
-    """Per source: records read from the file, selected for the epoch, kept (loaded fine), and
-    dropped by reason (parse errors at construction, the rest as samples are loaded)."""
+    """Per source: `read` records seen in the file (good or bad); `selected` usable records in the
+    epoch (after sampling and the ratio); `kept` selected samples that loaded fine; `dropped` by
+    reason, each record once: at construction, before sampling, whatever needs no decoding or
+    tokenising (parse, fields, empty response, image path, missing image; the same in every
+    process that builds the mixture), else at its first load (corrupt image, too long, ...)."""
 
     read: int = 0
     selected: int = 0
@@ -156,6 +163,15 @@ class DataReport:
         }
 
 
+def _content_drop(conv: Conversation) -> str | None:
+    """The drops of `tokenize` that need no tokeniser: same conditions, same reasons."""
+    if not conv.rounds:
+        return NO_ROUNDS
+    if any(not r.response.strip() for r in conv.rounds):
+        return EMPTY_RESPONSE
+    return None
+
+
 class DataError(RuntimeError):
     """A bad record under on_error="raise"."""
 
@@ -174,12 +190,9 @@ class Mixture:
         self._loaded: set[int] = set()
         selected: list[tuple[int, int]] = []
         for s, src in enumerate(cfg.sources):
-            convs = self._read(src)
+            convs = self._usable(src, self._read(src))
             self._conversations.append(convs)
-            picked = self._sample(src, len(convs))
-            if src.image_root is None and any(convs[c].images for c in picked):
-                raise ValueError(f"source {src.name!r}: records have images but no image_root is set")
-            selected += [(s, c) for c in picked]
+            selected += [(s, c) for c in self._sample(src, len(convs))]
         selected = self._balance(selected)
         for s, _ in selected:
             self.report.sources[cfg.sources[s].name].selected += 1
@@ -201,6 +214,39 @@ class Mixture:
         for err in result.errors:
             report.drop(err.reason, str(err))
         return result.conversations
+
+    def _usable(self, src: SourceConfig, convs: list[Conversation]) -> list[Conversation]:
+        """The records that pass every check needing no decoding or tokenising; the others are
+        counted here, once, so that sampling and the ratio only ever see records that can train."""
+        if src.image_root is None and any(conv.images for conv in convs):
+            raise ValueError(f"source {src.name!r}: records have images but no image_root is set")
+        report = self.report.sources[src.name]
+        usable = []
+        for conv in convs:
+            problem = self._screen(src, conv)
+            if problem is None:
+                usable.append(conv)
+            else:
+                report.drop(*problem)
+        return usable
+
+    def _screen(self, src: SourceConfig, conv: Conversation) -> tuple[str, str] | None:
+        """(reason, message) when `conv` is unusable, judged without opening its images."""
+        reason = _content_drop(conv)
+        if reason is not None:
+            return reason, f"{conv.origin}: {reason}"
+        for rel in conv.images:
+            found = find_image(Path(src.image_root), rel)
+            if isinstance(found, str):
+                return found, self._image_error(src, conv, rel, found)
+        return None
+
+    def _image_error(self, src: SourceConfig, conv: Conversation, rel: str, reason: str) -> str:
+        """The message for an unusable image; raised as DataError under on_error="raise"."""
+        message = f"{conv.origin}: image {rel!r} under {src.image_root}: {reason}"
+        if self.cfg.on_error == "raise":
+            raise DataError(message)
+        return message
 
     def _sample(self, src: SourceConfig, available: int) -> list[int]:
         if src.sample is None or src.sample >= available:
@@ -245,9 +291,7 @@ class Mixture:
         for rel in conv.images:
             image = load_image(Path(src.image_root), rel, self.transform)
             if isinstance(image, str):
-                message = f"{conv.origin}: image {rel!r} under {src.image_root}: {image}"
-                if self.cfg.on_error == "raise":
-                    raise DataError(message)
+                message = self._image_error(src, conv, rel, image)
                 if first:
                     report.drop(image, message)
                 return None
