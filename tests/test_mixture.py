@@ -200,9 +200,10 @@ def test_construction_screens_images_without_opening_any(tmp_path, tiny_tokenize
         mix = Mixture(MixtureConfig.load(cfg_path), tiny_tokenizer)
     assert opened == [] and not any(Path(f).suffix == ".jpg" for f in files)
     report = mix.report.to_dict()["sources"]
-    assert report["llava"]["dropped"] == {"missing_image": 1, "path_escapes_root": 2}  # before any load
+    assert report["llava"]["dropped"] == {"image_count_mismatch": 1, "missing_image": 1,
+                                          "path_escapes_root": 2}  # before any load
     assert report["dolly"]["dropped"] == {"empty_response": 1, "malformed_json": 1, "missing_field": 1}
-    assert (report["llava"]["selected"], report["dolly"]["selected"]) == (3, 3)
+    assert (report["llava"]["selected"], report["dolly"]["selected"]) == (2, 3)
     assert any("llava.json record 3 " in e and "'../outside/secret.jpg'" in e for e in report["llava"]["errors"])
 
 
@@ -261,6 +262,10 @@ def test_on_error_raise(tmp_path, tiny_tokenizer):
     with pytest.raises(RecordError, match=r"dolly.jsonl: line 2: malformed_json"):
         Mixture(cfg, tiny_tokenizer)
     cfg.sources = cfg.sources[1:]
+    with pytest.raises(RecordError, match=r"llava.json: record 5: .*image_count_mismatch"):
+        Mixture(cfg, tiny_tokenizer)  # a record error (the reader's), like malformed JSON
+    records = json.loads((tmp_path / "llava.json").read_text())
+    write_json(tmp_path / "llava.json", records[:5])
     with pytest.raises(DataError, match=r"llava.json record 1 .*'missing.jpg'.*missing_image"):
         Mixture(cfg, tiny_tokenizer)  # found when the mixture is built, before sampling
     write_json(tmp_path / "llava.json", [llava_record("corrupt.jpg", "<image>\nWhat is shown?", "Noise.")])
