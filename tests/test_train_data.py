@@ -67,10 +67,13 @@ def test_window_and_count(mixture, image_token_id):
         assert windows[:-1] == [3] * (len(windows) - 1) and 1 <= windows[-1] <= 3
 
 
-def test_merge_reports():
-    def report(kept, dropped, errors):
-        return {"sources": {"a": {"read": 10, "selected": 8, "kept": kept, "dropped": dropped, "errors": errors}}}
+def test_merge_reports_counts_construction_drops_once_and_load_drops_per_shard():
+    def report(kept, at_load, errors):  # every rank parsed the same file: 2 malformed lines
+        dropped = {"malformed_json": 2, **{k: v + (k == "malformed_json") * 2 for k, v in at_load.items()}}
+        return {"sources": {"a": {"read": 10, "selected": 8, "kept": kept, "dropped": dropped,
+                                  "dropped_at_load": at_load, "errors": ["bad line"] + errors}}}
 
-    merged = merge_reports([report(3, {"missing_image": 1}, ["x"]), report(3, {"missing_image": 1, "empty": 1}, ["y"])])
-    assert merged == {"sources": {"a": {"read": 10, "selected": 8, "kept": 6,
-                                        "dropped": {"missing_image": 2, "empty": 1}, "errors": ["x", "y"]}}}
+    merged = merge_reports([report(3, {"corrupt_image": 1}, ["x"]), report(3, {"corrupt_image": 1, "too_long": 1}, ["y"])])
+    assert merged == {"sources": {"a": {
+        "read": 10, "selected": 8, "kept": 6, "dropped": {"corrupt_image": 2, "malformed_json": 2, "too_long": 1},
+        "dropped_at_load": {"corrupt_image": 2, "too_long": 1}, "errors": ["bad line", "x", "y"]}}}

@@ -136,10 +136,13 @@ class SourceReport:
     selected: int = 0
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
+    dropped_at_load: Counter = field(default_factory=Counter)  # the part of `dropped` found by load()
     errors: list[str] = field(default_factory=list)  # first messages, for the humans
 
-    def drop(self, reason: str, message: str = "") -> None:
+    def drop(self, reason: str, message: str = "", at_load: bool = False) -> None:
         self.dropped[reason] += 1
+        if at_load:
+            self.dropped_at_load[reason] += 1
         if message and len(self.errors) < MAX_ERROR_EXAMPLES:
             self.errors.append(message)
 
@@ -156,6 +159,7 @@ class DataReport:
                     "selected": r.selected,
                     "kept": r.kept,
                     "dropped": dict(sorted(r.dropped.items())),
+                    "dropped_at_load": dict(sorted(r.dropped_at_load.items())),
                     "errors": list(r.errors),
                 }
                 for name, r in self.sources.items()
@@ -286,14 +290,14 @@ class Mixture:
         sample = tokenize(conv, self.tokenizer, self.cfg.max_length)
         if isinstance(sample, str):
             if first:
-                report.drop(sample, f"{conv.origin}: {sample}")
+                report.drop(sample, f"{conv.origin}: {sample}", at_load=True)
             return None
         for rel in conv.images:
             image = load_image(Path(src.image_root), rel, self.transform)
             if isinstance(image, str):
                 message = self._image_error(src, conv, rel, image)
                 if first:
-                    report.drop(image, message)
+                    report.drop(image, message, at_load=True)
                 return None
             sample.images.append(image)
         sample.index = i

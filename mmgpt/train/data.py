@@ -7,6 +7,7 @@ epoch position, so a resumed stream yields exactly the batches the uninterrupted
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Iterator
 
 import torch
@@ -100,15 +101,22 @@ def count_batches(mixture: Mixture, packing: PackingConfig, image_token_id: int,
 
 
 def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """One DataReport dict from every rank's: file-level counts (read, selected) are the same on
-    all ranks; what happened at load time (kept, dropped, errors) is summed over the shards."""
+    """One DataReport dict from every rank's. What the mixture found while being built (read,
+    selected, drops before sampling) is the same on all ranks and counted once; what happened at
+    load time (kept, drops found by loading, errors) is summed over the shards."""
     merged = {"sources": {}}
     for report in reports:
         for name, src in report["sources"].items():
-            into = merged["sources"].setdefault(
-                name, {"read": src["read"], "selected": src["selected"], "kept": 0, "dropped": {}, "errors": []})
+            if name not in merged["sources"]:
+                built = Counter(src["dropped"]) - Counter(src["dropped_at_load"])
+                merged["sources"][name] = {"read": src["read"], "selected": src["selected"], "kept": 0,
+                                           "dropped": built, "dropped_at_load": Counter(), "errors": []}
+            into = merged["sources"][name]
             into["kept"] += src["kept"]
-            for reason, n in src["dropped"].items():
-                into["dropped"][reason] = into["dropped"].get(reason, 0) + n
-            into["errors"] = (into["errors"] + src["errors"])[:MAX_ERROR_EXAMPLES]
+            into["dropped"] += Counter(src["dropped_at_load"])
+            into["dropped_at_load"] += Counter(src["dropped_at_load"])
+            into["errors"] = list(dict.fromkeys(into["errors"] + src["errors"]))[:MAX_ERROR_EXAMPLES]
+    for src in merged["sources"].values():
+        for key in ("dropped", "dropped_at_load"):
+            src[key] = dict(sorted(src[key].items()))
     return merged
