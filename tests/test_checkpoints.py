@@ -2,11 +2,18 @@
 
 Each test writes a file in the original key layout from one model (seed 1) and loads it into
 another (seed 2) built from a different seed, then checks the weights were reproduced exactly.
+MultiModal-GPT files carry an mmengine tuning_config, written here through `mmengine_standins`.
 """
 from __future__ import annotations
 
+import builtins
+import os
+import pickle
 import re
 import shutil
+import subprocess
+import sys
+import zipfile
 
 import open_clip.model
 import pytest
@@ -15,11 +22,12 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mmgpt.models.builder import ModelConfig, build_model
-from mmgpt.models.checkpoints import CheckpointError, load_lora, load_openflamingo
 from mmgpt.media import row_layout
+from mmgpt.models.checkpoints import CheckpointError, load_lora, load_openflamingo, load_state_file
 from mmgpt.models.flamingo import MediaContext
 from mmgpt.models.lora import randomize_lora_b
 from mmgpt.models.tokenizer import TINY_TOKENIZER_DIR
+from mmengine_standins import RELEASED_TUNING, fake_mmengine, lora_config
 
 LAYERS = 4
 XATTN_LAYERS = (1, 3)  # tiny: n = 2
@@ -227,3 +235,122 @@ def test_llama_directory_is_loaded_and_resized(tmp_path):
             assert torch.equal(ours[name][:1000], v), k
         else:
             assert torch.equal(ours[name], v), k
+
+
+def training_script_file(src, tuning: dict | None = None) -> dict:
+    """checkpoint_{epoch}.pt of the original instruction_finetune.py: DDP keys with peft's `.default`."""
+    params = [p for n, p in src.named_parameters() if ".lora_" in n]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    sum(p.sum() for p in params).backward()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"epoch": 0,
+            "model_state_dict": {"module." + k: v for k, v in mmgpt_lora(src, with_default=True).items()},
+            "optimizer_state_dict": optimizer.state_dict(),
+            "lr_scheduler_state_dict": scheduler.state_dict(),
+            "tuning_config": lora_config(tuning)}
+
+
+def released_file(src, tuning: dict | None = None) -> dict:
+    """mmgpt-lora-v0-release.pt as app.py reads it: weights + the tuning section (a ConfigDict)."""
+    return {"model_state_dict": {"module." + k: v for k, v in mmgpt_lora(src, with_default=False).items()},
+            "tuning_config": lora_config(tuning).tuning_config}
+
+
+def save_with_mmengine(obj_fn, src, path, style: str, tuning: dict | None = None) -> None:
+    with fake_mmengine(style):
+        torch.save(obj_fn(src, tuning), path)
+    assert "mmengine" not in sys.modules  # the loader must do without it
+
+
+@pytest.mark.parametrize("style", ["legacy", "modern"])
+@pytest.mark.parametrize("layout", [training_script_file, released_file], ids=["training", "released"])
+def test_mmgpt_file_with_mmengine_tuning_config_loads(tmp_path, layout, style):
+    src = source_model()
+    path = tmp_path / "mmgpt-lora-v0-release.pt"
+    save_with_mmengine(layout, src, path, style)
+    with pytest.raises(pickle.UnpicklingError, match="mmengine.config.config"):
+        torch.load(path, weights_only=True)  # what load_state_file used to do
+    dst = make(2, lora_checkpoint=str(path))
+    ours, theirs = src.state_dict(), dst.state_dict()
+    lora_keys = [k for k in ours if ".lora_" in k]
+    assert lora_keys and all(torch.equal(ours[k], theirs[k]) for k in lora_keys)
+    report = load_lora(make(2), path)
+    assert sorted(report.loaded) == sorted(lora_keys)
+    assert report.settings == {k: RELEASED_TUNING[k] for k in
+                               ("lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")}
+    assert "lora_r" in str(report) and not any("optimizer" in k or "epoch" in k for k in report.harmless)
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(lora_r=8), "lora_r"),
+    (dict(lora_alpha=32), "lora_alpha"),
+    (dict(lora_dropout=0.05), "lora_dropout"),
+    (dict(lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "to_q", "to_kv", "to_out", "ff.3"]),
+     "lora_target_modules"),
+])
+@pytest.mark.parametrize("style", ["legacy", "modern"])
+def test_disagreeing_tuning_config_is_refused(tmp_path, change, field, style):
+    src = source_model()
+    path = tmp_path / "other.pt"
+    save_with_mmengine(training_script_file, src, path, style, {**RELEASED_TUNING, **change})
+    dst = make(2)
+    before = {k: v.clone() for k, v in dst.state_dict().items() if ".lora_" in k}
+    with pytest.raises(CheckpointError, match=rf"tuning_config disagrees with the model: {field}="):
+        load_lora(dst, path)
+    assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items() if ".lora_" in k)
+
+
+def test_released_file_refused_by_paper_preset(tmp_path):
+    """The released file adapts no LLaMA MLP: a `paper` model (gate/up/down_proj too) must not take it."""
+    path = tmp_path / "released.pt"
+    save_with_mmengine(released_file, source_model(), path, "legacy")
+    with pytest.raises(CheckpointError, match=r"lora_target_modules=.*'down_proj', 'ff.1'"):
+        load_lora(make(2, lora="paper"), path)
+
+
+class Evil:
+    """Pickles as a call of `fn(*args)`: what a booby-trapped checkpoint would run on load."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+@pytest.mark.parametrize("where", ["top", "in_config"])
+@pytest.mark.parametrize("fn, name", [(os.system, f"{os.system.__module__}.system"),
+                                      (builtins.eval, "builtins.eval"),
+                                      (subprocess.Popen, "subprocess.Popen")])
+def test_malicious_pickle_is_refused_without_running(tmp_path, fn, name, where):
+    marker = tmp_path / "pwned"
+    args = {os.system: (f"touch {marker}",), builtins.eval: (f"open({str(marker)!r}, 'w').close()",),
+            subprocess.Popen: (["touch", str(marker)],)}[fn]
+    src = source_model()
+    path = tmp_path / "mmgpt-lora-v0-release.pt"
+    tuning = {**RELEASED_TUNING, "vis": Evil(fn, *args)} if where == "in_config" else None
+    with fake_mmengine("legacy"):
+        state = released_file(src, tuning)
+        if where == "top":
+            state["payload"] = Evil(fn, *args)
+        torch.save(state, path)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: refused to unpickle global "
+                                              rf"{re.escape(name)} .*nothing was executed$"):
+        load_lora(make(2), path)
+    assert not marker.exists()
+
+
+def test_build_onto_an_allowed_function_is_refused(tmp_path):
+    """BUILD with slot state onto an allowed torch function would set its defaults for every later load."""
+    path = tmp_path / "tamper.pt"
+    torch.save({}, path)
+    tamper = (b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}X\x0e\x00\x00\x00__kwdefaults__}s\x86b.")
+    with zipfile.ZipFile(path) as old, zipfile.ZipFile(tmp_path / "t.pt", "w") as new:
+        for info in old.infolist():
+            new.writestr(info, tamper if info.filename.endswith("/data.pkl") else old.read(info))
+    with pytest.raises(CheckpointError, match=r"BUILD on function is not allowed"):
+        load_state_file(tmp_path / "t.pt")
+    assert torch._utils._rebuild_tensor_v2.__kwdefaults__ is None

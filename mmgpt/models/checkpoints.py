@@ -9,10 +9,16 @@ Released files name weights in their own layouts; both sides are reduced to one 
   - OpenFlamingo stores the ViT as `vision_encoder.*`, we as `vision_encoder.visual.*`.
 Loading fails listing every missing required weight (perceiver, cross-attention, LoRA), every unknown
 key and every shape mismatch; known-harmless extras (aliases, rotary/position buffers) are reported.
+MultiModal-GPT files also pickle an mmengine `tuning_config`; it is read into inert stand-ins (mmengine
+is not needed) and its LoRA settings must match the model's.
 """
 from __future__ import annotations
 
+import _compat_pickle
+import collections
+import pickle
 import re
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -38,13 +44,119 @@ class LoadReport:
     kind: str
     loaded: list[str] = field(default_factory=list)  # our parameter/buffer names that were set
     harmless: list[str] = field(default_factory=list)  # checkpoint keys skipped on purpose
+    settings: dict[str, object] = field(default_factory=dict)  # LoRA settings read from tuning_config
 
     def __str__(self) -> str:
         extra = f"; ignored {len(self.harmless)} harmless extras (e.g. {self.harmless[:3]})" if self.harmless else ""
-        return f"loaded {len(self.loaded)} tensors from {self.kind} checkpoint {self.path}{extra}"
+        settings = f"; tuning_config {self.settings}" if self.settings else ""
+        return f"loaded {len(self.loaded)} tensors from {self.kind} checkpoint {self.path}{extra}{settings}"
 
 
-def load_state_file(path: str | Path) -> dict[str, Tensor]:
+class ConfigDict(dict):
+    """Inert stand-in for `mmengine.config.config.ConfigDict`: a dict whose items read as attributes.
+
+    mmengine >= 0.8 (0.10.7 verified) pickles it as REDUCE(ConfigDict, ({plain dict},)), which lands in
+    dict.__init__; mmengine 0.7.x (0.7.4 verified, an addict.Dict) as NEWOBJ(ConfigDict, *[(k, v), ...])
+    (dict.__new__ ignores the pairs) + SETITEMS(items) + BUILD(self).
+    """
+
+    def __getattr__(self, name: str) -> object:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setstate__(self, state: object) -> None:
+        if state is not self:  # 0.7.x BUILDs with the object itself: its items are already set
+            raise pickle.UnpicklingError(f"unexpected ConfigDict state {type(state).__name__}")
+
+
+class Config:
+    """Inert stand-in for `mmengine.config.config.Config`: keeps only the pickled cfg_dict.
+
+    Both versions pickle NEWOBJ(Config, ()) + BUILD(state): 0.7.x with a 4-tuple (cfg_dict, filename,
+    text, env_variables), >= 0.8 with a 6-tuple adding format_python_code: bool and imported_names: set.
+    """
+
+    def __setstate__(self, state: object) -> None:
+        if not (isinstance(state, tuple) and len(state) in (4, 6) and isinstance(state[0], ConfigDict)):
+            raise pickle.UnpicklingError("unexpected mmengine Config state")
+        self.cfg_dict = state[0]
+
+    def __getattr__(self, name: str) -> object:
+        if name == "cfg_dict":  # not set yet (no BUILD): nothing to delegate to
+            raise AttributeError(name)
+        return getattr(self.cfg_dict, name)
+
+
+# The only globals a fallback load may name: what torch.save writes for tensor state dicts (storage
+# types are resolved by torch's own wrapper before find_class), plus the mmengine config classes.
+_ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set,  # newer mmengine's Config state; written as protocol 2's `__builtin__ set`
+    ("mmengine.config.config", "Config"): Config,
+    ("mmengine.config.config", "ConfigDict"): ConfigDict,
+}
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle named a global outside `_ALLOWED_GLOBALS`; it was not imported or called."""
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """Pure-Python unpickler (so BUILD can be intercepted) that resolves globals from the allow-list only."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def find_class(self, module: str, name: str) -> object:
+        """Look the global up in the allow-list only; nothing is imported."""
+        # the Python 2 -> 3 renaming pickle itself applies to protocol < 3 (`__builtin__`, `commands`, ...)
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise RefusedGlobal(f"{module}.{name}") from None
+
+    def load_build(self) -> None:
+        """BUILD only onto the stand-ins: on anything else (an allowed torch function, a class) it could
+        setattr e.g. `__kwdefaults__` and tamper with every later load in the process."""
+        if not isinstance(self.stack[-2], (Config, ConfigDict)):
+            raise pickle.UnpicklingError(f"BUILD on {type(self.stack[-2]).__name__} is not allowed")
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+
+def _restricted_load(file, **kwargs) -> object:
+    return _RestrictedUnpickler(file, **kwargs).load()
+
+
+# torch.load's weights-only unpickler refuses SETITEMS on any non-dict class, which mmengine 0.7.x's
+# ConfigDict layout needs; so such files go through this pickle module instead (torch still supplies
+# persistent_load and the storage types), and safety rests on the exact allow-list above.
+_RESTRICTED_PICKLE = types.SimpleNamespace(__name__="mmgpt_restricted_pickle", Unpickler=_RestrictedUnpickler,
+                                           load=_restricted_load)
+
+
+def _load_torch_file(path: Path) -> object:
+    """torch.load with weights_only=True; a file it refuses gets one retry with the restricted unpickler."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        pass
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE)
+    except RefusedGlobal as err:
+        raise CheckpointError(f"{path}: refused to unpickle global {err} (only tensors, containers and "
+                              "mmengine Config/ConfigDict are allowed); nothing was executed") from None
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{path}: cannot unpickle: {err}") from None
+
+
+def load_state_file(path: str | Path) -> dict:
     """Read a state dict from safetensors or a torch file without unpickling arbitrary objects."""
     path = Path(path)
     if not path.is_file():
@@ -53,7 +165,7 @@ def load_state_file(path: str | Path) -> dict[str, Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    state = _load_torch_file(path)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a state dict, got {type(state).__name__}")
     return state
@@ -145,6 +257,62 @@ def is_lora_weight(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
 
 
+LORA_SETTINGS = ("lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+
+
+def _leaf(module_name: str) -> str:
+    """The name MultiModal-GPT's target list uses: the last part, two for Sequential indices (`ff.1`)."""
+    parts = module_name.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
+
+
+def model_lora_settings(model: nn.Module) -> dict[str, set]:
+    """Every value each LoRA setting takes across the model's peft LoRA layers."""
+    from peft.tuners.lora import LoraLayer
+
+    out: dict[str, set] = {k: set() for k in LORA_SETTINGS}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            for adapter in module.active_adapters:
+                dropout = module.lora_dropout[adapter]
+                out["lora"].add(True)
+                out["lora_r"].add(module.r[adapter])
+                out["lora_alpha"].add(module.lora_alpha[adapter])
+                out["lora_dropout"].add(float(getattr(dropout, "p", 0.0)))  # nn.Identity when 0
+                out["lora_target_modules"].add(_leaf(name))
+    return out
+
+
+def tuning_settings(state: dict, source: str) -> dict[str, object]:
+    """LoRA settings of a MultiModal-GPT file's `tuning_config` (a Config or its tuning section); {} if none."""
+    cfg = state.get("tuning_config")
+    if cfg is None:
+        return {}
+    section = getattr(cfg, "tuning_config", cfg)
+    if not isinstance(section, dict):
+        raise CheckpointError(f"{source}: tuning_config is a {type(section).__name__}, not a config section")
+    absent = [k for k in LORA_SETTINGS if k not in section]
+    if absent:
+        raise CheckpointError(f"{source}: tuning_config lacks {absent}")
+    return {k: section[k] for k in LORA_SETTINGS}
+
+
+def _values(key: str, value: object) -> set:
+    """A tuning_config value as the set `model_lora_settings` gives for the same key."""
+    if key == "lora_target_modules":
+        return {_leaf(t) for t in ([value] if isinstance(value, str) else value)}
+    return {float(value)} if key == "lora_dropout" else {value}
+
+
+def check_lora_settings(model: nn.Module, settings: dict[str, object], source: str) -> None:
+    """Refuse a LoRA file trained with other settings than the model's preset: its weights would not fit."""
+    ours = model_lora_settings(model)
+    problems = [f"{key}={value!r} but the model's LoRA preset has {sorted(ours[key])}"
+                for key, value in settings.items() if _values(key, value) != ours[key]]
+    if problems:
+        raise CheckpointError(f"{source}: tuning_config disagrees with the model: " + "; ".join(problems))
+
+
 def load_openflamingo(model: nn.Module, path: str | Path) -> LoadReport:
     """OpenFlamingo v1 `checkpoint.pt` (or a v2-style flat dict) onto the model (before or after LoRA)."""
     return load_into(model, load_state_file(path), str(path), "OpenFlamingo", is_openflamingo_weight)
@@ -154,4 +322,9 @@ def load_lora(model: nn.Module, path: str | Path) -> LoadReport:
     """Released MultiModal-GPT LoRA checkpoint (with or without peft's `.default`) onto a LoRA model."""
     if not any(is_lora_weight(k) for k in model.state_dict()):
         raise CheckpointError(f"{path}: the model has no LoRA layers to load a LoRA checkpoint into")
-    return load_into(model, load_state_file(path), str(path), "MultiModal-GPT LoRA", is_lora_weight)
+    state = load_state_file(path)
+    settings = tuning_settings(state, str(path))
+    check_lora_settings(model, settings, str(path))
+    report = load_into(model, state, str(path), "MultiModal-GPT LoRA", is_lora_weight)
+    report.settings = settings
+    return report
