@@ -247,3 +247,18 @@ def test_checkpoint_dirs_resolve(tmp_path, capsys):
     _mkdir(tmp_path / "full").joinpath("x").write_text("x")
     assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "full")]) == 1
     assert "not empty" in capsys.readouterr().err
+
+
+def test_media_attention_is_recorded_and_legacy_configs_load_as_previous(tmp_path):
+    """Chat must decode with the mode training used: exports carry it; files written before the
+    field existed were trained with "previous" semantics and load so."""
+    from mmgpt.export import export_config
+    from mmgpt.inference.model_dir import ModelSource, model_config_from_dict
+
+    source = ModelSource(tmp_path, "train", ModelConfig(preset="tiny", media_attention="random"), None)
+    written = export_config(source, merged=False, dtype_name="fp32")["model"]
+    assert written["media_attention"] == "random"
+    assert model_config_from_dict(written, tmp_path).media_attention == "random"
+    legacy = {k: v for k, v in written.items() if k != "media_attention"}
+    assert model_config_from_dict(legacy, tmp_path).media_attention == "previous"
+    assert ModelConfig().media_attention == "next"  # new runs default to the released model's rule

@@ -159,6 +159,9 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: tor
         if cfg.lora_checkpoint and not meta:
             report = checkpoints.load_lora(model, cfg.lora_checkpoint)
             log.info("%s", report)
+            if cfg.media_attention != "next":
+                log.warning("media_attention=%r, but the released MultiModal-GPT LoRA was trained with "
+                            "'next' (OpenFlamingo v1 without placement augmentation)", cfg.media_attention)
     elif cfg.lora_checkpoint:
         raise ValueError("lora_checkpoint given with lora='none'")
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)
