@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from mmgpt.data.batch import IGNORE_INDEX, PackedBatch, TokenizedSample
+from mmgpt.contracts import IGNORE_INDEX, PackedBatch, TokenizedSample
 from mmgpt.data.packing import Packer, PackingConfig, collate, packing_efficiency
 from mmgpt.models.params import StepShape, peak_bf16_flops, step_flops
 

@@ -22,6 +22,6 @@ def real_samples() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from mmgpt.models.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
+    from mmgpt.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
 
     return load_tokenizer(TINY_TOKENIZER_DIR)

@@ -11,7 +11,7 @@ from PIL import Image
 from test_export import make_run, run_command
 
 from mmgpt.inference import chat as chat_mod
-from mmgpt.data.batch import IGNORE_INDEX
+from mmgpt.contracts import IGNORE_INDEX
 from mmgpt.data.conversation import Conversation, Round, tokenize
 from mmgpt.inference.chat import ChatSession, interact
 from mmgpt.inference.generation import GenerationConfig

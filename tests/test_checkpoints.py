@@ -23,10 +23,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from mmgpt.models.builder import ModelConfig, build_model
 from mmgpt.media import row_layout
-from mmgpt.models.checkpoints import CheckpointError, load_lora, load_openflamingo, load_state_file
+from mmgpt.models.checkpoints import WeightsError, load_lora, load_openflamingo, load_state_file
 from mmgpt.models.flamingo import MediaContext
 from mmgpt.models.lora import randomize_lora_b
-from mmgpt.models.tokenizer import TINY_TOKENIZER_DIR
+from mmgpt.tokenizer import TINY_TOKENIZER_DIR
 from mmengine_standins import RELEASED_TUNING, fake_mmengine, lora_config
 
 LAYERS = 4
@@ -143,7 +143,7 @@ def test_missing_cross_attention_weight_fails_naming_it(tmp_path):
     state = {k: v for k, v in state.items() if not re.search(r"\.3\.(gated_cross_attn_layer\.)?attn\.to_kv\.", k)}
     path = tmp_path / "missing.pt"
     torch.save(state, path)
-    with pytest.raises(CheckpointError, match=re.escape(f"layers.3.{gone}")):
+    with pytest.raises(WeightsError, match=re.escape(f"layers.3.{gone}")):
         make(2, openflamingo_checkpoint=str(path))
 
 
@@ -154,7 +154,7 @@ def test_unknown_key_and_shape_mismatch_fail(tmp_path):
     state["perceiver.latents"] = torch.zeros(5, 64)
     path = tmp_path / "bad.pt"
     torch.save(state, path)
-    with pytest.raises(CheckpointError) as err:
+    with pytest.raises(WeightsError) as err:
         load_openflamingo(make(2), path)
     assert "perceiver.bogus.weight" in str(err.value) and "perceiver.latents" in str(err.value)
 
@@ -195,7 +195,7 @@ def test_lora_missing_one_matrix_fails(tmp_path):
     del state[victim]
     path = tmp_path / "lora.pt"
     torch.save(state, path)
-    with pytest.raises(CheckpointError, match=re.escape("layers.3.gated_cross_attn_layer.ff.3.lora_B")):
+    with pytest.raises(WeightsError, match=re.escape("layers.3.gated_cross_attn_layer.ff.3.lora_B")):
         load_lora(make(2), path)
 
 
@@ -298,7 +298,7 @@ def test_disagreeing_tuning_config_is_refused(tmp_path, change, field, style):
     save_with_mmengine(training_script_file, src, path, style, {**RELEASED_TUNING, **change})
     dst = make(2)
     before = {k: v.clone() for k, v in dst.state_dict().items() if ".lora_" in k}
-    with pytest.raises(CheckpointError, match=rf"tuning_config disagrees with the model: {field}="):
+    with pytest.raises(WeightsError, match=rf"tuning_config disagrees with the model: {field}="):
         load_lora(dst, path)
     assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items() if ".lora_" in k)
 
@@ -307,7 +307,7 @@ def test_released_file_refused_by_paper_preset(tmp_path):
     """The released file adapts no LLaMA MLP: a `paper` model (gate/up/down_proj too) must not take it."""
     path = tmp_path / "released.pt"
     save_with_mmengine(released_file, source_model(), path, "legacy")
-    with pytest.raises(CheckpointError, match=r"lora_target_modules=.*'down_proj', 'ff.1'"):
+    with pytest.raises(WeightsError, match=r"lora_target_modules=.*'down_proj', 'ff.1'"):
         load_lora(make(2, lora="paper"), path)
 
 
@@ -337,7 +337,7 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, fn, name, where):
         if where == "top":
             state["payload"] = Evil(fn, *args)
         torch.save(state, path)
-    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: refused to unpickle global "
+    with pytest.raises(WeightsError, match=rf"^{re.escape(str(path))}: refused to unpickle global "
                                               rf"{re.escape(name)} .*nothing was executed$"):
         load_lora(make(2), path)
     assert not marker.exists()
@@ -351,6 +351,6 @@ def test_build_onto_an_allowed_function_is_refused(tmp_path):
     with zipfile.ZipFile(path) as old, zipfile.ZipFile(tmp_path / "t.pt", "w") as new:
         for info in old.infolist():
             new.writestr(info, tamper if info.filename.endswith("/data.pkl") else old.read(info))
-    with pytest.raises(CheckpointError, match=r"BUILD on function is not allowed"):
+    with pytest.raises(WeightsError, match=r"BUILD on function is not allowed"):
         load_state_file(tmp_path / "t.pt")
     assert torch._utils._rebuild_tensor_v2.__kwdefaults__ is None

@@ -94,7 +94,7 @@ def test_order_is_identical_in_another_process(small_dataset, tiny_tokenizer):
     code = (
         "import json,sys\n"
         "from mmgpt.data.mixture import Mixture, MixtureConfig\n"
-        "from mmgpt.models.tokenizer import load_tokenizer, TINY_TOKENIZER_DIR\n"
+        "from mmgpt.tokenizer import load_tokenizer, TINY_TOKENIZER_DIR\n"
         "m = Mixture(MixtureConfig.load(sys.argv[1]), load_tokenizer(TINY_TOKENIZER_DIR))\n"
         "print(json.dumps([m.conversation(i).origin for i in range(len(m))]))\n"
     )

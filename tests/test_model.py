@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 from transformers.masking_utils import create_causal_mask
 
-from mmgpt.data.batch import IGNORE_INDEX, PackedBatch, TokenizedSample
+from mmgpt.contracts import IGNORE_INDEX, PackedBatch, TokenizedSample
 from mmgpt.data.packing import collate
 from mmgpt.media import MEDIA_ATTENTION_MODES, MediaLayout, attends_previous, media_index, row_layout
 from mmgpt.models import flamingo as flamingo_mod

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmgpt.data.batch import IGNORE_INDEX, TokenizedSample
+from mmgpt.contracts import IGNORE_INDEX, TokenizedSample
 from mmgpt.data.packing import collate
 from mmgpt.media import MEDIA_ATTENTION_MODES, attends_previous
 from mmgpt.models.builder import ModelConfig, build_model, preset_image_size

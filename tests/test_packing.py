@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmgpt.bench import synthetic_samples
-from mmgpt.data.batch import IGNORE_INDEX, TokenizedSample
+from mmgpt.contracts import IGNORE_INDEX, TokenizedSample
 from mmgpt.data.packing import Packer, PackingConfig, collate, packing_efficiency
 
 IMG = 1001  # <image> id of the bundled tiny tokenizer (vocab 1000 + 3)

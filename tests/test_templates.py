@@ -6,7 +6,7 @@ import random
 import pytest
 
 from mmgpt.data import conversation as C
-from mmgpt.data.batch import IGNORE_INDEX
+from mmgpt.contracts import IGNORE_INDEX
 from mmgpt.data.conversation import Conversation, Round, encode_prompt, tokenize
 from mmgpt.data.templates import CAPTION_INSTRUCTIONS, caption_instruction, render
 

@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_inspect(args: argparse.Namespace) -> int:
     from mmgpt.data.inspect import format_report, inspect_mixture
     from mmgpt.data.mixture import Mixture, MixtureConfig
-    from mmgpt.models.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
+    from mmgpt.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer or TINY_TOKENIZER_DIR)
     report = inspect_mixture(Mixture(MixtureConfig.load(args.config), tokenizer), show=args.show)

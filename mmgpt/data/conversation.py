@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from mmgpt.data.batch import IGNORE_INDEX, TokenizedSample
+from mmgpt.contracts import IGNORE_INDEX, IMAGE, TokenizedSample
 from mmgpt.data.templates import ImageSlot, Piece, RoundText, render_rounds
-from mmgpt.models.tokenizer import IMAGE
 
 # Drop reasons returned by tokenize (counted per source in the data report).
 EMPTY_RESPONSE = "empty_response"

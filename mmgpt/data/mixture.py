@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from transformers import PreTrainedTokenizerBase
 
-from mmgpt.data.batch import TokenizedSample
+from mmgpt.contracts import TokenizedSample
 from mmgpt.data.conversation import EMPTY_RESPONSE, NO_ROUNDS, Conversation, tokenize
 from mmgpt.data.images import clip_transform, find_image, load_image
 from mmgpt.data.sources import READERS, ReadResult, RecordError

@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from mmgpt.data.batch import IGNORE_INDEX, PackedBatch, TokenizedSample
+from mmgpt.contracts import IGNORE_INDEX, PackedBatch, TokenizedSample
 from mmgpt.media import MediaLayout, attends_previous, check_mode, media_index, splitmix64
 
 
@@ -56,7 +56,7 @@ def collate(
     media_seed: int = 0,
     image_size: tuple[int, int] | None = None,
 ) -> PackedBatch:
-    """Concatenate `samples` into one PackedBatch (see mmgpt/data/batch.py for the fields).
+    """Concatenate `samples` into one PackedBatch (see mmgpt/contracts.py for the fields).
 
     `image_token_id` marks `<image>` tokens: the k-th one of a sample is that sample's k-th image.
     Which image each token attends follows `media_attention` (next | previous | random, see

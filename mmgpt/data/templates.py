@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mmgpt.models.tokenizer import IMAGE
+from mmgpt.contracts import IMAGE
 
 if TYPE_CHECKING:
     from mmgpt.data.conversation import Conversation

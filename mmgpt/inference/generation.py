@@ -22,7 +22,7 @@ from transformers import Cache, PreTrainedTokenizerBase
 
 from mmgpt.media import row_layout
 from mmgpt.models.flamingo import Flamingo, MediaContext
-from mmgpt.models.tokenizer import IMAGE
+from mmgpt.contracts import IMAGE
 
 
 @dataclass

@@ -20,11 +20,10 @@ from transformers import PreTrainedTokenizerBase
 
 from mmgpt.models.builder import ModelConfig, build_model, preset_image_size
 from mmgpt.models.flamingo import Flamingo
+from mmgpt.run_layout import ADAPTER_DIR, CHECKPOINTS_DIR, TRAIN_CONFIG, read_latest
 
 EXPORT_CONFIG = "mmgpt_config.json"
-TRAIN_CONFIG = "config.yaml"
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_DIR = "adapter"
 LANGUAGE_MODEL_DIR = "language_model"
 OPENFLAMINGO_DIR = "openflamingo"
 OPENFLAMINGO_FILE = "checkpoint.safetensors"
@@ -90,11 +89,9 @@ def _nearest_config(path: Path) -> ModelConfig:
 def _train_adapter(run: Path) -> Path:
     """A training run's weights: the adapter of the checkpoint `checkpoints/latest` names (the
     newest complete state, even while a resumed run is going), else OUT/adapter."""
-    from mmgpt.train.checkpoint import CheckpointManager
-
-    tag = CheckpointManager(run / "checkpoints", keep_last=1).latest()
+    tag = read_latest(run / CHECKPOINTS_DIR)
     if tag is not None:
-        return _adapter_in(run / "checkpoints" / tag / ADAPTER_DIR)
+        return _adapter_in(run / CHECKPOINTS_DIR / tag / ADAPTER_DIR)
     if (run / ADAPTER_DIR / ADAPTER_CONFIG).is_file():
         return run / ADAPTER_DIR
     raise FileNotFoundError(f"{run}: training output has no checkpoints/latest and no {ADAPTER_DIR}/ yet")

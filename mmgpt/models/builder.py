@@ -23,7 +23,8 @@ from mmgpt.models import checkpoints
 from mmgpt.models.flamingo import Flamingo, add_cross_attention
 from mmgpt.models.lora import apply_lora
 from mmgpt.models.perceiver import PerceiverResampler
-from mmgpt.models.tokenizer import IMAGE, TINY_TOKENIZER_DIR, load_tokenizer
+from mmgpt.contracts import IMAGE
+from mmgpt.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
 from mmgpt.models.vision import VIT_L_14, VisionEncoder, VisionSpec
 
 log = logging.getLogger(__name__)

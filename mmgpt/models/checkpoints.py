@@ -34,8 +34,9 @@ _ALIASES = [
 ]
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model; the message lists every offending key."""
+class WeightsError(ValueError):
+    """A weights file that cannot be read safely or does not fit the model; the message names the
+    file and every offending key (not `run_layout.CheckpointError`, which is about resuming)."""
 
 
 @dataclass
@@ -150,10 +151,10 @@ def _load_torch_file(path: Path) -> object:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE)
     except RefusedGlobal as err:
-        raise CheckpointError(f"{path}: refused to unpickle global {err} (only tensors, containers and "
+        raise WeightsError(f"{path}: refused to unpickle global {err} (only tensors, containers and "
                               "mmengine Config/ConfigDict are allowed); nothing was executed") from None
     except pickle.UnpicklingError as err:
-        raise CheckpointError(f"{path}: cannot unpickle: {err}") from None
+        raise WeightsError(f"{path}: cannot unpickle: {err}") from None
 
 
 def load_state_file(path: str | Path) -> dict:
@@ -167,7 +168,7 @@ def load_state_file(path: str | Path) -> dict:
         return load_file(str(path))
     state = _load_torch_file(path)
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: expected a state dict, got {type(state).__name__}")
+        raise WeightsError(f"{path}: expected a state dict, got {type(state).__name__}")
     return state
 
 
@@ -240,7 +241,7 @@ def load_into(model: nn.Module, state: dict, source: str, kind: str,
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatches: {mismatched}")
     if problems:
-        raise CheckpointError(f"{kind} checkpoint {source} does not fit the model: " + "; ".join(problems))
+        raise WeightsError(f"{kind} checkpoint {source} does not fit the model: " + "; ".join(problems))
     with torch.no_grad():
         for our_key, value in plan.items():
             ours[our_key].copy_(value)
@@ -290,10 +291,10 @@ def tuning_settings(state: dict, source: str) -> dict[str, object]:
         return {}
     section = getattr(cfg, "tuning_config", cfg)
     if not isinstance(section, dict):
-        raise CheckpointError(f"{source}: tuning_config is a {type(section).__name__}, not a config section")
+        raise WeightsError(f"{source}: tuning_config is a {type(section).__name__}, not a config section")
     absent = [k for k in LORA_SETTINGS if k not in section]
     if absent:
-        raise CheckpointError(f"{source}: tuning_config lacks {absent}")
+        raise WeightsError(f"{source}: tuning_config lacks {absent}")
     return {k: section[k] for k in LORA_SETTINGS}
 
 
@@ -310,7 +311,7 @@ def check_lora_settings(model: nn.Module, settings: dict[str, object], source: s
     problems = [f"{key}={value!r} but the model's LoRA preset has {sorted(ours[key])}"
                 for key, value in settings.items() if _values(key, value) != ours[key]]
     if problems:
-        raise CheckpointError(f"{source}: tuning_config disagrees with the model: " + "; ".join(problems))
+        raise WeightsError(f"{source}: tuning_config disagrees with the model: " + "; ".join(problems))
 
 
 def load_openflamingo(model: nn.Module, path: str | Path) -> LoadReport:
@@ -321,7 +322,7 @@ def load_openflamingo(model: nn.Module, path: str | Path) -> LoadReport:
 def load_lora(model: nn.Module, path: str | Path) -> LoadReport:
     """Released MultiModal-GPT LoRA checkpoint (with or without peft's `.default`) onto a LoRA model."""
     if not any(is_lora_weight(k) for k in model.state_dict()):
-        raise CheckpointError(f"{path}: the model has no LoRA layers to load a LoRA checkpoint into")
+        raise WeightsError(f"{path}: the model has no LoRA layers to load a LoRA checkpoint into")
     state = load_state_file(path)
     settings = tuning_settings(state, str(path))
     check_lora_settings(model, settings, str(path))

@@ -22,7 +22,7 @@ from transformers import LlamaForCausalLM
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from mmgpt.data.batch import IGNORE_INDEX, PackedBatch
+from mmgpt.contracts import IGNORE_INDEX, PackedBatch
 from mmgpt.models.attention import ATTN_IMPLEMENTATION
 from mmgpt.models.cross_attention import GatedCrossAttentionBlock, MediaContext
 from mmgpt.models.perceiver import PerceiverResampler

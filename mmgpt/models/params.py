@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
-from mmgpt.data.batch import PackedBatch
+from mmgpt.contracts import PackedBatch
 from mmgpt.models.builder import ModelConfig, build_model, get_preset
 from mmgpt.models.lora import LORA_TARGETS
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from open_clip.transformer import QuickGELU, VisionTransformer
 from torch import Tensor, nn
 
-from mmgpt.models.checkpoints import CheckpointError, load_state_file, unwrap
+from mmgpt.models.checkpoints import WeightsError, load_state_file, unwrap
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,9 @@ class VisionEncoder(nn.Module):
         state = unwrap(load_state_file(path))
         visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
         if not visual:
-            raise CheckpointError(f"{path}: no 'visual.*' keys; expected an open_clip CLIP state dict")
+            raise WeightsError(f"{path}: no 'visual.*' keys; expected an open_clip CLIP state dict")
         missing, unexpected = self.visual.load_state_dict(visual, strict=False)
         if missing or unexpected:
-            raise CheckpointError(f"{path}: CLIP vision weights do not match the ViT: "
+            raise WeightsError(f"{path}: CLIP vision weights do not match the ViT: "
                                   f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
 

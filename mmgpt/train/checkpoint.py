@@ -12,7 +12,6 @@ os.replace). A kill at any point leaves `latest` on the previous complete checkp
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -20,12 +19,8 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import nn
 
-LATEST = "latest"
-_TAG = re.compile(r"^step_(\d{8})$")
+from mmgpt.run_layout import LATEST, CheckpointError, is_tag, read_latest, step_of, tag_for
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be resumed from; the message names the tag and the problem."""
 
 
 class SavingEngine(Protocol):
@@ -33,17 +28,6 @@ class SavingEngine(Protocol):
 
     def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool,
                         exclude_frozen_parameters: bool) -> Any: ...
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def step_of(tag: str) -> int:
-    match = _TAG.match(tag)
-    if match is None:
-        raise CheckpointError(f"not a checkpoint tag: {tag!r} (expected step_NNNNNNNN)")
-    return int(match[1])
 
 
 class CheckpointManager:
@@ -59,18 +43,11 @@ class CheckpointManager:
         """Checkpoint directories present, oldest first (complete or not)."""
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _TAG.match(p.name))
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and is_tag(p.name))
 
     def latest(self) -> str | None:
         """The tag `latest` points to, or None when there is no committed checkpoint."""
-        pointer = self.root / LATEST
-        if not pointer.is_file():
-            return None
-        tag = pointer.read_text(encoding="utf-8").strip()
-        step_of(tag)
-        if not (self.root / tag).is_dir():
-            raise CheckpointError(f"{pointer} names {tag!r} but {self.root / tag} does not exist")
-        return tag
+        return read_latest(self.root)
 
     def prepare(self, tag: str) -> Path:
         """Empty directory for a new save (a leftover from a killed save of the same step goes)."""

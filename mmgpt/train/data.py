@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import torch
 
-from mmgpt.data.batch import PackedBatch, TokenizedSample
+from mmgpt.contracts import PackedBatch, TokenizedSample
 from mmgpt.data.conversation import tokenize
 from mmgpt.data.mixture import MAX_ERROR_EXAMPLES, Mixture
 from mmgpt.data.packing import Packer, PackingConfig

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from mmgpt.config import TrainConfig
-from mmgpt.data.batch import PackedBatch
+from mmgpt.contracts import PackedBatch
 from mmgpt.models.params import StepShape, step_flops
 from mmgpt.train import checkpoint as ckpt
 from mmgpt.train.data import RankStream

@@ -15,7 +15,7 @@ from typing import Any
 from mmgpt.data.conversation import Conversation, Round
 from mmgpt.data.sources.base import (BAD_FIELD, IMAGE_COUNT_MISMATCH, ReadResult, RecordError,
                                      expect_list, get, indexed, load_json, read_records)
-from mmgpt.models.tokenizer import IMAGE
+from mmgpt.contracts import IMAGE
 
 _MARKER = re.compile(rf"\s*{re.escape(IMAGE)}\s*")  # a marker and the whitespace around it
 HUMAN = ("human", "user")

@@ -1,6 +1,8 @@
-"""The two records that cross module boundaries on the data path.
+"""The contracts shared by the data, model, training and inference packages.
 
 records -> Conversation -> TokenizedSample (this file) -> packer -> PackedBatch (this file) -> model.
+Everything here is plain data (no model or data logic), so every package may import it and none
+needs another package for it: the special tokens, IGNORE_INDEX, TokenizedSample, PackedBatch.
 """
 from __future__ import annotations
 
@@ -10,7 +12,14 @@ import torch
 
 from mmgpt.media import MediaLayout
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # label of an unsupervised position (transformers' and torch's convention)
+
+# The special tokens OpenFlamingo / MultiModal-GPT add to the LLaMA vocabulary. Order matters for
+# checkpoint compatibility: they become ids 32000, 32001, 32002 (embedding rows of the released
+# checkpoints).
+ENDOFCHUNK = "<|endofchunk|>"
+IMAGE = "<image>"
+PAD = "<PAD>"
 
 
 @dataclass

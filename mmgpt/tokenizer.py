@@ -1,0 +1,27 @@
+"""LLaMA tokenizer loading with the three special tokens OpenFlamingo/MultiModal-GPT add
+(`mmgpt.contracts`: `<|endofchunk|>`, `<image>`, `<PAD>`, in that order: ids 32000-32002 on the
+LLaMA vocabulary). Shared by the data side (tokenisation) and the model side (embedding rows).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from mmgpt.contracts import ENDOFCHUNK, IMAGE, PAD
+
+TINY_TOKENIZER_DIR = Path(__file__).resolve().parent / "resources" / "tiny_tokenizer"
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """Load a LLaMA tokenizer directory and add the Flamingo special tokens (idempotent)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer directory not found: {path}")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    tok.add_special_tokens({"additional_special_tokens": [ENDOFCHUNK, IMAGE]})
+    tok.add_special_tokens({"pad_token": PAD})
+    probe = tok("Hello world", add_special_tokens=False)["input_ids"]
+    if not probe:
+        raise RuntimeError(f"tokenizer at {path} encodes text to nothing: is tokenizer.model valid?")
+    return tok
