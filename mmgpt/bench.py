@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from mmgpt.contracts import IGNORE_INDEX, PackedBatch, TokenizedSample
 from mmgpt.data.packing import Packer, PackingConfig, collate, packing_efficiency
 from mmgpt.models.params import StepShape, peak_bf16_flops, step_flops
+from mmgpt.train.loss import packed_loss
 
 
 @dataclass(frozen=True)
@@ -217,7 +218,7 @@ def run_packing_bench(args: argparse.Namespace) -> dict:
         return collate(members, row_tokens, image_token_id=image_id, media_attention="next", image_size=(side, side))
 
     def train_step(batch: PackedBatch) -> Callable[[], torch.Tensor]:
-        return lambda: model(batch.to(device, dtype)).loss_sum
+        return lambda: packed_loss(model, model.lm_head, batch.to(device, dtype)).loss_sum
 
     def work(rows: list[list[int]]) -> dict[str, _Work]:
         members = [[samples[i] for i in ids] for ids in rows]

@@ -65,6 +65,7 @@ class PackedBatch:
     images: torch.Tensor  # [M, 3, H, W] float (M may be 0)
     media_index: torch.Tensor  # [T] long, image each token cross-attends, -1 = none
     media: MediaLayout | None  # cross-attention layout over the tokens of samples with images
+    supervised_index: torch.Tensor  # [N] long, positions whose label is not IGNORE_INDEX
     sample_index: torch.Tensor  # [T] long, sample each token belongs to
     sources: list[str]  # [S] source name per sample
     is_vl: torch.Tensor  # [S] bool
@@ -82,13 +83,18 @@ class PackedBatch:
 
     @property
     def num_supervised(self) -> int:
-        return int((self.labels != IGNORE_INDEX).sum())
+        return int(self.supervised_index.numel())
 
     @property
     def efficiency(self) -> float:
         """Real tokens / (rows x row capacity): 1.0 means no padding or empty room."""
         cap = self.num_rows * self.row_tokens
         return self.num_tokens / cap if cap else 1.0
+
+    def model_inputs(self) -> dict[str, object]:
+        """The keyword arguments of `Flamingo.forward` (plain tensors and the media layout)."""
+        return dict(input_ids=self.input_ids, position_ids=self.position_ids, cu_seqlens=self.cu_seqlens,
+                    max_seqlen=self.max_seqlen, images=self.images, media=self.media)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "PackedBatch":
         """Move tensors to `device`; `dtype` applies to images only (ids stay integer)."""

@@ -25,7 +25,7 @@ from mmgpt.models.builder import ModelConfig, build_model
 from mmgpt.media import row_layout
 from mmgpt.models.checkpoints import WeightsError, load_lora, load_openflamingo, load_state_file
 from mmgpt.models.flamingo import MediaContext
-from mmgpt.models.lora import randomize_lora_b
+from model_helpers import open_gates, randomize_lora_b
 from mmgpt.tokenizer import TINY_TOKENIZER_DIR
 from mmengine_standins import RELEASED_TUNING, fake_mmengine, lora_config
 
@@ -40,7 +40,7 @@ def make(seed: int, lora: str = "default", **kw):
 
 def source_model():
     model = make(1)
-    model.init_gates(0.3)
+    open_gates(model, 0.3)
     randomize_lora_b(model, seed=1)
     return model
 

@@ -16,6 +16,7 @@ from mmgpt.data.packing import collate
 from mmgpt.data.sample import write_sample
 from mmgpt.data.sources import READERS
 from mmgpt.models.builder import build_model, preset_image_size
+from mmgpt.train.loss import packed_loss
 
 SIZE = preset_image_size("tiny")
 MAX_STEPS = 400
@@ -47,7 +48,7 @@ def train_until_memorised(model, tok, conversations: list[Conversation], image_r
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
     torch.manual_seed(0)
     for _ in range(MAX_STEPS):
-        out = model(batch)
+        out = packed_loss(model, model.lm_head, batch)
         loss = out.loss_sum / out.num_supervised
         opt.zero_grad()
         loss.backward()

@@ -29,7 +29,7 @@ from mmgpt.inference.model_dir import load_model, resolve_source
 from mmgpt.models.builder import ModelConfig, build_model, preset_image_size
 from mmgpt.media import row_layout
 from mmgpt.models.flamingo import MediaContext
-from mmgpt.models.lora import randomize_lora_b
+from model_helpers import open_gates, randomize_lora_b
 
 SIZE = preset_image_size("tiny")
 TEXT = "<s>### Image:\n<image>\n\n### Instruction:\nWhat colour is the bus?\n\n### Response:\nThe bus is red.</s>"
@@ -41,7 +41,7 @@ def make_base(root: Path) -> ModelConfig:
     confident as a trained LM's (random-init logits are bounded near uniform: nothing could be
     memorised through LoRA alone)."""
     base, tok = build_model(ModelConfig(preset="tiny", lora="none", seed=0))
-    base.init_gates(0.8)
+    open_gates(base, 0.8)
     with torch.no_grad():
         base.llama.model.norm.weight.mul_(25.0)
     write_language_model(base.llama, tok, root / "llama", torch.float32)

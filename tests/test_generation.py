@@ -15,7 +15,7 @@ from mmgpt.inference.generation import (GenerationConfig, LanguageModelStepper, 
 from mmgpt.media import MEDIA_ATTENTION_MODES, MediaLayout
 from mmgpt.models.builder import ModelConfig, build_model, preset_image_size
 from mmgpt.models.flamingo import MediaContext
-from mmgpt.models.lora import randomize_lora_b
+from model_helpers import open_gates, randomize_lora_b
 
 SIZE = preset_image_size("tiny")
 
@@ -23,7 +23,7 @@ SIZE = preset_image_size("tiny")
 @pytest.fixture(scope="module")
 def model_tok():
     model, tok = build_model(ModelConfig(preset="tiny", seed=0))
-    model.init_gates(0.9)  # visible cross-attention: the image changes every logit
+    open_gates(model, 0.9)  # visible cross-attention: the image changes every logit
     randomize_lora_b(model, std=0.2)
     return model.eval(), tok
 

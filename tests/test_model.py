@@ -16,10 +16,11 @@ from transformers.masking_utils import create_causal_mask
 from mmgpt.contracts import IGNORE_INDEX, PackedBatch, TokenizedSample
 from mmgpt.data.packing import collate
 from mmgpt.media import MEDIA_ATTENTION_MODES, MediaLayout, attends_previous, media_index, row_layout
-from mmgpt.models import flamingo as flamingo_mod
+from mmgpt.train import loss as loss_mod
 from mmgpt.models.builder import ModelConfig, build_model, preset_image_size
 from mmgpt.models.cross_attention import MaskedCrossAttention, MediaContext
-from mmgpt.models.lora import randomize_lora_b
+from mmgpt.train.loss import packed_loss
+from model_helpers import open_gates, packed_logits, randomize_lora_b
 
 IMG = 1001  # <image> in the tiny tokenizer
 SIZE = preset_image_size("tiny")
@@ -44,7 +45,7 @@ def media(latents: torch.Tensor, ids: torch.Tensor, mode: str = "previous") -> M
 
 def build(lora: str = "default", dtype=torch.float32, gates: float = 0.0, lora_b: bool = False, seed=0):
     model, tok = build_model(ModelConfig(preset="tiny", lora=lora, seed=seed), dtype=dtype)
-    model.init_gates(gates)
+    open_gates(model, gates)
     if lora_b:
         randomize_lora_b(model, std=0.05)
     return model.eval(), tok
@@ -80,7 +81,7 @@ def test_gate_zero_logits_equal_bare_llama():
         ours = model.lm_forward(ids, ctx).logits
         ref = bare_llama(model)(ids).logits
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
-        model.init_gates(0.5)  # the same check must notice cross-attention once gates open
+        open_gates(model, 0.5)  # the same check must notice cross-attention once gates open
         assert (model.lm_forward(ids, ctx).logits - ref).abs().max() > 1e-3
 
 
@@ -168,7 +169,7 @@ def test_packed_logits_equal_unpacked(mode):
     imgs = images(3)
     batch = pack(SAMPLES, imgs, mode, seed=3)
     with torch.no_grad():
-        packed = model.batch_logits(batch)
+        packed = packed_logits(model, batch)
         start, first_image = 0, 0
         for index, (ids, _, n) in enumerate(SAMPLES):
             row = torch.tensor([ids])
@@ -185,7 +186,7 @@ def test_imageless_sample_equals_plain_llama_with_lora_in_a_packed_row():
     model, _ = build(gates=0.7, lora_b=True)
     batch = pack(SAMPLES, images(3), "next")
     with torch.no_grad():
-        packed = model.batch_logits(batch)
+        packed = packed_logits(model, batch)
         merged = copy.deepcopy(model)
         merged.lang_encoder = merged.lang_encoder.merge_and_unload()
         text_ids = torch.tensor([SAMPLES[1][0]])
@@ -199,14 +200,14 @@ def test_imageless_sample_equals_plain_llama_with_lora_in_a_packed_row():
 
 
 def test_chunked_loss_equals_full_logits_float64(monkeypatch):
-    monkeypatch.setattr(flamingo_mod, "LOSS_CHUNK_TOKENS", 3)  # several chunks on 11 targets
+    monkeypatch.setattr(loss_mod, "LOSS_CHUNK_TOKENS", 3)  # several chunks on 11 targets
     model, _ = build(dtype=torch.float64, gates=0.7, lora_b=True)
     model.train()
     batch = pack(SAMPLES, images(3, dtype=torch.float64))
-    out = model(batch)
+    out = packed_loss(model, model.lm_head, batch)
     trainable = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(out.loss_sum, trainable)
-    logits = model.batch_logits(batch)
+    logits = packed_logits(model, batch)
     per_token = F.cross_entropy(logits, batch.labels, ignore_index=IGNORE_INDEX, reduction="none")
     ref = per_token.sum()
     ref_grads = torch.autograd.grad(ref, trainable)
@@ -224,9 +225,9 @@ def test_gradient_checkpointing_same_grads():
     model.train()
     batch = pack(SAMPLES, images(3))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    ref = torch.autograd.grad(model(batch).loss_sum, trainable)
+    ref = torch.autograd.grad(packed_loss(model, model.lm_head, batch).loss_sum, trainable)
     model.set_gradient_checkpointing(True)
-    got = torch.autograd.grad(model(batch).loss_sum, trainable)
+    got = torch.autograd.grad(packed_loss(model, model.lm_head, batch).loss_sum, trainable)
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, atol=1e-6, rtol=0)
     assert any(g.abs().sum() > 0 for g in got)
@@ -236,7 +237,7 @@ def test_no_supervised_tokens_gives_connected_zero_loss():
     model, _ = build()
     model.train()
     batch = pack([([1, 5, 6], [-100, -100, -100], 0)], images(0))
-    out = model(batch)
+    out = packed_loss(model, model.lm_head, batch)
     assert out.num_supervised == 0 and float(out.loss_sum.detach()) == 0.0
     out.loss_sum.backward()  # DeepSpeed needs a graph even for an empty micro-batch
 

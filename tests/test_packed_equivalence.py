@@ -13,7 +13,8 @@ from mmgpt.contracts import IGNORE_INDEX, TokenizedSample
 from mmgpt.data.packing import collate
 from mmgpt.media import MEDIA_ATTENTION_MODES, attends_previous
 from mmgpt.models.builder import ModelConfig, build_model, preset_image_size
-from mmgpt.models.lora import randomize_lora_b
+from mmgpt.train.loss import packed_loss
+from model_helpers import open_gates, packed_logits, randomize_lora_b
 
 REL_TOL = 1e-5
 X = IGNORE_INDEX
@@ -24,7 +25,7 @@ def model():
     torch.manual_seed(0)
     model, _ = build_model(ModelConfig(preset="tiny", attn_backend="sdpa", seed=0))
     randomize_lora_b(model, std=0.05, seed=1)
-    model.init_gates(0.7)
+    open_gates(model, 0.7)
     return model
 
 
@@ -58,7 +59,7 @@ def _lora_grads(model, batches) -> dict[str, torch.Tensor]:
     """LoRA gradients of the summed loss over `batches` (accumulated over the batches)."""
     model.zero_grad(set_to_none=True)
     for batch in batches:
-        model(batch).loss_sum.backward()
+        packed_loss(model, model.lm_head, batch).loss_sum.backward()
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -69,8 +70,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_packed_losses_and_lora_grads_equal_unpacked(model, samples) -> None:
     packed = _collate(model, samples)
     with torch.no_grad():
-        out = model(packed)
-        alone = [model(_collate(model, [s])) for s in samples]
+        out = packed_loss(model, model.lm_head, packed)
+        alone = [packed_loss(model, model.lm_head, _collate(model, [s])) for s in samples]
     for s, single in enumerate(alone):
         assert int(out.sample_count[s]) == single.num_supervised > 0
         assert abs(float(out.sample_loss_sum[s]) - float(single.loss_sum)) <= REL_TOL * float(single.loss_sum)
@@ -92,7 +93,7 @@ def test_equivalence_test_detects_a_missing_boundary(model, samples) -> None:
     leaky.max_seqlen = leaky.num_tokens
     leaky.position_ids = torch.arange(leaky.num_tokens)
     with torch.no_grad():
-        good, bad = model.batch_logits(packed), model.batch_logits(leaky)
+        good, bad = packed_logits(model, packed), packed_logits(model, leaky)
     first = int(packed.cu_seqlens[1])
     torch.testing.assert_close(bad[:first], good[:first], rtol=0, atol=1e-6)  # sees nothing before
     assert (bad[first:] - good[first:]).abs().max() > 1e-3
@@ -101,7 +102,7 @@ def test_equivalence_test_detects_a_missing_boundary(model, samples) -> None:
 def _sample_logits(model, samples: list[TokenizedSample], mode: str = "previous") -> list[torch.Tensor]:
     batch = _collate(model, samples, mode)
     with torch.no_grad():
-        logits = model.batch_logits(batch)
+        logits = packed_logits(model, batch)
     cu = batch.cu_seqlens.tolist()
     return [logits[a:b] for a, b in zip(cu, cu[1:])]
 
@@ -162,7 +163,7 @@ def test_padded_benchmark_baseline_computes_the_same_loss(model, samples) -> Non
     loss = padded_loss_sum(model, samples)
     loss.backward()
     with torch.no_grad():
-        packed_loss = model(_collate(model, samples, "next")).loss_sum
-    assert abs(float(loss) - float(packed_loss)) <= REL_TOL * float(packed_loss)
+        packed_sum = packed_loss(model, model.lm_head, _collate(model, samples, "next")).loss_sum
+    assert abs(float(loss) - float(packed_sum)) <= REL_TOL * float(packed_sum)
     for name, g in grads_packed.items():
         assert _rel(model.get_parameter(name).grad, g) < REL_TOL, name

@@ -10,6 +10,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from mmgpt.cli import main
 from mmgpt.models.builder import ModelConfig, build_model, preset_image_size
 from mmgpt.models.params import StepShape, count_params, step_flops
+from mmgpt.train.loss import packed_loss
+from model_helpers import open_gates
 from test_model import SAMPLES, images, pack
 
 LORA_9B_DEFAULT = 23_461_888
@@ -58,12 +60,12 @@ def test_linear_flops_match_flop_counter():
     projections from the counter.
     """
     model, _ = build_model(ModelConfig(preset="tiny", lora="none"))
-    model.init_gates(0.5)
+    open_gates(model, 0.5)
     batch = pack(SAMPLES, images(3))
     with FlopCounterMode(display=False) as vision:
         model.vision_encoder(batch.images.clone().requires_grad_())
     with torch.no_grad(), FlopCounterMode(display=False, depth=1) as rest:
-        model(batch)
+        packed_loss(model, model.lm_head, batch)
     counts = rest.get_flop_counts()
     rest_flops = rest.get_total_flops() - sum(counts["Flamingo.vision_encoder"].values())
     est = step_flops("tiny", StepShape.from_batch(batch))

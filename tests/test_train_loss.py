@@ -10,8 +10,9 @@ from mmgpt.data.mixture import Mixture, MixtureConfig
 from mmgpt.data.packing import collate
 from mmgpt.data.sample import write_sample
 from mmgpt.models.builder import ModelConfig, build_model, preset_image_size
-from mmgpt.models.lora import randomize_lora_b
+from model_helpers import open_gates, randomize_lora_b
 from mmgpt.train.loop import global_loss_scale, gradient_anchor
+from mmgpt.train.loss import packed_loss
 
 ROWS = 4  # rows of the global batch
 SAMPLES_PER_ROW = 3
@@ -21,7 +22,7 @@ SAMPLES_PER_ROW = 3
 def model():
     model, tokenizer = build_model(ModelConfig(preset="tiny", seed=1), dtype=torch.float64)
     randomize_lora_b(model, seed=2)
-    model.init_gates(0.7)  # cross-attention (and its LoRA) matters
+    open_gates(model, 0.7)  # cross-attention (and its LoRA) matters
     return model, tokenizer
 
 
@@ -66,7 +67,7 @@ def split_gradient(flamingo, rows, world: int, micro: int, accum: int) -> dict[s
         flamingo.zero_grad()
         for b in window:
             anchor = gradient_anchor(trainable)
-            out = flamingo(b)
+            out = packed_loss(flamingo, flamingo.lm_head, b)
             ((out.loss_sum * scale + 0.0 * anchor) / accum).backward()
         rank_grads = lora_grads(flamingo)
         total = rank_grads if total is None else {k: total[k] + rank_grads[k] for k in total}
@@ -78,7 +79,7 @@ def reference(model, samples):
     """Gradient of the global mean token loss, from one forward over the whole global batch."""
     flamingo, _ = model
     flamingo.zero_grad()
-    out = flamingo(batch_of(flamingo, rows_of(samples)))
+    out = packed_loss(flamingo, flamingo.lm_head, batch_of(flamingo, rows_of(samples)))
     (out.loss_sum / out.num_supervised).backward()
     return lora_grads(flamingo)
 
@@ -100,7 +101,7 @@ def test_per_micro_batch_mean_would_differ(model, samples, reference):
     flamingo, _ = model
     flamingo.zero_grad()
     for row in rows_of(samples):
-        out = flamingo(batch_of(flamingo, [row]))
+        out = packed_loss(flamingo, flamingo.lm_head, batch_of(flamingo, [row]))
         (out.loss_sum / out.num_supervised / ROWS).backward()
     naive = lora_grads(flamingo)
     worst = max(((naive[k] - reference[k]).norm() / reference[k].norm()).item() for k in reference)
@@ -129,7 +130,7 @@ def test_gradient_hook_order_is_data_independent(model, samples):
                 order.clear()
                 flamingo.zero_grad()
                 anchor = gradient_anchor(trainable)
-                loss = flamingo(batch_of(flamingo, [group])).loss_sum
+                loss = packed_loss(flamingo, flamingo.lm_head, batch_of(flamingo, [group])).loss_sum
                 (loss + 0.0 * anchor if anchored else loss).backward()
                 orders[anchored, label] = list(order)
     finally:

@@ -101,16 +101,18 @@ def collate(
         h, w = image_size if image_size is not None else (0, 0)
         image_tensor = torch.zeros(0, 3, h, w)
     media_t = torch.cat(media)
+    labels_t = torch.tensor(labels, dtype=torch.long)
     seq_lengths = [len(s.input_ids) for s in samples]
     return PackedBatch(
         input_ids=torch.tensor(input_ids, dtype=torch.long),
-        labels=torch.tensor(labels, dtype=torch.long),
+        labels=labels_t,
         position_ids=torch.tensor(positions, dtype=torch.long),
         cu_seqlens=torch.tensor(cu_seqlens, dtype=torch.int32),
         max_seqlen=max(seq_lengths),
         images=image_tensor,
         media_index=media_t,
         media=MediaLayout.build(media_t, torch.tensor(through)) if images else None,
+        supervised_index=(labels_t != IGNORE_INDEX).nonzero().flatten(),
         sample_index=torch.tensor(sample_index, dtype=torch.long),
         sources=[s.source for s in samples],
         is_vl=torch.tensor([s.is_vl for s in samples], dtype=torch.bool),

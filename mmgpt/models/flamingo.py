@@ -11,26 +11,22 @@ original MultiModal-GPT.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import LlamaForCausalLM
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from mmgpt.contracts import IGNORE_INDEX, PackedBatch
+from mmgpt.media import MediaLayout
 from mmgpt.models.attention import ATTN_IMPLEMENTATION
 from mmgpt.models.cross_attention import GatedCrossAttentionBlock, MediaContext
 from mmgpt.models.perceiver import PerceiverResampler
 from mmgpt.models.vision import VisionEncoder
 
-__all__ = ["Flamingo", "FlamingoLayer", "LossOutput", "MediaContext"]
-
-LOSS_CHUNK_TOKENS = 1024  # supervised positions per LM-head chunk: bounds logits memory to chunk x V
+__all__ = ["Flamingo", "FlamingoLayer", "MediaContext"]
 
 
 class FlamingoLayer(GradientCheckpointingLayer):
@@ -45,16 +41,6 @@ class FlamingoLayer(GradientCheckpointingLayer):
         if self.gated_cross_attn_layer is not None and media is not None and media.layout.num_tokens:
             hidden_states = self.gated_cross_attn_layer(hidden_states, media)
         return self.decoder_layer(hidden_states, *args, **kwargs)
-
-
-@dataclass
-class LossOutput:
-    """Summed (not averaged) loss: the training loop divides by the GLOBAL supervised count."""
-
-    loss_sum: Tensor  # scalar, float32 (float64 for a float64 model), sum of token cross-entropies
-    num_supervised: int
-    sample_loss_sum: Tensor  # [S] float32, detached
-    sample_count: Tensor  # [S] long
 
 
 def add_cross_attention(llama: LlamaForCausalLM, dim_visual: int, every_n_layers: int,
@@ -95,13 +81,6 @@ class Flamingo(nn.Module):
         return [layer.gated_cross_attn_layer for layer in self.llama.model.layers
                 if layer.gated_cross_attn_layer is not None]
 
-    def init_gates(self, value: float) -> None:
-        """Set every attn/ff gate (tests: make cross-attention visible; 0 restores identity)."""
-        with torch.no_grad():
-            for block in self.cross_attn_blocks():
-                block.attn_gate.fill_(value)
-                block.ff_gate.fill_(value)
-
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute each FlamingoLayer in backward (non-reentrant: frozen inputs + LoRA work)."""
         for layer in self.llama.model.layers:
@@ -117,48 +96,24 @@ class Flamingo(nn.Module):
             tokens = self.vision_encoder(images.to(dtype))
         return self.perceiver(tokens)
 
-    def _packed_hidden(self, batch: PackedBatch) -> Tensor:
-        """Final hidden states [T, dim] of a packed batch (one row, causal within each sample)."""
-        media = None if batch.media is None else MediaContext(self.encode_images(batch.images), batch.media)
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.llama.lm_head
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                images: Tensor, media: MediaLayout | None) -> Tensor:
+        """Final hidden states [T, dim] of one packed sequence of T tokens (several samples).
+
+        Self-attention is causal inside each `cu_seqlens` segment; `media` is the host-built
+        cross-attention layout (None: no sample has an image, every block is skipped). The loss
+        lives in mmgpt/train/loss.py; `PackedBatch.model_inputs()` gives these arguments.
+        """
+        context = None if media is None else MediaContext(self.encode_images(images), media)
         out = self.llama.model(
-            input_ids=batch.input_ids[None], position_ids=batch.position_ids[None], media=media,
-            cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens,
-            max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen, use_cache=False)
+            input_ids=input_ids[None], position_ids=position_ids[None], media=context,
+            cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
+            max_length_q=max_seqlen, max_length_k=max_seqlen, use_cache=False)
         return out.last_hidden_state[0]
-
-    def forward(self, batch: PackedBatch) -> LossOutput:
-        """Packed training forward; the LM head only runs on supervised positions, in chunks."""
-        hidden = self._packed_hidden(batch)
-        positions = (batch.labels != IGNORE_INDEX).nonzero().flatten()
-        targets = batch.labels[positions]
-        token_loss = self._supervised_token_loss(hidden[positions], targets)
-        samples = batch.sample_index[positions]
-        num_samples = batch.num_samples
-        sample_loss = torch.zeros(num_samples, dtype=torch.float32, device=hidden.device)
-        sample_loss.index_add_(0, samples, token_loss.detach().float())
-        loss_sum = token_loss.sum() if positions.numel() else hidden.sum().float() * 0.0
-        return LossOutput(loss_sum=loss_sum, num_supervised=int(positions.numel()),
-                          sample_loss_sum=sample_loss,
-                          sample_count=torch.bincount(samples, minlength=num_samples))
-
-    def _supervised_token_loss(self, hidden: Tensor, targets: Tensor) -> Tensor:
-        """Per-token float32 cross-entropy; under grad each chunk's logits are recomputed in backward."""
-        losses = []
-        for h, t in zip(hidden.split(LOSS_CHUNK_TOKENS), targets.split(LOSS_CHUNK_TOKENS)):
-            if torch.is_grad_enabled():
-                losses.append(checkpoint(self._chunk_loss, h, t, use_reentrant=False))
-            else:
-                losses.append(self._chunk_loss(h, t))
-        return torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
-
-    def _chunk_loss(self, hidden: Tensor, targets: Tensor) -> Tensor:
-        logits = self.llama.lm_head(hidden)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
-        return F.cross_entropy(logits, targets, reduction="none")
-
-    def batch_logits(self, batch: PackedBatch) -> Tensor:
-        """[T, V] logits of a packed batch (tests and leak checks only: materialises all logits)."""
-        return self.llama.lm_head(self._packed_hidden(batch))
 
     def lm_forward(self, input_ids: Tensor, media: MediaContext | None, position_ids: Tensor | None = None,
                    attention_mask: Tensor | None = None, cache=None, use_cache: bool = False,
@@ -166,7 +121,7 @@ class Flamingo(nn.Module):
         """HF-style forward on [B, T] ids (generation, tests); `media.layout` covers B x T tokens.
 
         One sequence per row (left padding via attention_mask is fine); packed rows must go
-        through `forward`/`batch_logits`, which pass the sample boundaries to self-attention.
+        through `forward`, which passes the sample boundaries to self-attention.
         """
         return self.llama(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           cache=cache, use_cache=use_cache, media=media, **kwargs)

@@ -7,7 +7,6 @@ Figure 1 draws it. target_modules is a regex (peft full-matches it against modul
 """
 from __future__ import annotations
 
-import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -36,12 +35,3 @@ def lora_config(preset: str) -> LoraConfig:
 def apply_lora(lang_encoder: nn.Module, preset: str) -> nn.Module:
     """Wrap the language model with peft; afterwards only the LoRA matrices require grad."""
     return get_peft_model(lang_encoder, lora_config(preset))
-
-
-def randomize_lora_b(model: nn.Module, std: float = 0.02, seed: int = 0) -> None:
-    """Give every lora_B a nonzero value (peft starts it at 0): tests need LoRA to change outputs."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * std)

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from mmgpt.config import TrainConfig
 from mmgpt.contracts import PackedBatch
+from mmgpt.train.loss import packed_loss
 from mmgpt.models.params import StepShape, step_flops
 from mmgpt.train import checkpoint as ckpt
 from mmgpt.train.data import RankStream
@@ -148,7 +149,7 @@ class Trainer:
         lr = self.engine.get_lr()[0]
         for batch in window:
             anchor = gradient_anchor(self.trainable)
-            out = self.engine(batch.to(self.dist.device))
+            out = packed_loss(self.engine, self.model.lm_head, batch.to(self.dist.device))
             loss_sum = out.loss_sum
             if self.dist.is_rank0 and self.step + 1 in self.cfg.inject_nonfinite_steps:
                 loss_sum = loss_sum * float("nan")
