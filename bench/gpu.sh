@@ -2,7 +2,7 @@
 # Packing benchmark on one CUDA GPU: the 9B architecture (ViT-L/14 + LLaMA-7B, OpenFlamingo-9B
 # layout) with RANDOM weights built on the device in bf16 (nothing is downloaded), LoRA trainable.
 # Compares one sample per forward, padded batches and packed 4096-token rows; reports supervised
-# tokens/s, MFU (LoRA-aware FLOPs, see mmgpt.bench.training_flops) and peak memory as JSON.
+# tokens/s, MFU (LoRA-aware FLOPs, see mmgpt.perf.step_flops) and peak memory as JSON.
 # Budget: about 5 minutes on an H100/H200 (model build ~1 min, timing ~2 min).
 #
 #   bench/gpu.sh [OUT_DIR] [extra `mmgpt bench packing` options]

@@ -12,7 +12,7 @@ import sys
 COMMANDS: tuple[str, ...] = (
     "mmgpt.models.params",  # params
     "mmgpt.data.cli",  # data inspect | sample
-    "mmgpt.bench",  # bench packing
+    "mmgpt.benchmarks.cli",  # bench packing
     "mmgpt.train.cli",  # train
     "mmgpt.export",  # export
     "mmgpt.inference.chat",  # chat

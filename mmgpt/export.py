@@ -69,7 +69,7 @@ def probe_inputs(model: Flamingo, tokenizer: PreTrainedTokenizerBase, image_size
     image = torch.randn(1, 3, image_size, image_size, generator=gen)
     device = next(model.parameters()).device
     ids, image = ids.to(device), image.to(device)
-    return ids, MediaContext(model.encode_images(image), row_layout(ids, model.media_token_id, "previous"))
+    return ids, MediaContext(model.encode_images(image), row_layout(ids, model.image_token_id, "previous"))
 
 
 @torch.no_grad()
@@ -173,7 +173,7 @@ def export(checkpoint: str | Path, out: str | Path, merge: bool = False, dtype_n
         merge_check = None
         if merge:
             merge_check = merge_checked(model, tokenizer, image_size_of(source))
-            write_language_model(model.llama, tokenizer, staging / LANGUAGE_MODEL_DIR, dtype)
+            write_language_model(model.language_model, tokenizer, staging / LANGUAGE_MODEL_DIR, dtype)
             write_openflamingo(model, staging / OPENFLAMINGO_DIR, dtype)
         (staging / EXPORT_CONFIG).write_text(json.dumps(export_config(source, merge, dtype_name), indent=2))
         files = {str(p.relative_to(staging)): {"sha256": sha256(p), "bytes": p.stat().st_size}

@@ -14,7 +14,7 @@ from mmgpt.contracts import PackedBatch
 def open_gates(model, value: float) -> None:
     """Set every attn/ff gate of the cross-attention blocks (0 restores identity)."""
     with torch.no_grad():
-        for layer in model.llama.model.layers:
+        for layer in model.language_model.model.layers:
             if layer.gated_cross_attn_layer is not None:
                 layer.gated_cross_attn_layer.attn_gate.fill_(value)
                 layer.gated_cross_attn_layer.ff_gate.fill_(value)

@@ -227,8 +227,8 @@ def test_llama_directory_is_loaded_and_resized(tmp_path):
     for f in TINY_TOKENIZER_DIR.iterdir():
         shutil.copy(f, tmp_path / f.name)
     model, tok = build_model(ModelConfig(preset="tiny", llama_path=str(tmp_path), lora="none"))
-    assert len(tok) == 1003 and model.llama.get_input_embeddings().weight.shape[0] == 1003
-    ours = model.llama.state_dict()
+    assert len(tok) == 1003 and model.language_model.get_input_embeddings().weight.shape[0] == 1003
+    ours = model.language_model.state_dict()
     for k, v in llama.state_dict().items():
         name = re.sub(r"^model\.layers\.(\d+)\.", r"model.layers.\1.decoder_layer.", k)
         if "embed_tokens" in k or "lm_head" in k:

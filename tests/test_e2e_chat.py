@@ -42,7 +42,7 @@ def train_until_memorised(model, tok, conversations: list[Conversation], image_r
         assert not isinstance(sample, str), sample
         sample.images = [load_image(image_root, rel, transform) for rel in conv.images]
         samples.append(sample)
-    batch = collate(samples, image_token_id=model.media_token_id, image_size=(SIZE, SIZE))
+    batch = collate(samples, image_token_id=model.image_token_id, image_size=(SIZE, SIZE))
     params = [p for p in model.parameters() if p.requires_grad]
     assert params and all(".lora_" in n for n, p in model.named_parameters() if p.requires_grad)
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)

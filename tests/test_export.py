@@ -43,8 +43,8 @@ def make_base(root: Path) -> ModelConfig:
     base, tok = build_model(ModelConfig(preset="tiny", lora="none", seed=0))
     open_gates(base, 0.8)
     with torch.no_grad():
-        base.llama.model.norm.weight.mul_(25.0)
-    write_language_model(base.llama, tok, root / "llama", torch.float32)
+        base.language_model.model.norm.weight.mul_(25.0)
+    write_language_model(base.language_model, tok, root / "llama", torch.float32)
     save_file(openflamingo_state(base), str(root / "openflamingo_base.safetensors"))
     return ModelConfig(preset="tiny", seed=0, llama_path=str(root / "llama"),
                        openflamingo_checkpoint=str(root / "openflamingo_base.safetensors"))
@@ -94,7 +94,7 @@ def exported(tmp_path_factory):
 def inputs(model, tok, seed: int = 5):
     ids = torch.tensor([tok(TEXT, add_special_tokens=False)["input_ids"]])
     image = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
-    media = MediaContext(model.encode_images(image), row_layout(ids, model.media_token_id, "previous"))
+    media = MediaContext(model.encode_images(image), row_layout(ids, model.image_token_id, "previous"))
     return ids, media
 
 
@@ -166,7 +166,7 @@ def test_openflamingo_checkpoint_layout(exported):
     assert "lang_encoder.model.embed_tokens.weight" in st
     assert any(k.startswith("perceiver.") for k in st)
     xattn = {k.split(".")[3] for k in st if ".gated_cross_attn_layer." in k}
-    layers = trained.llama.model.layers
+    layers = trained.language_model.model.layers
     assert xattn == {str(i) for i, layer in enumerate(layers) if layer.gated_cross_attn_layer is not None}
     assert all(k.startswith(("perceiver.", "lang_encoder.model.layers.", "lang_encoder.model.embed_tokens"))
                for k in st)

@@ -166,7 +166,7 @@ def test_generation_stops_at_eos_and_never_emits_banned(model_tok):
     cfg = GenerationConfig(max_new_tokens=20)
     greedy = generate(model, tok, prompt(tok), latents, cfg)
     assert not set(greedy) & (set(banned) | eos)
-    head = model.llama.lm_head.weight
+    head = model.language_model.lm_head.weight
     saved = head.data.clone()
     try:
         with torch.no_grad():  # make EOS outscore the token greedy emitted at step 4

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from mmgpt_kernels import (BACKENDS, available_backends, resolve_backend, usable_backends,
                            varlen_attention)
-from mmgpt_kernels.bench import time_backends
+from mmgpt_kernels.microbench import time_backends
 from mmgpt_kernels.reference import reference_varlen_attention
 
 CUDA = torch.device("cuda") if torch.cuda.is_available() else None

@@ -64,7 +64,7 @@ SAMPLES = [
 
 def bare_llama(model) -> LlamaForCausalLM:
     """The same LLaMA weights without Flamingo layers, on transformers' own SDPA attention."""
-    inner = model.llama
+    inner = model.language_model
     bare = LlamaForCausalLM(inner.config.__class__(**{**inner.config.to_dict(), "_attn_implementation": "sdpa"}))
     state = {k.replace(".decoder_layer.", "."): v for k, v in inner.state_dict().items()
              if "gated_cross_attn_layer" not in k}
@@ -338,7 +338,7 @@ def test_packed_path_builds_no_dense_mask():
     model, _ = build()
     batch = pack(SAMPLES, images(3))
     embeds = torch.zeros(1, batch.num_tokens, 64)
-    config = model.llama.config
+    config = model.language_model.config
     assert create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=None, cache=None,
                               position_ids=batch.position_ids[None]) is None
     padding = torch.ones(1, batch.num_tokens, dtype=torch.long)

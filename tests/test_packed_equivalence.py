@@ -45,13 +45,13 @@ def _sample(gen: torch.Generator, image_id: int, length: int, image_at: list[int
 def samples(model) -> list[TokenizedSample]:
     gen = torch.Generator().manual_seed(2)
     size = preset_image_size("tiny")
-    image_id = model.media_token_id
+    image_id = model.image_token_id
     specs = [(37, [1, 20]), (23, []), (30, [9]), (12, [1]), (41, []), (28, [5, 6])]
     return [_sample(gen, image_id, n, at, i, size) for i, (n, at) in enumerate(specs)]
 
 
 def _collate(model, samples: list[TokenizedSample], mode: str = "previous"):
-    return collate(samples, image_token_id=model.media_token_id, media_attention=mode,
+    return collate(samples, image_token_id=model.image_token_id, media_attention=mode,
                    image_size=(preset_image_size("tiny"),) * 2)
 
 
@@ -136,7 +136,7 @@ def test_changing_one_samples_image_changes_no_other_sample(model, samples, vict
     images = [torch.randn(im.shape, generator=gen) for im in samples[victim].images]
     changed = samples[:victim] + [_replace(samples[victim], images=images)] + samples[victim + 1:]
     after = _sample_logits(model, changed, mode)
-    first_image = samples[victim].input_ids.index(model.media_token_id)
+    first_image = samples[victim].input_ids.index(model.image_token_id)
     # in "previous" mode the tokens before the first image see no image ("next": they see it)
     unseen = first_image if attends_previous(mode, 0, samples[victim].index) else 0
     for s in range(len(samples)):
@@ -156,7 +156,7 @@ def test_sample_logits_do_not_depend_on_row_position(model, samples) -> None:
 
 def test_padded_benchmark_baseline_computes_the_same_loss(model, samples) -> None:
     """`mmgpt bench packing`'s padded variant does the same maths: same summed loss and grads."""
-    from mmgpt.bench import padded_loss_sum
+    from mmgpt.benchmarks.packing import padded_loss_sum
 
     grads_packed = _lora_grads(model, [_collate(model, samples, "next")])  # the benchmark's mode
     model.zero_grad(set_to_none=True)

@@ -9,7 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mmgpt.cli import main
 from mmgpt.models.builder import ModelConfig, build_model, preset_image_size
-from mmgpt.models.params import StepShape, count_params, step_flops
+from mmgpt.models.params import count_params
+from mmgpt.perf import StepShape, step_flops
 from mmgpt.train.loss import packed_loss
 from model_helpers import open_gates
 from test_model import SAMPLES, images, pack

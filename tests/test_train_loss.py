@@ -45,7 +45,7 @@ def rows_of(samples):
 
 def batch_of(flamingo, rows):
     return collate([s for row in rows for s in row], row_tokens=256, num_rows=len(rows),
-                   image_token_id=flamingo.media_token_id, image_size=(32, 32))
+                   image_token_id=flamingo.image_token_id, image_size=(32, 32))
 
 
 def lora_grads(flamingo) -> dict[str, torch.Tensor]:

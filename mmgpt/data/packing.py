@@ -149,7 +149,8 @@ class PackingConfig:
 
 # A buffered sample: (-length, tiebreak, unique order, number of images, sample). The tiebreak is
 # a stateless seeded hash of the order, so a resumed packer orders its buffer exactly as the
-# uninterrupted one did. The first three fields are unique, so sorting never compares samples and the longest sample comes first.
+# uninterrupted one did. The first three fields are unique, so sorting never compares samples
+# and the longest sample comes first.
 _Entry = tuple[int, int, int, int, TokenizedSample]
 
 

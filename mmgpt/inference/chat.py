@@ -42,7 +42,7 @@ class ChatSession:
         self.tokenizer = tokenizer
         self.transform = clip_transform(image_size)
         self.generation = generation
-        self.max_length = int(model.llama.config.max_position_embeddings)
+        self.max_length = int(model.language_model.config.max_position_embeddings)
         self.rounds: list[Round] = []
         self.latents: torch.Tensor | None = None
 

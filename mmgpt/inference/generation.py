@@ -231,9 +231,9 @@ def _beam_search(stepper: LanguageModelStepper, ids: Tensor, cfg: GenerationConf
 
 def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, set[int], list[int]]:
     """(`<image>` id, EOS ids, ids never generated: `<image>` (no image to attend) and padding)."""
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE)
-    banned = [image_id] + ([tokenizer.pad_token_id] if tokenizer.pad_token_id is not None else [])
-    return image_id, {tokenizer.eos_token_id}, banned
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE)
+    banned = [image_token_id] + ([tokenizer.pad_token_id] if tokenizer.pad_token_id is not None else [])
+    return image_token_id, {tokenizer.eos_token_id}, banned
 
 
 @torch.no_grad()
@@ -248,13 +248,13 @@ def generate(model: Flamingo, tokenizer: PreTrainedTokenizerBase, input_ids: lis
     """
     device = next(model.parameters()).device
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=device).reshape(1, -1)
-    image_id, eos, banned = special_token_ids(tokenizer)
+    image_token_id, eos, banned = special_token_ids(tokenizer)
     if latents is None:
         latents = model.encode_images(torch.zeros(0, 3, 1, 1, device=device))
-    num_images = int((ids == image_id).sum())
+    num_images = int((ids == image_token_id).sum())
     if num_images != latents.shape[0]:
         raise ValueError(f"prompt has {num_images} <image> tokens but {latents.shape[0]} images were given")
-    stepper = LanguageModelStepper(model, latents, image_id, use_cache, mode)
+    stepper = LanguageModelStepper(model, latents, image_token_id, use_cache, mode)
     if cfg.num_beams > 1:
         return _beam_search(stepper, ids, cfg, eos, banned)
     return _greedy_or_sample(stepper, ids, cfg, eos, banned)

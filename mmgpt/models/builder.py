@@ -135,7 +135,7 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: tor
     """
     preset = get_preset(cfg.preset)
     tokenizer = _load_tokenizer(cfg, preset)
-    media_token_id = tokenizer.convert_tokens_to_ids(IMAGE) if tokenizer is not None else LLAMA_IMAGE_TOKEN_ID
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE) if tokenizer is not None else LLAMA_IMAGE_TOKEN_ID
     torch.manual_seed(cfg.seed)
     with torch.device("meta") if meta else contextlib.nullcontext():
         vision = VisionEncoder(preset.vision)
@@ -147,7 +147,7 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: tor
                             every_n_layers=preset.cross_attn_every_n_layers,
                             heads=preset.xattn_heads, dim_head=preset.xattn_dim_head,
                             backend=cfg.attn_backend)
-    model = Flamingo(vision, perceiver, llama, media_token_id)
+    model = Flamingo(vision, perceiver, llama, image_token_id)
     if not meta:
         if cfg.clip_weights:
             vision.load_clip_weights(cfg.clip_weights)

@@ -61,29 +61,33 @@ def add_cross_attention(llama: LlamaForCausalLM, dim_visual: int, every_n_layers
 
 
 class Flamingo(nn.Module):
-    """The MultiModal-GPT model; `lang_encoder` is the LLaMA (or the peft model wrapping it)."""
+    """The MultiModal-GPT model; `lang_encoder` is the LLaMA (or the peft model wrapping it),
+    `language_model` always the LLaMA itself."""
 
     def __init__(self, vision_encoder: VisionEncoder, perceiver: PerceiverResampler,
-                 lang_encoder: LlamaForCausalLM, media_token_id: int):
+                 lang_encoder: LlamaForCausalLM, image_token_id: int):
         super().__init__()
         self.vision_encoder = vision_encoder
         self.perceiver = perceiver
         self.lang_encoder = lang_encoder
-        self.media_token_id = media_token_id
+        self.image_token_id = image_token_id
 
     @property
-    def llama(self) -> LlamaForCausalLM:
-        """The LlamaForCausalLM itself, under any peft wrapper (LoRA layers live inside it)."""
+    def language_model(self) -> LlamaForCausalLM:
+        """The LlamaForCausalLM itself, under any peft wrapper (LoRA layers live inside it).
+
+        `lang_encoder` keeps OpenFlamingo's name (it is the state-dict prefix of every released
+        checkpoint) and is the peft model after LoRA; this is always the plain LLaMA inside it."""
         inner = self.lang_encoder
         return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
     def cross_attn_blocks(self) -> list[GatedCrossAttentionBlock]:
-        return [layer.gated_cross_attn_layer for layer in self.llama.model.layers
+        return [layer.gated_cross_attn_layer for layer in self.language_model.model.layers
                 if layer.gated_cross_attn_layer is not None]
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute each FlamingoLayer in backward (non-reentrant: frozen inputs + LoRA work)."""
-        for layer in self.llama.model.layers:
+        for layer in self.language_model.model.layers:
             layer.gradient_checkpointing = enabled
             layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
 
@@ -98,7 +102,7 @@ class Flamingo(nn.Module):
 
     @property
     def lm_head(self) -> nn.Module:
-        return self.llama.lm_head
+        return self.language_model.lm_head
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int,
                 images: Tensor, media: MediaLayout | None) -> Tensor:
@@ -109,7 +113,7 @@ class Flamingo(nn.Module):
         lives in mmgpt/train/loss.py; `PackedBatch.model_inputs()` gives these arguments.
         """
         context = None if media is None else MediaContext(self.encode_images(images), media)
-        out = self.llama.model(
+        out = self.language_model.model(
             input_ids=input_ids[None], position_ids=position_ids[None], media=context,
             cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
             max_length_q=max_seqlen, max_length_k=max_seqlen, use_cache=False)
@@ -123,6 +127,6 @@ class Flamingo(nn.Module):
         One sequence per row (left padding via attention_mask is fine); packed rows must go
         through `forward`, which passes the sample boundaries to self-attention.
         """
-        return self.llama(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        return self.language_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           cache=cache, use_cache=use_cache, media=media, **kwargs)
 

@@ -114,7 +114,7 @@ def _train(cfg, ds: dict[str, Any], mixture_cfg, resume: bool, stop_at_step: int
     model, tokenizer = build_model(cfg.model, device=info.device, dtype=eng.model_dtype(ds))
     image_size = preset_image_size(cfg.model.preset)
     mixture = Mixture(mixture_cfg, tokenizer, image_size)
-    image_token_id = model.media_token_id
+    image_token_id = model.image_token_id
 
     per_epoch = eng.all_reduce_min(
         count_batches(mixture, cfg.packing, image_token_id, info.rank, info.world), info.device

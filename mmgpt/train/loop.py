@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from mmgpt.config import TrainConfig
 from mmgpt.contracts import PackedBatch
 from mmgpt.train.loss import packed_loss
-from mmgpt.models.params import StepShape, step_flops
+from mmgpt.perf import StepShape, step_flops
 from mmgpt.train import checkpoint as ckpt
 from mmgpt.train.data import RankStream
 from mmgpt.train.engine import DistInfo, all_gather, all_reduce_sum

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from mmgpt.models.params import peak_bf16_flops
+from mmgpt.perf import peak_bf16_flops
 
 log = logging.getLogger("mmgpt.train")
 
@@ -54,7 +54,7 @@ class StepMetrics:
     tokens: int
     samples: int
     capacity: int  # rows x row tokens
-    flops: float  # training matmul FLOPs (mmgpt.models.params.step_flops), summed
+    flops: float  # training matmul FLOPs (mmgpt.perf.step_flops), summed
     lr: float
     grad_norm: float | None
     step_time: float

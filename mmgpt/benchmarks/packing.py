@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from mmgpt.contracts import IGNORE_INDEX, PackedBatch, TokenizedSample
 from mmgpt.data.packing import Packer, PackingConfig, collate, packing_efficiency
-from mmgpt.models.params import StepShape, peak_bf16_flops, step_flops
+from mmgpt.perf import StepShape, peak_bf16_flops, step_flops
 from mmgpt.train.loss import packed_loss
 
 
@@ -124,13 +124,13 @@ def padded_loss_sum(model, samples: list[TokenizedSample]) -> torch.Tensor:
     )
     ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
     has_images = torch.tensor([bool(s.images) for s in samples])[:, None].expand(-1, width)
-    index = media_index(ids, model.media_token_id, attend_previous=False)  # the default "next" mode
+    index = media_index(ids, model.image_token_id, attend_previous=False)  # the default "next" mode
     media = MediaContext(latents, MediaLayout.build(index, has_images.to(device))) if images else None
     positions = torch.arange(width, device=device).expand(len(samples), width)
-    hidden = model.llama.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+    hidden = model.language_model.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                                media=media, use_cache=False).last_hidden_state
     supervised = labels != IGNORE_INDEX
-    logits = model.llama.lm_head(hidden[supervised]).float()
+    logits = model.language_model.lm_head(hidden[supervised]).float()
     return F.cross_entropy(logits, labels[supervised], reduction="sum")
 
 
@@ -196,13 +196,13 @@ def run_packing_bench(args: argparse.Namespace) -> dict:
     with torch.device(device):  # random weights are initialised where they will live
         model, _ = build_model(cfg, device=device, dtype=dtype)
     build_seconds = time.perf_counter() - start
-    image_id = model.media_token_id
+    image_token_id = model.image_token_id
     side = preset_image_size(args.preset)
     image = torch.randn(3, side, side, generator=torch.Generator().manual_seed(args.seed))
-    samples = synthetic_samples(args.samples, vocab_size=model.llama.config.vocab_size,
-                                image_token_id=image_id, image=image, max_tokens=args.max_tokens,
+    samples = synthetic_samples(args.samples, vocab_size=model.language_model.config.vocab_size,
+                                image_token_id=image_token_id, image=image, max_tokens=args.max_tokens,
                                 seed=args.seed)
-    packer = Packer(PackingConfig(max_tokens=args.max_tokens, seed=args.seed), image_id, (side, side))
+    packer = Packer(PackingConfig(max_tokens=args.max_tokens, seed=args.seed), image_token_id, (side, side))
     row_ids: list[list[int]] = []  # only the ids are kept: the rows' stacked images are not
 
     def recorded() -> Iterator[PackedBatch]:
@@ -215,7 +215,8 @@ def run_packing_bench(args: argparse.Namespace) -> dict:
     group = max(1, round(per_row))
 
     def packed(members: list[TokenizedSample], row_tokens: int = 0) -> PackedBatch:
-        return collate(members, row_tokens, image_token_id=image_id, media_attention="next", image_size=(side, side))
+        return collate(members, row_tokens, image_token_id=image_token_id, media_attention="next",
+                       image_size=(side, side))
 
     def train_step(batch: PackedBatch) -> Callable[[], torch.Tensor]:
         return lambda: packed_loss(model, model.lm_head, batch.to(device, dtype)).loss_sum
@@ -302,9 +303,7 @@ def _packing_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("bench", help="benchmarks (not tests)")
-    benches = parser.add_subparsers(dest="bench", required=True)
+def add_parser(benches: argparse._SubParsersAction) -> None:
     p = benches.add_parser("packing", help="batch-1 vs padded vs packed training throughput")
     p.add_argument("--json", help="write the results to this JSON file")
     p.add_argument("--preset", default="small", help="model preset (tiny, small, 9b)")
