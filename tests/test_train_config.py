@@ -129,10 +129,25 @@ def test_fill_optimizer():
     filled = fill_optimizer(offload, lr=1e-5, betas=(0.9, 0.999), weight_decay=0.0, total_steps=10,
                             warmup_steps=1, min_lr_ratio=0.0, cpu=True)
     assert "torch_adam" not in filled["optimizer"]["params"]  # offload needs DeepSpeed's CPU Adam
+    on_gpu = fill_optimizer(ds, lr=1e-5, betas=(0.9, 0.999), weight_decay=0.0, total_steps=10,
+                            warmup_steps=1, min_lr_ratio=0.0, cpu=False)["optimizer"]["params"]
+    assert on_gpu["torch_adam"] is True and on_gpu["fused"] is True  # torch's fused AdamW: no nvcc
     ds["optimizer"]["params"]["eps"] = "auto"
     with pytest.raises(DSConfigError, match=r"optimizer.params.eps"):
         fill_optimizer(ds, lr=1e-5, betas=(0.9, 0.999), weight_decay=0.0, total_steps=10,
                        warmup_steps=1, min_lr_ratio=0.0, cpu=False)
+
+
+@pytest.mark.parametrize("key, written", [("lr", 3e-4), ("betas", [0.9, 0.95]), ("weight_decay", 0.1)])
+def test_ds_json_values_that_disagree_with_the_schedule_are_refused(key, written):
+    ds = load_ds_config(REPO / "ds_configs" / "zero2.json")
+    ds["optimizer"]["params"][key] = written
+    kwargs = dict(lr=1e-5, betas=(0.9, 0.999), weight_decay=0.0, total_steps=10, warmup_steps=1,
+                  min_lr_ratio=0.0, cpu=True)
+    with pytest.raises(DSConfigError, match=rf"optimizer.params.{key} = .* disagrees .* schedule.{key}"):
+        fill_optimizer(ds, **kwargs)
+    ds["optimizer"]["params"][key] = kwargs[key] if key != "betas" else [0.9, 0.999]  # the same value is fine
+    assert fill_optimizer(ds, **kwargs)["optimizer"]["params"][key] == ds["optimizer"]["params"][key]
 
 
 # ---------------------------------------------------------------- hostfile + launch_check

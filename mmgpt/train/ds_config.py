@@ -97,19 +97,29 @@ def fill_optimizer(ds: dict[str, Any], *, lr: float, betas: tuple[float, float],
                    total_steps: int, warmup_steps: int, min_lr_ratio: float, cpu: bool) -> dict[str, Any]:
     """A copy of `ds` with "auto" optimizer/scheduler values taken from our schedule.
 
-    On a CPU accelerator without optimizer offload, `torch_adam` is set (unless given) so that
-    DeepSpeed uses torch.optim.AdamW instead of JIT-compiling its fused CPU Adam (minutes on a
-    fresh machine, same maths).
+    A value written in the JSON that disagrees with the training config is an error (as in
+    transformers' DeepSpeed integration): otherwise `schedule.lr` would be silently overridden.
+    Without optimizer offload, `torch_adam` is set (unless given) so that DeepSpeed uses
+    torch.optim.AdamW instead of JIT-building its own Adam (nvcc on every GPU node, minutes on a
+    fresh CPU machine; same maths); on CUDA it is torch's fused kernel.
     """
     ds = copy.deepcopy(ds)
     opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     params = opt.setdefault("params", {})
-    for key, value in (("lr", lr), ("betas", list(betas)), ("weight_decay", weight_decay)):
-        if params.get(key, AUTO) == AUTO:
+    ours = {"lr": lr, "betas": list(betas), "weight_decay": weight_decay}
+    for key, value in ours.items():
+        given = params.get(key, AUTO)
+        if given == AUTO:
             params[key] = value
+        elif given != value and not (key == "betas" and list(given) == value):
+            raise DSConfigError(f"optimizer.params.{key} = {given!r} in the DeepSpeed JSON disagrees with "
+                                f"the training config's schedule.{key} = {value!r}: set it to \"auto\" "
+                                "(or to the same value)")
     offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
-    if cpu and offload in (None, "none") and str(opt.get("type", "")).lower() in ("adam", "adamw"):
+    if offload in (None, "none") and str(opt.get("type", "")).lower() in ("adam", "adamw"):
         params.setdefault("torch_adam", True)
+        if not cpu and params["torch_adam"]:
+            params.setdefault("fused", True)
     sched = ds.get("scheduler")
     if sched is not None:
         sp = sched.setdefault("params", {})
