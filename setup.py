@@ -9,10 +9,12 @@ setup(
     # kernels/ holds the package `mmgpt_kernels` and is no package itself: the bare name `kernels`
     # is a PyPI package that transformers probes for, and ours must never be mistaken for it
     # (not even when running from the repository root, where kernels/ is on sys.path).
-    packages=find_packages(include=["mmgpt", "mmgpt.*"]) + ["mmgpt_kernels"],
-    package_dir={"mmgpt_kernels": "kernels/mmgpt_kernels"},
+    # ds_configs/ ships inside the package as `mmgpt.ds_configs` (data only), so the default
+    # DeepSpeed configs resolve in a non-editable install too.
+    packages=find_packages(include=["mmgpt", "mmgpt.*"]) + ["mmgpt_kernels", "mmgpt.ds_configs"],
+    package_dir={"mmgpt_kernels": "kernels/mmgpt_kernels", "mmgpt.ds_configs": "ds_configs"},
     include_package_data=True,
-    package_data={"mmgpt": ["resources/*"]},
+    package_data={"mmgpt": ["resources/*", "resources/*/*"], "mmgpt.ds_configs": ["*.json"]},
     install_requires=[
         "torch==2.14.1",
         "torchvision==0.29.1",

@@ -21,6 +21,7 @@ so the split into rows, micro-batches and ranks does not change the gradient.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,7 +33,16 @@ import yaml
 from mmgpt.data.packing import PackingConfig
 from mmgpt.models.builder import ModelConfig
 
-DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+def _ds_config_dir() -> Path:
+    """The bundled DeepSpeed configs: package data `mmgpt.ds_configs` once installed (editable or
+    not); in a bare source checkout (never installed), the repository's ds_configs/."""
+    spec = importlib.util.find_spec("mmgpt.ds_configs")  # a data-only (namespace) package
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(__file__).resolve().parent.parent / "ds_configs"
+
+
+DS_CONFIG_DIR = _ds_config_dir()
 
 # Fields (dotted) holding file-system paths: resolved against the config file's folder.
 PATH_FIELDS = (
