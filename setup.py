@@ -29,6 +29,9 @@ setup(
         "pyyaml>=6",
         "pillow>=10",
         "numpy",
+        # mmgpt.eval: the COCO caption evaluation (PTB tokenizer, BLEU, METEOR, CIDEr; needs Java)
+        "pycocoevalcap>=1.2,<2",
+        "pycocotools>=2.0.2",
     ],
     extras_require={
         "dev": ["pytest>=8"],
