@@ -29,12 +29,12 @@ setup(
         "pyyaml>=6",
         "pillow>=10",
         "numpy",
-        # mmgpt.eval: the COCO caption evaluation (PTB tokenizer, BLEU, METEOR, CIDEr; needs Java)
-        "pycocoevalcap>=1.2,<2",
-        "pycocotools>=2.0.2",
     ],
     extras_require={
-        "dev": ["pytest>=8"],
+        # mmgpt.eval's caption metrics: the COCO caption evaluation (PTB tokenizer, BLEU, METEOR,
+        # CIDEr; needs Java). A ~100 MB download, so only for those who evaluate captions.
+        "eval": ["pycocoevalcap>=1.2,<2", "pycocotools>=2.0.2"],
+        "dev": ["pytest>=8", "pycocoevalcap>=1.2,<2", "pycocotools>=2.0.2"],
         "flash": ["flash-attn>=2.7"],
     },
     entry_points={"console_scripts": ["mmgpt=mmgpt.cli:main"]},

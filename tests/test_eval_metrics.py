@@ -10,7 +10,7 @@ from mmgpt.eval import (aokvqa_da_accuracy, aokvqa_da_mean, aokvqa_mc_accuracy, 
                         ocrvqa_exact_match, vqa_accuracy, vqa_accuracy_mean, vqa_normalize)
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None,
-                                reason="the COCO caption evaluation's PTB tokenizer runs on Java")
+                                reason="needs Java: the COCO caption evaluation's PTB tokenizer runs on it")
 
 
 # The processing steps the VQA evaluation page lists, as the official vqaEval.py applies them.

@@ -28,7 +28,7 @@ def _device_for(backend: str) -> torch.device:
 def _skip_unless_available(backend: str) -> torch.device:
     device = _device_for(backend)
     if backend not in available_backends(device):
-        pytest.skip(f"backend {backend!r} needs CUDA and its kernel; not available here")
+        pytest.skip(f"needs CUDA: backend {backend!r} and its kernel are not available here")
     return device
 
 
@@ -173,7 +173,7 @@ def test_auto_and_explicit_backend_selection() -> None:
     assert set(BACKENDS) == {"flash_attn", "torch_varlen", "sdpa"}
 
 
-@pytest.mark.skipif(CUDA is None, reason="needs CUDA")
+@pytest.mark.skipif(CUDA is None, reason="needs CUDA: no GPU here")
 def test_auto_on_cuda_prefers_fused_in_half_precision() -> None:
     fused = [b for b in available_backends(CUDA) if b != "sdpa"]
     assert resolve_backend("auto", torch.zeros(4, 2, 64, device=CUDA)) == "sdpa"  # fp32: no fused

@@ -29,7 +29,7 @@ STEPS, STOP, NAN_STEP = 8, 5, 3
 TIMEOUT = 900
 
 pytestmark = pytest.mark.skipif(subprocess.run(["which", "deepspeed"], capture_output=True).returncode != 0,
-                                reason="deepspeed launcher not on PATH")
+                                reason="needs deepspeed: the launcher is not on PATH")
 
 
 def free_port() -> int:

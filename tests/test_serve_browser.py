@@ -25,7 +25,7 @@ _missing = [why for ok, why in (
     (shutil.which("node") is not None, "node is not on PATH"),
 ) if not ok]
 pytestmark = pytest.mark.skipif(
-    bool(_missing), reason="headless browser test needs tests/browser/install.sh: " + "; ".join(_missing))
+    bool(_missing), reason="needs a browser: run tests/browser/install.sh (" + "; ".join(_missing) + ")")
 
 
 def drive_page(url: str, image: Path, screenshot: Path) -> dict:
