@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -115,3 +117,90 @@ def screened_dataset(root: Path, bad: bool) -> Path:
     write_lines(root / "dolly.jsonl", lines)
     write_json(root / "llava.json", records)
     return root
+
+
+def pixel_bomb_png(path: Path, side: int = 13000) -> Path:
+    """A valid 1-bit PNG of side x side black pixels (169 megapixels at 13000) in about 20 KB,
+    written without ever holding the pixels: decoding it in full takes hundreds of MB."""
+    row = b"\0" * (1 + (side + 7) // 8)  # filter byte + packed bits
+    blocks, rest = divmod(side, 1000)
+    z = zlib.compressobj(9)
+    idat = b"".join([z.compress(row * 1000) for _ in range(blocks)] + [z.compress(row * rest), z.flush()])
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit greyscale, no interlace
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def _generic_record(images: list[str], question: str, answer: str) -> dict[str, Any]:
+    markers = "".join("<image>\n" for _ in images)
+    return {"image": images, "conversations": [{"from": "human", "value": markers + question},
+                                               {"from": "gpt", "value": answer}]}
+
+
+def _aokvqa_record(image_id: int, question: str) -> dict[str, Any]:
+    return {"question_id": f"q{image_id}", "image_id": image_id, "question": question, "split": "train",
+            "choices": ["red", "blue", "green", "white"], "correct_choice_idx": 1,
+            "rationales": ["The sky is blue.", "It is daytime."]}
+
+
+# What hostile_dataset(hostile=True) adds, by source and reason: each record dropped exactly once.
+HOSTILE_DROPS = {
+    "dolly": {"bad_text": 1, "number_too_long": 1, "nesting_too_deep": 1},
+    "mine": {"bad_image_path": 3, "too_many_images": 1, "image_too_large": 1},
+    "aokvqa": {"bad_image_path": 1, "empty_instruction": 1},
+}
+HOSTILE_MAX_IMAGES = 2  # max_images_per_row the hostile mixture is built for
+
+
+def hostile_dataset(root: Path, hostile: bool, dolly: int = 8, mine: int = 4, aokvqa: int = 3) -> Path:
+    """Good records of three sources (dolly JSON lines, generic JSON lines with images, A-OKVQA JSON
+    list); with `hostile`, the valid-JSON records that used to crash a run are mixed in between
+    them (HOSTILE_DROPS). Returns the mixture config; language_vl_ratio is off, so the good records
+    kept are the same with or without the hostile ones.
+    """
+    lines = [json.dumps({"instruction": f"Question {i}?", "context": "", "response": f"Answer {i}.",
+                         "category": "x"}) for i in range(dolly)]
+    images = root / "img"
+    for i in range(4):
+        make_image(images / f"{i}.jpg", color=(60 * i, 90, 200 - 40 * i))
+    generic = [_generic_record([f"{i % 4}.jpg"], f"What is {i}?", f"It is {i}.") for i in range(mine)]
+    generic.append(_generic_record(["0.jpg", "1.jpg"], "Compare them.", "Same size."))  # at the limit
+    coco = root / "coco"
+    for i in range(1, aokvqa + 1):
+        make_image(coco / "train2017" / f"{i:012d}.jpg", color=(20, 40 * i, 90))
+    questions = [_aokvqa_record(i, f"What colour is thing {i}?") for i in range(1, aokvqa + 1)]
+    if hostile:
+        lines[2:2] = [
+            json.dumps({"instruction": "Say it.", "context": "", "response": "A lone \ud800 surrogate."}),
+            '{"instruction": ' + "7" * 5000 + ', "context": "", "response": "Big."}',
+            '{"instruction": "Deep?", "context": ' + "[" * 100_000 + "]" * 100_000 + ', "response": "Yes."}',
+        ]
+        (images / "loop").symlink_to("loop")
+        pixel_bomb_png(images / "bomb.png")
+        generic[1:1] = [
+            _generic_record(["x\ud800.jpg"], "What is it?", "A surrogate."),
+            _generic_record(["loop/0.jpg"], "What is it?", "A loop."),
+            _generic_record(["n" * 300 + ".jpg"], "What is it?", "A long name."),
+            _generic_record(["0.jpg", "1.jpg", "2.jpg"], "Compare all.", "Too many."),
+            _generic_record(["bomb.png"], "What is it?", "A bomb."),
+        ]
+        questions[1:1] = [_aokvqa_record(10**300, "What colour?"), _aokvqa_record(3, "  ")]
+    write_lines(root / "dolly.jsonl", lines)
+    write_lines(root / "mine.jsonl", [json.dumps(r) for r in generic])
+    write_json(root / "aokvqa.json", questions)
+    return write_config(
+        root / "mixture.yaml",
+        [
+            {"name": "dolly", "type": "dolly", "path": "dolly.jsonl"},
+            {"name": "mine", "type": "generic", "path": "mine.jsonl", "image_root": "img"},
+            {"name": "aokvqa", "type": "aokvqa", "path": "aokvqa.json", "image_root": "coco"},
+        ],
+        max_length=256,
+        language_vl_ratio=None,
+        image_size=16,
+    )

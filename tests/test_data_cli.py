@@ -7,7 +7,7 @@ from pathlib import Path
 import PIL.Image
 import pytest
 
-from data_helpers import bad_input_dataset
+from data_helpers import bad_input_dataset, screened_dataset, write_config
 from mmgpt.cli import main
 from mmgpt.data.mixture import Mixture, MixtureConfig
 from mmgpt.data.sample import write_sample
@@ -89,3 +89,17 @@ def test_inspect_reports_every_bad_input_reason(tmp_path, monkeypatch):
     assert reasons == {"malformed_json", "missing_field", "empty_response", "too_long", "missing_image",
                        "corrupt_image", "path_escapes_root", "image_count_mismatch"}
     assert opened and not any(Path(p).resolve() == outside.resolve() for p in opened)
+
+
+def test_inspect_fails_on_a_source_file_that_does_not_parse(tmp_path, capsys):
+    root = screened_dataset(tmp_path, bad=False)
+    cfg = write_config(root / "mixture.yaml", [
+        {"name": "dolly", "type": "dolly", "path": "dolly.jsonl"},
+        {"name": "llava", "type": "llava", "path": "llava.json", "image_root": "img"},
+    ])
+    text = (root / "llava.json").read_text()
+    (root / "llava.json").write_text(text[:-1])  # the closing bracket is lost
+    assert main(["data", "inspect", "--config", str(cfg), "--show", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mmgpt data inspect: error: source 'llava': ")
+    assert "llava.json: line 1 column" in err and "malformed_json" in err

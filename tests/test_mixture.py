@@ -274,6 +274,26 @@ def test_on_error_raise(tmp_path, tiny_tokenizer):
         mix.load(0)  # only decoding finds this one
 
 
+@pytest.mark.parametrize("on_error", ["skip", "raise"])
+def test_a_source_file_that_does_not_parse_stops_the_mixture(tmp_path, tiny_tokenizer, on_error):
+    """Whatever on_error says: training on, silently without one of the sources, is worse."""
+    root = screened_dataset(tmp_path, bad=False)
+    cfg = MixtureConfig.load(write_config(root / "mixture.yaml", [
+        {"name": "dolly", "type": "dolly", "path": "dolly.jsonl"},
+        {"name": "llava", "type": "llava", "path": "llava.json", "image_root": "img"},
+    ], on_error=on_error, language_vl_ratio=None))
+    llava = (root / "llava.json").read_bytes()
+    (root / "llava.json").write_bytes(llava[: len(llava) // 2])
+    with pytest.raises(DataError, match=r"^source 'llava': \S+llava.json: line 1 column \d+: malformed_json: [^\n]+$"):
+        Mixture(cfg, tiny_tokenizer)
+    (root / "llava.json").write_bytes(b"\xef\xbb\xbf" + llava)  # a BOM is fine
+    assert len(Mixture(cfg, tiny_tokenizer)) == 50
+    records = [json.loads(line) for line in (root / "dolly.jsonl").read_text().splitlines()]
+    (root / "dolly.jsonl").write_text(json.dumps(records, indent=1))  # a JSON list where lines are expected
+    with pytest.raises(DataError, match=r"source 'dolly': no record parses, e.g. \S+dolly.jsonl: line 1: "):
+        Mixture(cfg, tiny_tokenizer)
+
+
 def test_vl_source_without_image_root_is_a_config_error(small_dataset, tiny_tokenizer):
     cfg = config(small_dataset)
     cfg.sources[1].image_root = None

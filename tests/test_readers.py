@@ -2,6 +2,7 @@
 bad records become errors that name file, location and field."""
 from __future__ import annotations
 
+import codecs
 import json
 from collections import defaultdict
 
@@ -10,7 +11,8 @@ import pytest
 from data_helpers import REAL_SAMPLE_TYPES, llava_record, write_json, write_lines
 from mmgpt.data.conversation import Round, tokenize
 from mmgpt.data.sources import READERS, RecordError
-from mmgpt.data.sources.base import BAD_FIELD, MALFORMED_JSON, MISSING_FIELD
+from mmgpt.data.sources.base import (BAD_FIELD, MALFORMED_JSON, MISSING_FIELD, NESTING_TOO_DEEP, NUMBER_TOO_LONG,
+                                     READER_ERROR)
 from mmgpt.data.templates import CAPTION_INSTRUCTIONS, HEADER, render
 
 
@@ -204,6 +206,62 @@ def test_broken_json_file_names_line(tmp_path):
     path.write_text('[{"instruction": "x", "output": "y"},\n {"instruction": }]')
     with pytest.raises(RecordError, match=r"a.json: line 2 column \d+: malformed_json"):
         READERS["alpaca"](path, source="a", seed=0)
+
+
+def test_utf8_bom_is_tolerated(tmp_path):
+    """Windows tools write one; it used to make a whole JSON-list source read=1, kept=0."""
+    alpaca = tmp_path / "a.json"
+    alpaca.write_bytes(codecs.BOM_UTF8 + json.dumps([{"instruction": "x", "output": "y"}]).encode())
+    dolly = tmp_path / "d.jsonl"
+    dolly.write_bytes(codecs.BOM_UTF8 + json.dumps({"instruction": "x", "response": "y"}).encode() + b"\n")
+    for path, kind in ((alpaca, "alpaca"), (dolly, "dolly")):
+        result = READERS[kind](path, source=kind, seed=0)
+        assert result.errors == [] and [c.rounds for c in result.conversations] == [[Round("x", "y")]], kind
+
+
+JSON_LIST = ('[{"instruction": "x", "output": "y"},\n{"instruction": "café", "output": "y2"},\n'
+             '{"instruction": "z", "output": "w"}]')
+
+
+@pytest.mark.parametrize("damaged, where, reason", [
+    (JSON_LIST[:-7].encode(), r"line 3 column \d+", "malformed_json"),  # truncated
+    (JSON_LIST.encode().replace("é".encode(), b"\xc3"), "line 2 column 21", "malformed_json: not UTF-8"),
+    (JSON_LIST.replace('"y2"', "[" * 100_000 + "]" * 100_000).encode(), "line 2 column 1", "nesting_too_deep"),
+])
+def test_json_list_that_does_not_parse_names_line_and_column(tmp_path, damaged, where, reason):
+    path = tmp_path / "a.json"
+    path.write_bytes(codecs.BOM_UTF8 + damaged)  # a BOM does not shift the reported position
+    with pytest.raises(RecordError, match=rf"a.json: {where}: {reason}"):
+        READERS["alpaca"](path, source="a", seed=0)
+
+
+def test_values_python_cannot_convert_fail_only_their_record(tmp_path):
+    huge = "9" * 5000
+    alpaca = tmp_path / "a.json"
+    alpaca.write_text(f'[{{"instruction": "x", "output": {huge}}}, {{"instruction": "x", "output": "y", '
+                      f'"id": {huge}}}, {{"instruction": "\\ud800", "output": "y"}}]')
+    result = READERS["alpaca"](alpaca, source="a", seed=0)
+    assert [(e.reason, e.where, e.field) for e in result.errors] == [(NUMBER_TOO_LONG, "record 0", "output")]
+    assert len(result.conversations) == 2  # a huge number no reader reads harms nothing
+    assert result.conversations[1].rounds[0].instruction == "\ud800"  # the mixture drops it (bad_text)
+    deep = '{"instruction": "x", "response": "y", "deep": ' + "[" * 5000 + "]" * 5000 + "}"
+    dolly = write_lines(tmp_path / "d.jsonl", [deep, json.dumps({"instruction": "x", "response": "y"})])
+    result = READERS["dolly"](dolly, source="d", seed=0)
+    assert [(e.reason, e.where) for e in result.errors] == [(NESTING_TOO_DEEP, "line 1")] and result.conversations
+
+
+def test_unforeseen_exception_fails_only_its_record(tmp_path):
+    path = write_json(tmp_path / "ocr.json", {
+        "1": {"imageURL": "http://[broken/1.jpg", "questions": ["Q?"], "answers": ["A."]},
+        "2": {"imageURL": "http://x/2.jpg", "questions": ["Q?"], "answers": ["A."]}})
+    result = READERS["ocrvqa"](path, source="o", seed=0)
+    assert [c.images for c in result.conversations] == [["2.jpg"]]
+    (err,) = result.errors
+    assert err.reason == READER_ERROR and "key '1'" in str(err) and "ValueError" in str(err)
+    generic = write_lines(tmp_path / "g.jsonl", [json.dumps({"id": "\ud800", "conversations": [
+        {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]})])
+    (conv,) = READERS["generic"](generic, source="g", seed=0).conversations
+    assert conv.origin == "g.jsonl line 1 id \\ud800"  # escaped: printable in any message
 
 
 def test_llava_turn_order_errors(tmp_path):

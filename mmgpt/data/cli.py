@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from mmgpt.data.sample import DEFAULT_RECORDS
@@ -13,7 +14,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = parser.add_subparsers(dest="data_command", required=True)
 
     inspect = commands.add_parser("inspect", help="per-source counts, drops, token lengths, examples")
-    inspect.add_argument("--config", required=True, type=Path, help="mixture YAML/JSON file")
+    inspect.add_argument("--config", type=Path, help="mixture YAML/JSON file (default: the train config's)")
+    inspect.add_argument("--train-config", type=Path,
+                         help="mmgpt train config: its packing.max_images_per_row drops what training would")
     inspect.add_argument("--json", type=Path, help="also write the report as JSON here")
     inspect.add_argument("--show", type=int, default=3, help="rendered examples to print")
     inspect.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: bundled tiny)")
@@ -29,12 +32,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    from mmgpt.config import TrainConfig
     from mmgpt.data.inspect import format_report, inspect_mixture
-    from mmgpt.data.mixture import Mixture, MixtureConfig
+    from mmgpt.data.mixture import DataError, Mixture, MixtureConfig
     from mmgpt.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
 
+    if args.config is None and args.train_config is None:
+        raise SystemExit("mmgpt data inspect: give --config or --train-config")
     tokenizer = load_tokenizer(args.tokenizer or TINY_TOKENIZER_DIR)
-    report = inspect_mixture(Mixture(MixtureConfig.load(args.config), tokenizer), show=args.show)
+    try:  # an unusable config or source file: one line and exit 1, where training would stop too
+        train_cfg = TrainConfig.load(args.train_config) if args.train_config else None
+        max_images = train_cfg.packing.max_images_per_row if train_cfg else None
+        mixture_cfg = MixtureConfig.load(args.config or train_cfg.mixture)
+        mixture = Mixture(mixture_cfg, tokenizer, max_images=max_images)
+        report = inspect_mixture(mixture, show=args.show)
+    except (DataError, ValueError, FileNotFoundError) as err:
+        print(f"mmgpt data inspect: error: {err}", file=sys.stderr)
+        return 1
     print(format_report(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

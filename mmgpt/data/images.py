@@ -1,16 +1,20 @@
 """Safe image loading for training data, and the CLIP preprocessing OpenFlamingo was trained with.
 
 Dataset files name images by relative path; a record is untrusted input, so the path is resolved
-and checked to lie inside the source's image root BEFORE anything is opened. Problems come back
-as a reason string (counted in the data report), never as an exception mid-training.
+and checked to lie inside the source's image root BEFORE anything is opened. An image file is
+untrusted too: its header size is checked against a pixel cap before any pixel is decoded (a
+20 KB PNG can hold 169 megapixels). Problems come back as a reason string (counted in the data
+report), never as an exception mid-training.
 """
 from __future__ import annotations
 
+import stat
+import warnings
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision import transforms
 
 # OpenAI CLIP normalisation (open_clip OPENAI_DATASET_MEAN / STD).
@@ -22,6 +26,10 @@ PATH_ESCAPES_ROOT = "path_escapes_root"
 MISSING_IMAGE = "missing_image"
 UNREADABLE_IMAGE = "unreadable_image"
 CORRUPT_IMAGE = "corrupt_image"
+IMAGE_TOO_LARGE = "image_too_large"
+
+# Decoded images above this many pixels are refused (64 MP is ~190 MB as RGB; CLIP sees 224x224).
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
@@ -39,7 +47,8 @@ def clip_transform(image_size: int) -> Transform:
 
 
 def resolve_inside(root: Path, rel: str) -> Path | str:
-    """The file `rel` names under `root`, or a reason when it is empty or escapes the root.
+    """The file `rel` names under `root`, or a reason when it is empty, escapes the root or cannot
+    be resolved (a lone surrogate, a symlink loop, a name too long).
 
     Absolute paths, `..` components and symlinks leading outside are all rejected: the check is
     done on the fully resolved path, without opening anything.
@@ -49,7 +58,10 @@ def resolve_inside(root: Path, rel: str) -> Path | str:
     if Path(rel).is_absolute() or "\x00" in rel:
         return PATH_ESCAPES_ROOT
     base = Path(root).resolve()
-    path = (base / rel).resolve()
+    try:
+        path = (base / rel).resolve()
+    except (OSError, ValueError, RuntimeError):  # name too long, lone surrogate, symlink loop (3.11)
+        return BAD_IMAGE_PATH
     if not path.is_relative_to(base):
         return PATH_ESCAPES_ROOT
     return path
@@ -63,19 +75,47 @@ def find_image(root: Path, rel: str) -> Path | str:
     path = resolve_inside(root, rel)
     if isinstance(path, str):
         return path
-    return path if path.is_file() else MISSING_IMAGE
+    try:  # not Path.is_file(): it raises for some errors and hides others (ELOOP) as "missing"
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return MISSING_IMAGE
+    except PermissionError:
+        return UNREADABLE_IMAGE
+    except (OSError, ValueError):  # a symlink loop (ELOOP), a component over 255 bytes (ENAMETOOLONG)
+        return BAD_IMAGE_PATH
+    return path if stat.S_ISREG(mode) else MISSING_IMAGE
 
 
-def load_image(root: Path, rel: str, transform: Transform) -> torch.Tensor | str:
+def open_rgb(file: str | Path | BinaryIO,
+             max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image | str:
+    """The image in `file` as RGB, or the reason it is refused; never raises for a bad file.
+
+    The size is read from the header (PIL opens lazily) and checked against `max_pixels` (None: no
+    cap of ours) before decoding; PIL's own bomb warning is silenced since this cap decides, and
+    its bomb error (past twice `Image.MAX_IMAGE_PIXELS`) is the same refusal. For chat and serve
+    as well as training: they turn the reason into their own error.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(file) as img:
+                width, height = img.size
+                if max_pixels is not None and width * height > max_pixels:
+                    return IMAGE_TOO_LARGE
+                return img.convert("RGB")
+    except Image.DecompressionBombError:
+        return IMAGE_TOO_LARGE
+    except PermissionError:
+        return UNREADABLE_IMAGE
+    except Exception:  # noqa: BLE001 - PIL plugins raise SyntaxError, struct.error, EOFError, ...
+        return CORRUPT_IMAGE
+
+
+def load_image(root: Path, rel: str, transform: Transform,
+               max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor | str:
     """Open, convert to RGB and transform one image; a str return is the skip reason."""
     path = find_image(root, rel)
     if isinstance(path, str):
         return path
-    try:
-        with Image.open(path) as img:
-            rgb = img.convert("RGB")
-    except PermissionError:
-        return UNREADABLE_IMAGE
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-        return CORRUPT_IMAGE
-    return transform(rgb)
+    rgb = open_rgb(path, max_pixels)
+    return rgb if isinstance(rgb, str) else transform(rgb)

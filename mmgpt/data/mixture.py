@@ -1,12 +1,15 @@
 """The training data of one epoch: sources, per-source sampling, language:VL ratio, seeded order.
 
 Construction parses every source file and drops every record that can be judged without decoding
-or tokenising (parse errors, missing fields, no rounds / empty response, image path outside the
-root, missing image file), so `sample:` and the language:VL ratio count usable records only and
-adding bad records to a source does not change which good ones are kept. It then fixes the epoch
-order from the seed alone, so every process that builds the same config gets the same order;
-exact resume is a start index. Tokenisation and image decoding happen lazily in `load(i)`. Bad
-records never stop a run under on_error="skip": they are counted per source and reason in `report`.
+or tokenising (parse errors, missing fields, no rounds / empty response, text that is not valid
+Unicode, more images than a packed row takes, image path outside the root or unusable, missing
+image file), so `sample:` and the language:VL ratio count usable records only and adding bad
+records to a source does not change which good ones are kept. It then fixes the epoch order from
+the seed alone, so every process that builds the same config gets the same order; exact resume is
+a start index. Tokenisation and image decoding happen lazily in `load(i)`. Bad records never stop
+a run under on_error="skip": they are counted per source and reason in `report`. A source FILE
+that does not parse at all always stops construction (DataError): training without one of its
+sources, silently, is worse than not starting.
 """
 from __future__ import annotations
 
@@ -22,11 +25,17 @@ from transformers import PreTrainedTokenizerBase
 
 from mmgpt.contracts import TokenizedSample
 from mmgpt.data.conversation import EMPTY_RESPONSE, NO_ROUNDS, Conversation, tokenize
-from mmgpt.data.images import clip_transform, find_image, load_image
-from mmgpt.data.sources import READERS, ReadResult, RecordError
+from mmgpt.data.images import (DEFAULT_MAX_IMAGE_PIXELS, IMAGE_TOO_LARGE, clip_transform, find_image,
+                               load_image)
+from mmgpt.data.sources import READERS, RecordError
+from mmgpt.data.sources.base import MALFORMED_JSON, printable
 
 ON_ERROR = ("skip", "raise")
 MAX_ERROR_EXAMPLES = 10
+
+# Drop reasons of the mixture itself (the readers', images' and tokenize's are theirs).
+BAD_TEXT = "bad_text"
+TOO_MANY_IMAGES = "too_many_images"
 
 
 @dataclass
@@ -63,9 +72,11 @@ class MixtureConfig:
 
     language_vl_ratio: language-only : vision-language samples (the paper's 1:1 by default; the
     larger side is subsampled; None keeps the sampled counts). on_error="raise" turns record
-    errors into exceptions: malformed JSON, missing fields, image paths escaping the root and
-    missing images when the mixture is built, corrupt images when loaded; content drops (empty
-    response, too long, image-count mismatch) are always counted, never raised.
+    errors into exceptions: malformed JSON, missing fields, bad text, unusable image paths and
+    missing images when the mixture is built, corrupt or too large images when loaded; content
+    drops (empty response, too long, too many images) are always counted, never raised.
+    max_image_pixels: images whose header says more pixels are refused before decoding
+    (`image_too_large`); None leaves only PIL's own bomb limit.
     """
 
     sources: list[SourceConfig]
@@ -74,8 +85,12 @@ class MixtureConfig:
     language_vl_ratio: float | None = 1.0
     on_error: str = "skip"
     image_size: int = 224
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 
     def __post_init__(self) -> None:
+        if self.max_image_pixels is not None and (not isinstance(self.max_image_pixels, int)
+                                                  or self.max_image_pixels < 1):
+            raise ValueError(f"max_image_pixels must be a count >= 1 or null, got {self.max_image_pixels!r}")
         if self.on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
         if self.language_vl_ratio is not None and self.language_vl_ratio <= 0:
@@ -144,7 +159,7 @@ class SourceReport:
         if at_load:
             self.dropped_at_load[reason] += 1
         if message and len(self.errors) < MAX_ERROR_EXAMPLES:
-            self.errors.append(message)
+            self.errors.append(printable(message))
 
 
 @dataclass
@@ -176,18 +191,34 @@ def _content_drop(conv: Conversation) -> str | None:
     return None
 
 
+def _valid_unicode(conv: Conversation) -> bool:
+    """False for text with lone surrogates ("\\ud800" is valid JSON): no tokenizer takes it."""
+    try:
+        for r in conv.rounds:
+            (r.instruction + r.input + r.response).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class DataError(RuntimeError):
-    """A bad record under on_error="raise"."""
+    """A bad record under on_error="raise", or a source file that does not parse at all."""
 
 
 class Mixture:
-    """The epoch: `len(self)` sample references in a fixed seeded order, loaded by `load(i)`."""
+    """The epoch: `len(self)` sample references in a fixed seeded order, loaded by `load(i)`.
+
+    `max_images`: the packer's max_images_per_row (None: no limit); a record with more images could
+    never be packed, so it is dropped here (`too_many_images`) instead of stopping training.
+    """
 
     def __init__(
-        self, cfg: MixtureConfig, tokenizer: PreTrainedTokenizerBase, image_size: int | None = None
+        self, cfg: MixtureConfig, tokenizer: PreTrainedTokenizerBase, image_size: int | None = None,
+        max_images: int | None = None,
     ):
         self.cfg = cfg
         self.tokenizer = tokenizer
+        self.max_images = max_images
         self.transform = clip_transform(image_size or cfg.image_size)
         self.report = DataReport()
         self._conversations: list[list[Conversation]] = []
@@ -210,8 +241,11 @@ class Mixture:
             raise FileNotFoundError(f"source {src.name!r}: file not found: {path}")
         try:
             result = READERS[src.type](path, source=src.name, seed=self.cfg.seed, **src.options)
-        except RecordError as err:  # the whole file is unreadable (e.g. broken JSON list)
-            result = ReadResult(errors=[err])
+        except RecordError as err:  # the whole file is unusable (e.g. a broken JSON list)
+            raise DataError(f"source {src.name!r}: {err}") from None
+        if not result.conversations and result.errors and all(e.reason == MALFORMED_JSON
+                                                              for e in result.errors):
+            raise DataError(f"source {src.name!r}: no record parses, e.g. {result.errors[0]}")
         if result.errors and self.cfg.on_error == "raise":
             raise result.errors[0]
         report.read += result.records
@@ -239,18 +273,27 @@ class Mixture:
         reason = _content_drop(conv)
         if reason is not None:
             return reason, f"{conv.origin}: {reason}"
+        if not _valid_unicode(conv):
+            return BAD_TEXT, self._error(f"{conv.origin}: {BAD_TEXT}: lone surrogate (not valid Unicode)")
+        if self.max_images is not None and len(conv.images) > self.max_images:
+            return TOO_MANY_IMAGES, (f"{conv.origin}: {TOO_MANY_IMAGES}: {len(conv.images)} images > "
+                                     f"max_images_per_row={self.max_images}")
         for rel in conv.images:
             found = find_image(Path(src.image_root), rel)
             if isinstance(found, str):
                 return found, self._image_error(src, conv, rel, found)
         return None
 
-    def _image_error(self, src: SourceConfig, conv: Conversation, rel: str, reason: str) -> str:
-        """The message for an unusable image; raised as DataError under on_error="raise"."""
-        message = f"{conv.origin}: image {rel!r} under {src.image_root}: {reason}"
+    def _error(self, message: str) -> str:
+        """The message of a bad record; raised as DataError instead under on_error="raise"."""
         if self.cfg.on_error == "raise":
             raise DataError(message)
         return message
+
+    def _image_error(self, src: SourceConfig, conv: Conversation, rel: str, reason: str) -> str:
+        """The message for an unusable image (naming the cap that refused it, if one did)."""
+        cap = f" > max_image_pixels={self.cfg.max_image_pixels}" if reason == IMAGE_TOO_LARGE else ""
+        return self._error(f"{conv.origin}: image {rel!r} under {src.image_root}: {reason}{cap}")
 
     def _sample(self, src: SourceConfig, available: int) -> list[int]:
         if src.sample is None or src.sample >= available:
@@ -282,26 +325,31 @@ class Mixture:
 
     def load(self, i: int) -> TokenizedSample | None:
         """Sample i of the epoch (its `index` is i), or None when dropped (counted in report)."""
-        conv = self.conversation(i)
         src = self.cfg.sources[self._order[i][0]]
         first = i not in self._loaded
         self._loaded.add(i)
+        sample = self._build(src, self.conversation(i))
         report = self.report.sources[src.name]
-        sample = tokenize(conv, self.tokenizer, self.cfg.max_length)
-        if isinstance(sample, str):
+        if isinstance(sample, tuple):
             if first:
-                report.drop(sample, f"{conv.origin}: {sample}", at_load=True)
+                report.drop(*sample, at_load=True)
             return None
-        for rel in conv.images:
-            image = load_image(Path(src.image_root), rel, self.transform)
-            if isinstance(image, str):
-                message = self._image_error(src, conv, rel, image)
-                if first:
-                    report.drop(image, message, at_load=True)
-                return None
-            sample.images.append(image)
         sample.index = i
         if first:
             report.kept += 1
         return sample
 
+    def _build(self, src: SourceConfig, conv: Conversation) -> TokenizedSample | tuple[str, str]:
+        """Tokenised text and decoded images of `conv`, or (reason, message) when it is dropped."""
+        try:
+            sample = tokenize(conv, self.tokenizer, self.cfg.max_length)
+        except (TypeError, ValueError, OverflowError, RecursionError) as err:  # text the tokenizer refuses
+            return BAD_TEXT, self._error(f"{conv.origin}: {BAD_TEXT}: {type(err).__name__}: {err}")
+        if isinstance(sample, str):
+            return sample, f"{conv.origin}: {sample}"
+        for rel in conv.images:
+            image = load_image(Path(src.image_root), rel, self.transform, self.cfg.max_image_pixels)
+            if isinstance(image, str):
+                return image, self._image_error(src, conv, rel, image)
+            sample.images.append(image)
+        return sample

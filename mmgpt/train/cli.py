@@ -113,7 +113,7 @@ def _train(cfg, ds: dict[str, Any], mixture_cfg, resume: bool, stop_at_step: int
     manager = CheckpointManager(out / "checkpoints", cfg.keep_last)
     model, tokenizer = build_model(cfg.model, device=info.device, dtype=eng.model_dtype(ds))
     image_size = preset_image_size(cfg.model.preset)
-    mixture = Mixture(mixture_cfg, tokenizer, image_size)
+    mixture = Mixture(mixture_cfg, tokenizer, image_size, max_images=cfg.packing.max_images_per_row)
     image_token_id = model.image_token_id
 
     per_epoch = eng.all_reduce_min(

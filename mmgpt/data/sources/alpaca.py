@@ -17,4 +17,4 @@ def read(path: Path, *, source: str, seed: int) -> ReadResult:
         )
         return Conversation(rounds=[rnd], source=source, origin=f"{path.name} {where}")
 
-    return read_records(indexed(expect_list(path, load_json(path))), convert)
+    return read_records(path, indexed(expect_list(path, load_json(path))), convert)

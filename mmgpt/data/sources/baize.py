@@ -38,4 +38,4 @@ def read(path: Path, *, source: str, seed: int) -> ReadResult:
         rounds = parse_dialogue(get(rec, "input", str, path, where), path, where)
         return Conversation(rounds=rounds, source=source, origin=f"{path.name} {where}")
 
-    return read_records(indexed(expect_list(path, load_json(path))), convert)
+    return read_records(path, indexed(expect_list(path, load_json(path))), convert)

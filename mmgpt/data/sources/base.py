@@ -2,11 +2,18 @@
 
 A reader turns one file in its dataset's original format into Conversations. A bad record never
 stops the file: it becomes a RecordError (file, record location, field, reason) that the mixture
-either raises (on_error="raise") or counts and skips (on_error="skip").
+either raises (on_error="raise") or counts and skips (on_error="skip"). A RecordError escaping a
+reader means the whole file is unusable (it does not parse, or its top level has the wrong shape).
+
+Records are untrusted: valid JSON can still hold what Python will not convert (integers past
+`sys.get_int_max_str_digits()`, nesting past the parser's recursion limit, lone surrogates such
+as "\\ud800"). Each of these fails its own record, never the reader.
 """
 from __future__ import annotations
 
+import codecs
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -15,9 +22,18 @@ from mmgpt.data.conversation import Conversation
 
 # Reasons, used as keys of the report's `dropped` map.
 MALFORMED_JSON = "malformed_json"
+NESTING_TOO_DEEP = "nesting_too_deep"
+NUMBER_TOO_LONG = "number_too_long"
 MISSING_FIELD = "missing_field"
 BAD_FIELD = "bad_field"
+EMPTY_INSTRUCTION = "empty_instruction"
 IMAGE_COUNT_MISMATCH = "image_count_mismatch"
+READER_ERROR = "reader_error"
+
+
+def printable(text: str) -> str:
+    """`text` with lone surrogates escaped: messages and origins must survive print and logging."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class RecordError(ValueError):
@@ -40,15 +56,86 @@ class ReadResult:
         return len(self.conversations) + len(self.errors)
 
 
-def load_json(path: Path) -> Any:
-    """Parse a whole JSON file; a syntax error becomes a RecordError naming line and column."""
+@dataclass(frozen=True)
+class LongInteger:
+    """A JSON integer with more digits than `int()` accepts, standing in for its value so that only
+    a record that needs it fails (`get` refuses it), not the whole file."""
+
+    digits: int
+
+
+def _parse_int(text: str) -> int | LongInteger:
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return int(text)
+    except ValueError:  # the JSON grammar guarantees digits: this is the int-string limit
+        return LongInteger(len(text))
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text, parse_int=_parse_int)
+
+
+def _line_col(text: str | bytes, offset: int) -> str:
+    newline = "\n" if isinstance(text, str) else b"\n"
+    line = text.count(newline, 0, offset) + 1
+    return f"line {line} column {offset - text.rfind(newline, 0, offset)}"
+
+
+_STRING_OR_BRACKET = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _deepest(text: str) -> tuple[int, int]:
+    """(depth, offset) of the deepest nesting: depth, and where the top-level element holding it
+    starts (the record of a JSON list). The parser's RecursionError gives no position; only run
+    on that failure."""
+    opened: list[int] = []  # offsets of the brackets open at this point
+    best = at = 0
+    for match in _STRING_OR_BRACKET.finditer(text):
+        token = match.group()
+        if token in "[{":
+            opened.append(match.start())
+            if len(opened) > best:
+                best, at = len(opened), opened[min(1, len(opened) - 1)]
+        elif token in "]}" and opened:
+            opened.pop()
+    return best, at
+
+
+def load_json(path: Path) -> Any:
+    """Parse a whole JSON file (a UTF-8 BOM is allowed). One document cannot be split into
+    records, so any failure is a RecordError naming line and column: the file is unusable."""
+    raw = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:  # its offset counts from after the BOM
+        raise RecordError(path, _line_col(raw, bom + err.start), MALFORMED_JSON,
+                          f"not UTF-8 ({err.reason})") from None
+    try:
+        return _loads(text)
     except json.JSONDecodeError as err:
-        raise RecordError(path, f"line {err.lineno} column {err.colno}", MALFORMED_JSON, err.msg)
+        raise RecordError(path, f"line {err.lineno} column {err.colno}", MALFORMED_JSON, err.msg) from None
+    except RecursionError:
+        depth, offset = _deepest(text)
+        raise RecordError(path, _line_col(text, offset), NESTING_TOO_DEEP,
+                          f"the element starting here nests {depth} levels deep, past Python's json parser "
+                          "(recursive)") from None
+
+
+def _parse_line(path: Path, where: str, raw: bytes) -> Any:
+    """One JSON-lines record, or the RecordError saying why it is not one (None: blank line)."""
+    try:
+        line = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise RecordError(path, f"byte {err.start}", MALFORMED_JSON, "not UTF-8")
+        return RecordError(path, where, MALFORMED_JSON, f"not UTF-8 at byte {err.start}")
+    if not line.strip():
+        return None
+    try:
+        return _loads(line)
+    except json.JSONDecodeError as err:
+        return RecordError(path, where, MALFORMED_JSON, err.msg)
+    except RecursionError:
+        return RecordError(path, where, NESTING_TOO_DEEP, "nested deeper than Python's json parser recurses")
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
@@ -56,17 +143,9 @@ def iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"line {lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                yield where, RecordError(path, where, MALFORMED_JSON, f"not UTF-8 at byte {err.start}")
-                continue
-            if not line.strip():
-                continue
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as err:
-                yield where, RecordError(path, where, MALFORMED_JSON, err.msg)
+            rec = _parse_line(path, where, raw)
+            if rec is not None:
+                yield where, rec
 
 
 def expect_list(path: Path, data: Any, what: str = "a JSON list of records") -> list:
@@ -86,6 +165,8 @@ def get(
             raise RecordError(path, where, MISSING_FIELD, "required", field=key)
         return default
     value = rec[key]
+    if isinstance(value, LongInteger):
+        raise RecordError(path, where, NUMBER_TOO_LONG, f"an integer of {value.digits} digits", key)
     if not isinstance(value, types) or isinstance(value, bool) and bool not in _as_tuple(types):
         names = "/".join(t.__name__ for t in _as_tuple(types))
         raise RecordError(path, where, BAD_FIELD, f"expected {names}, got {type(value).__name__}", key)
@@ -97,9 +178,13 @@ def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
 
 
 def read_records(
-    records: Iterator[tuple[str, Any]], convert: Callable[[Any, str], Conversation]
+    path: Path, records: Iterator[tuple[str, Any]], convert: Callable[[Any, str], Conversation]
 ) -> ReadResult:
-    """Apply `convert(record, location)` record by record, collecting errors instead of raising."""
+    """Apply `convert(record, location)` record by record, collecting errors instead of raising.
+
+    Any exception converting one record fails that record only (`reader_error`, with its type):
+    records are untrusted, and one the reader did not foresee must not stop a run.
+    """
     result = ReadResult()
     for where, rec in records:
         if isinstance(rec, RecordError):
@@ -110,6 +195,11 @@ def read_records(
         except RecordError as err:
             result.errors.append(err)
             continue
+        except Exception as err:  # noqa: BLE001 - see the docstring
+            detail = printable(f"{type(err).__name__}: {err}")
+            result.errors.append(RecordError(path, where, READER_ERROR, detail))
+            continue
+        conv.origin = printable(conv.origin)
         result.conversations.append(conv)
     return result
 

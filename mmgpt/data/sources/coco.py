@@ -44,7 +44,7 @@ def _read_karpathy(path: Path, records: list, rng: random.Random, source: str) -
         image = get(rec, "image", str, path, where)
         return _caption_conversation(rng, captions, image, source, f"{path.name} {where}", path, where)
 
-    return read_records(indexed(records), convert)
+    return read_records(path, indexed(records), convert)
 
 
 def _read_original(path: Path, data: dict, rng: random.Random, source: str) -> ReadResult:
@@ -67,7 +67,7 @@ def _read_original(path: Path, data: dict, rng: random.Random, source: str) -> R
         origin = f"{path.name} images {where} id {image_id}"
         return _caption_conversation(rng, captions[image_id], file_name, source, origin, path, where)
 
-    images_result = read_records(indexed(images), convert)
+    images_result = read_records(path, indexed(images), convert)
     result.conversations = images_result.conversations
     result.errors += images_result.errors
     return result

@@ -17,4 +17,4 @@ def read(path: Path, *, source: str, seed: int) -> ReadResult:
         )
         return Conversation(rounds=[rnd], source=source, origin=f"{path.name} {where}")
 
-    return read_records(iter_jsonl(path), convert)
+    return read_records(path, iter_jsonl(path), convert)

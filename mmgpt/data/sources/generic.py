@@ -16,4 +16,4 @@ def read(path: Path, *, source: str, seed: int) -> ReadResult:
     def convert(rec: Any, where: str) -> Conversation:
         return to_conversation(rec, path, where, source=source, image_required=False)
 
-    return read_records(iter_jsonl(path), convert)
+    return read_records(path, iter_jsonl(path), convert)

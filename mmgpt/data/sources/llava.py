@@ -84,4 +84,4 @@ def read(path: Path, *, source: str, seed: int) -> ReadResult:
     def convert(rec: Any, where: str) -> Conversation:
         return to_conversation(rec, path, where, source=source, image_required=True)
 
-    return read_records(indexed(expect_list(path, load_json(path))), convert)
+    return read_records(path, indexed(expect_list(path, load_json(path))), convert)

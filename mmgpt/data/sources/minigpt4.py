@@ -27,4 +27,4 @@ def read(path: Path, *, source: str, seed: int) -> ReadResult:
             origin=f"{path.name} annotations {where} image_id {image_id}",
         )
 
-    return read_records(indexed(annotations), convert)
+    return read_records(path, indexed(annotations), convert)

@@ -39,4 +39,4 @@ def read(path: Path, *, source: str, seed: int, pairs: str = "all") -> ReadResul
             rounds=rounds, images=[key + suffix], source=source, origin=f"{path.name} {where}"
         )
 
-    return read_records(((f"key {k!r}", (k, v)) for k, v in data.items()), convert)
+    return read_records(path, ((f"key {k!r}", (k, v)) for k, v in data.items()), convert)
