@@ -2,6 +2,7 @@
 per conversation, history/clear/context trimming, the terminal loop, and `--prompt` from the CLI."""
 from __future__ import annotations
 
+import base64
 import io
 from pathlib import Path
 
@@ -133,3 +134,22 @@ def test_chat_cli_answers_once(run_dir, loaded, tmp_path, capsys):
     chat.set_image(Image.open(img))
     answer = chat.ask("What is this?")
     assert answer and printed.endswith(answer + "\n")
+
+
+def test_pixel_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
+    """chat and serve read the image size from the header and refuse a 169-megapixel PNG."""
+    import PIL.Image
+
+    from data_helpers import pixel_bomb_png
+    from mmgpt.inference.chat import load_image_file
+    from mmgpt.inference.serve import RequestError, decode_image
+
+    bomb = pixel_bomb_png(tmp_path / "bomb.png")
+    decoded: list[int] = []
+    real_load = PIL.Image.Image.load
+    monkeypatch.setattr(PIL.Image.Image, "load", lambda self: decoded.append(1) or real_load(self))
+    with pytest.raises(ValueError, match="image_too_large"):
+        load_image_file(bomb)
+    with pytest.raises(RequestError, match="image_too_large"):
+        decode_image(base64.b64encode(bomb.read_bytes()).decode())
+    assert decoded == []  # the pixels were never decoded

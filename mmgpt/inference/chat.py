@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from mmgpt.data.conversation import Conversation, Round, encode_prompt
-from mmgpt.data.images import clip_transform
+from mmgpt.data.images import clip_transform, open_rgb
 from mmgpt.data.conversation import encode_prompt
 from mmgpt.inference.generation import (GenerationConfig, add_generation_args, generate,
                                         generation_config_from_args)
@@ -99,11 +99,10 @@ def load_image_file(path: str | Path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"{path}: not a readable image ({err})") from err
+    image = open_rgb(path)  # the pixel cap is checked before anything is decoded
+    if isinstance(image, str):
+        raise ValueError(f"{path}: not a usable image ({image})")
+    return image
 
 
 def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:

@@ -24,8 +24,9 @@ from collections import OrderedDict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from mmgpt.data.images import open_rgb
 from mmgpt.inference.chat import ChatSession
 
 MAX_REQUEST_BYTES = 32 * 1024 * 1024
@@ -41,12 +42,12 @@ def decode_image(data: str) -> Image.Image:
     payload = data.split(",", 1)[1] if data.startswith("data:") else data
     try:
         raw = base64.b64decode(payload, validate=True)
-        with Image.open(io.BytesIO(raw)) as img:
-            return img.convert("RGB")
     except (binascii.Error, ValueError) as err:
         raise RequestError(f"image is not valid base64: {err}") from err
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
-        raise RequestError(f"image could not be decoded: {err}") from err
+    image = open_rgb(io.BytesIO(raw))  # the pixel cap is checked before anything is decoded
+    if isinstance(image, str):
+        raise RequestError(f"image could not be decoded: {image}")
+    return image
 
 
 class ChatService:
