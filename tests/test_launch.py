@@ -5,6 +5,8 @@
   nodes    launch/multi_node.sh --no-ssh twice (node_rank 0 and 1, one rank each, 127.0.0.1)
   offload  as demo, with ds_configs/zero2_offload.json (DeepSpeed CPU Adam)
   nonfin   plain `mmgpt train` (1 rank): NaN at steps 2 and 3, limit 2 in a row -> exit 3
+  planted  resume's step-5 checkpoint with a code-running pickle in rank 1's optimizer shard (and a
+           manifest rewritten to match), --resume auto -> refused on both ranks, the code never runs
 
 The independent launches run concurrently to keep the wall time at about two launches.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,10 +26,12 @@ import yaml
 from safetensors.torch import load_file
 
 from mmgpt.data.sample import write_sample
+from mmgpt.train import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS, STOP, NAN_STEP = 8, 5, 3
 TIMEOUT = 900
+RANK1_SHARD = "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
 
 pytestmark = pytest.mark.skipif(subprocess.run(["which", "deepspeed"], capture_output=True).returncode != 0,
                                 reason="needs deepspeed: the launcher is not on PATH")
@@ -52,6 +57,25 @@ def train_config(path: Path, mixture: Path, out: Path, **changes) -> Path:
     return path
 
 
+class Planted:
+    """Unpickled without restriction (DeepSpeed's own torch checkpoint engine), this creates `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def plant(source: Path, out: Path) -> None:
+    """Copy source's checkpoints to out with a Planted object in rank 1's shard and a matching manifest."""
+    shutil.copytree(source / "checkpoints", out / "checkpoints")
+    step_dir = out / "checkpoints" / f"step_{STOP:08d}"
+    state = torch.load(step_dir / RANK1_SHARD, weights_only=False)  # written by our own run
+    torch.save({**state, "planted": Planted(out / "planted-code-ran")}, step_dir / RANK1_SHARD)
+    ckpt.write_manifest(step_dir)
+
+
 def start(cmd: list[str], log: Path, **extra_env: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=REPO, env=env(**extra_env), stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
@@ -72,7 +96,7 @@ def deepspeed_cmd(config: Path, *args: str, port: int) -> list[str]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("launch")
-    out = {name: root / name for name in ("demo", "resume", "nodes", "offload", "nonfin")}
+    out = {name: root / name for name in ("demo", "resume", "nodes", "offload", "nonfin", "planted")}
     mixture = write_sample(out["demo"] / "data", records=200, max_length=512)  # what demo.sh would write
     hostfile = root / "hostfile"
     hostfile.write_text("# two 'nodes' on loopback\nnode0 slots=1\nnode1 slots=1\n")
@@ -83,6 +107,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     nonfin_cfg = train_config(root / "nonfin.yaml", mixture, out["nonfin"], save_every=1,
                               inject_nonfinite_steps=[2, 3], max_consecutive_nonfinite=2,
                               model={"preset": "tiny", "gradient_checkpointing": True})
+    planted_cfg = train_config(root / "planted.yaml", mixture, out["planted"])
     nodes_port = str(free_port())
     procs = {
         "demo": start(["bash", "launch/demo.sh", str(out["demo"]), "--max-steps", str(STEPS), "--set", "save_every=4",
@@ -95,8 +120,11 @@ def runs(tmp_path_factory) -> dict[str, Path]:
                        root / "node1.log", NODE_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=nodes_port),
     }
     codes = {name: finish(p) for name, p in procs.items()}
+    if codes["resume1"] == 0:
+        plant(out["resume"], out["planted"])
     procs = {
         "resume2": start(deepspeed_cmd(resume_cfg, "--resume", "auto", port=free_port()), root / "resume2.log"),
+        "planted": start(deepspeed_cmd(planted_cfg, "--resume", "auto", port=free_port()), root / "planted.log"),
         "nonfin": start([sys.executable, "-m", "mmgpt.cli", "train", "--config", str(nonfin_cfg)],
                         root / "nonfin.log", MASTER_PORT=str(free_port())),
     }
@@ -210,6 +238,28 @@ def test_resume_equals_uninterrupted(runs):
     assert loss_resumed.keys() == loss_full.keys()
     for step in loss_full:
         assert loss_resumed[step] == pytest.approx(loss_full[step], rel=1e-4), step
+
+
+def test_checkpoints_carry_a_manifest_of_every_file(runs):
+    expect_success(runs, "demo")
+    step_dir = runs["demo"] / "checkpoints" / f"step_{STEPS:08d}"
+    listed = json.loads((step_dir / ckpt.MANIFEST).read_text())["files"]
+    assert sorted(listed) == sorted(p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*")
+                                    if p.is_file() and p.name != ckpt.MANIFEST)
+    assert {"mp_rank_00_model_states.pt", RANK1_SHARD, "adapter/adapter_model.safetensors"} <= listed.keys()
+
+
+def test_planted_pickle_in_a_rank_shard_is_refused_on_every_rank(runs):
+    expect_success(runs, "resume1")
+    log = (runs["logs"] / "planted.log").read_text()
+    assert runs["codes"]["planted"] != 0, log[-3000:]
+    refusal = (f"mmgpt train: error: checkpoint step_{STOP:08d}: {RANK1_SHARD} refused by the weights-only loader "
+               f"(Unsupported global: GLOBAL io.open; nothing in it was run); refusing to resume; previous "
+               f"checkpoint: step_00000004 (to resume from it, write step_00000004 into "
+               f"{runs['planted'] / 'checkpoints' / 'latest'})")
+    assert refusal in log, log[-3000:]
+    assert not (runs["planted"] / "planted-code-ran").exists()
+    assert "resumed from" not in log
 
 
 def test_two_nodes_no_ssh_match_one_node(runs):

@@ -1,13 +1,21 @@
-"""Checkpoint manager: atomic `latest`, keep-last-K, a failed save never moves `latest`,
-and the resume check that names a trainable parameter the checkpoint did not restore."""
+"""Checkpoint manager: atomic `latest`, keep-last-K, a failed save never moves `latest`, the
+manifest check on resume, and the resume check that names a trainable parameter the checkpoint did
+not restore. (Real DeepSpeed files and planted pickles: tests/test_safe_resume.py.)"""
 from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
 
 import pytest
 import torch
 from torch import nn
 
-from mmgpt.train.checkpoint import (CheckpointError, CheckpointManager, check_restored, poison_trainable,
-                                    save, tag_for)
+from mmgpt.train.checkpoint import (MANIFEST, CheckpointError, CheckpointManager, check_restored,
+                                    poison_trainable, save, tag_for, verify)
+
+weights_only = functools.partial(torch.load, weights_only=True)
 
 
 class FakeEngine:
@@ -51,7 +59,8 @@ def test_kill_during_save_keeps_latest_on_previous_checkpoint(tmp_path):
     # resumed from step 10, the run saves step 20 again: the broken leftover is replaced
     do_save(manager, 20)
     assert manager.latest() == tag_for(20)
-    assert sorted(p.name for p in (manager.root / tag_for(20)).iterdir()) == ["part0.pt", "part1.pt", "part2.pt"]
+    assert sorted(p.name for p in (manager.root / tag_for(20)).iterdir()) == [MANIFEST, "part0.pt", "part1.pt",
+                                                                              "part2.pt"]
 
 
 def test_commit_drops_abandoned_newer_tags(tmp_path):
@@ -87,3 +96,70 @@ def test_restore_check_names_unrestored_trainable_parameters():
         check_restored(model, "step_00000001")
     model[1].load_state_dict({"weight": torch.ones(2, 3), "bias": torch.zeros(2)})
     check_restored(model, "step_00000001")
+
+
+def test_manifest_records_every_file_and_verifies(tmp_path):
+    manager = CheckpointManager(tmp_path / "checkpoints", keep_last=2)
+    do_save(manager, 10)
+    step_dir = manager.root / tag_for(10)
+    files = json.loads((step_dir / MANIFEST).read_text())["files"]
+    assert sorted(files) == ["part0.pt", "part1.pt", "part2.pt"]
+    assert files["part1.pt"]["size"] == (step_dir / "part1.pt").stat().st_size
+    assert len(files["part1.pt"]["sha256"]) == 64
+    verify(manager, tag_for(10), weights_only)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-7])
+
+
+def _flip_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (_truncate, r"part1.pt is truncated \(\d+ of \d+ bytes\)"),
+    (_flip_byte, r"part1.pt was altered \(sha256 differs from manifest.json\)"),
+    (lambda path: path.unlink(), r"part1.pt is missing"),
+    (lambda path: path.with_name("extra.pt").write_bytes(path.read_bytes()), r"extra.pt is not in manifest.json"),
+])
+def test_damaged_file_is_refused_naming_it_and_the_previous_checkpoint(tmp_path, damage, problem):
+    manager = CheckpointManager(tmp_path / "checkpoints", keep_last=2)
+    do_save(manager, 10)
+    do_save(manager, 20)
+    damage(manager.root / tag_for(20) / "part1.pt")
+    with pytest.raises(CheckpointError) as err:
+        verify(manager, manager.latest(), weights_only)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"checkpoint {tag_for(20)}: ")
+    assert re.search(problem, message), message
+    assert message.endswith(f"refusing to resume; previous checkpoint: {tag_for(10)} (to resume from it, "
+                            f"write {tag_for(10)} into {manager.root / 'latest'})")
+    (manager.root / "latest").write_text(tag_for(10) + "\n")  # doing what the message says works
+    verify(manager, manager.latest(), weights_only)
+
+
+def test_damaged_only_checkpoint_says_there_is_no_fallback(tmp_path):
+    manager = CheckpointManager(tmp_path / "checkpoints", keep_last=2)
+    do_save(manager, 10)
+    _truncate(manager.root / tag_for(10) / "part0.pt")
+    with pytest.raises(CheckpointError, match=r"part0.pt is truncated .*; no earlier checkpoint to fall back to$"):
+        verify(manager, tag_for(10), weights_only)
+
+
+def test_checkpoint_without_manifest_warns_and_is_still_loaded_weights_only(tmp_path, caplog):
+    manager = CheckpointManager(tmp_path / "checkpoints", keep_last=2)
+    do_save(manager, 10)
+    do_save(manager, 20)
+    for tag in (tag_for(10), tag_for(20)):
+        (manager.root / tag / MANIFEST).unlink()  # as written before manifests existed
+    with caplog.at_level(logging.WARNING, logger="mmgpt.train"):
+        verify(manager, tag_for(20), weights_only)
+    assert f"checkpoint {tag_for(20)} has no manifest.json" in caplog.text
+    _truncate(manager.root / tag_for(20) / "part2.pt")  # unverifiable, but a truncated file still fails to load
+    with pytest.raises(CheckpointError, match=rf"part2.pt cannot be read \(.*\); refusing to resume; "
+                                              rf"previous checkpoint: {tag_for(10)}"):
+        verify(manager, tag_for(20), weights_only)

@@ -1,17 +1,27 @@
 """Checkpoint directory layout, the atomic `latest` pointer, keep-last-K, and verified resume.
 
     OUT/checkpoints/step_00000100/   DeepSpeed files (LoRA weights + optimizer + scheduler, no
-                                     frozen weights) and adapter/ (peft format)
+                                     frozen weights), adapter/ (peft format) and manifest.json
+                                     (size + sha256 of every other file)
     OUT/checkpoints/latest           the tag of the newest COMPLETE checkpoint
 
 Why our own pointer: DeepSpeed writes its `latest` file while other ranks may still be writing,
 and a kill at that moment leaves it naming a half-written tag. Here every rank finishes its part,
 all ranks pass a barrier, and only then rank 0 replaces `latest` atomically (temp file + fsync +
 os.replace). A kill at any point leaves `latest` on the previous complete checkpoint.
+
+Why a manifest: a resumed run must start from exactly the bytes that were written. Rank 0 writes
+manifest.json after every rank has saved and before `latest` moves; resume (`verify`) refuses a
+missing, truncated, altered or unlisted file, naming it and the previous checkpoint to fall back to.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
+import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -20,6 +30,10 @@ import torch
 from torch import nn
 
 from mmgpt.run_layout import LATEST, CheckpointError, is_tag, read_latest, step_of, tag_for
+
+MANIFEST = "manifest.json"
+
+log = logging.getLogger("mmgpt.train")
 
 
 
@@ -48,6 +62,14 @@ class CheckpointManager:
     def latest(self) -> str | None:
         """The tag `latest` points to, or None when there is no committed checkpoint."""
         return read_latest(self.root)
+
+    def fallback(self, tag: str) -> str:
+        """How to resume from the checkpoint before `tag` instead (for error messages)."""
+        older = [t for t in self.tags() if step_of(t) < step_of(tag)]
+        if not older:
+            return "no earlier checkpoint to fall back to"
+        return (f"previous checkpoint: {older[-1]} (to resume from it, write {older[-1]} into "
+                f"{self.root / LATEST})")
 
     def prepare(self, tag: str) -> Path:
         """Empty directory for a new save (a leftover from a killed save of the same step goes)."""
@@ -87,9 +109,98 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(step_dir: Path) -> list[str]:
+    """Every file of a checkpoint except its manifest, as sorted relative POSIX paths."""
+    return sorted(p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*")
+                  if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(step_dir: Path) -> None:
+    """Record size + sha256 of every file of a complete checkpoint (atomically, like `latest`)."""
+    files = {rel: {"size": (step_dir / rel).stat().st_size, "sha256": _sha256(step_dir / rel)}
+             for rel in _files(step_dir)}
+    tmp = step_dir / f".{MANIFEST}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"format": 1, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, step_dir / MANIFEST)
+    _fsync_dir(step_dir)
+
+
+def _manifest_problem(step_dir: Path) -> str | None:
+    """The first file that differs from the manifest, with what is wrong; None when all match."""
+    try:
+        listed = json.loads((step_dir / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{MANIFEST} is unreadable ({err})"
+    for rel, want in listed.items():
+        path = step_dir / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        size = path.stat().st_size
+        if size < want["size"]:
+            return f"{rel} is truncated ({size} of {want['size']} bytes)"
+        if size != want["size"]:
+            return f"{rel} has {size} bytes, {want['size']} were written"
+        if _sha256(path) != want["sha256"]:
+            return f"{rel} was altered (sha256 differs from {MANIFEST})"
+    unlisted = [rel for rel in _files(step_dir) if rel not in listed]
+    if unlisted:
+        return f"{unlisted[0]} is not in {MANIFEST} (added after the checkpoint was written)"
+    return None
+
+
+def refusal(err: pickle.UnpicklingError) -> str:
+    """One line for torch's multi-line weights-only refusal, e.g. 'Unsupported global: GLOBAL io.open'."""
+    match = re.search(r"WeightsUnpickler error: (.+?)(?: was not an allowed global| Please|\n|$)", str(err))
+    return match[1] if match else str(err).splitlines()[0]
+
+
+def verify(manager: CheckpointManager, tag: str, load: Callable[[str], object]) -> None:
+    """Refuse checkpoint `tag` unless its files match the manifest and every .pt loads with `load`.
+
+    `load` is the engine's weights-only loader. Loading every file here, on one rank, before
+    DeepSpeed's load (where each rank reads only its own optimizer shard, then joins collectives)
+    turns a bad file in any rank's shard into one error on all ranks instead of a hang.
+
+    No manifest (a checkpoint written before manifests existed): a warning, and resume goes on.
+    Its files are still loaded weights-only, so nothing in them can run, and a truncated file still
+    fails to load; only altered tensor bytes would go unnoticed. Refusing would strand such runs
+    for no gain in safety.
+    """
+    step_dir = manager.root / tag
+    if (step_dir / MANIFEST).is_file():
+        problem = _manifest_problem(step_dir)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {tag}: {problem}; refusing to resume; {manager.fallback(tag)}")
+    else:
+        log.warning("checkpoint %s has no %s (written before manifests existed): its files are loaded "
+                    "weights-only but their bytes cannot be verified", tag, MANIFEST)
+    for path in sorted(step_dir.glob("*.pt")):
+        try:
+            load(str(path))
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(
+                f"checkpoint {tag}: {path.name} refused by the weights-only loader ({refusal(err)}; nothing "
+                f"in it was run); refusing to resume; {manager.fallback(tag)}") from err
+        except (RuntimeError, EOFError, OSError) as err:
+            raise CheckpointError(f"checkpoint {tag}: {path.name} cannot be read ({str(err).splitlines()[0]}); "
+                                  f"refusing to resume; {manager.fallback(tag)}") from err
+
+
 def save(manager: CheckpointManager, engine: SavingEngine, step: int, client_state: dict[str, Any], *,
          is_rank0: bool, barrier: Callable[[], None], adapter: nn.Module | None = None) -> str:
-    """Collective save of step `step`; returns the tag. `latest` moves only after every rank is done."""
+    """Collective save of step `step`; returns the tag. `latest` moves only after every rank is done
+    and rank 0 has recorded the manifest (the files are on one filesystem shared by all ranks)."""
     tag = tag_for(step)
     if is_rank0:
         manager.prepare(tag)
@@ -100,6 +211,7 @@ def save(manager: CheckpointManager, engine: SavingEngine, step: int, client_sta
         adapter.save_pretrained(str(manager.root / tag / "adapter"))
     barrier()
     if is_rank0:
+        write_manifest(manager.root / tag)
         manager.commit(tag)
     barrier()
     return tag

@@ -5,6 +5,13 @@ weights, gradients and Adam state, while the frozen weights stay plain replicate
 Weight-decay grouping: matrices (ndim >= 2: LoRA A/B, any unfrozen projection) decay; vectors
 and scalars (biases, norms, cross-attention gates) do not. Empty groups are dropped, so with
 the LoRA presets there is exactly one group.
+
+Checkpoint reads are weights-only: DeepSpeed's TorchCheckpointEngine.load calls
+torch.load(weights_only=False), so a pickle planted in a checkpoint would run on every rank at
+`--resume auto`. `create_engine` replaces the engine's checkpoint engine with
+`WeightsOnlyCheckpointEngine`, whose load uses torch's weights-only unpickler plus the few DeepSpeed
+classes ZeRO-1/2 state holds (`CHECKPOINT_GLOBALS`). Every file DeepSpeed reads on resume (model
+states with our client state, each rank's ZeRO optimizer states) goes through that one method.
 """
 from __future__ import annotations
 
@@ -16,7 +23,37 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 from torch import nn
+
+from mmgpt.config import ConfigError
+
+# The globals DeepSpeed's checkpoint files name beyond torch's weights-only defaults (tensors,
+# storages, torch.Size, dtypes, OrderedDict), found with torch.serialization.
+# get_unsafe_globals_in_checkpoint on bf16 ZeRO-2 checkpoints (plain and CPU-offload) of
+# DeepSpeed 0.19.8. Each is plain data: the unpickler may only call it with pickled arguments or
+# set its attributes.
+CHECKPOINT_GLOBALS: list[type] = [
+    LossScaler,  # ZeRO optimizer state "loss_scaler" under bf16 (static scale 1.0)
+    DynamicLossScaler,  # the same under fp16 (DeepSpeed's CreateLossScaler; fp16 is GPU-only)
+    ZeroStageEnum,  # ZeRO optimizer state "zero_stage", rebuilt as ZeroStageEnum(2)
+    fragment_address,  # ZeRO optimizer state "param_slice_mappings": dataclass(numel, start)
+]
+
+
+class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine with a weights-only load (saving is unchanged).
+
+    Why an engine rather than torch.serialization.safe_globals around load_checkpoint: DeepSpeed
+    passes weights_only=False explicitly, which no context manager overrides.
+    """
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        with torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
 
 
 @dataclass
@@ -72,9 +109,15 @@ def model_dtype(ds: dict[str, Any]) -> torch.dtype:
 
 
 def create_engine(model: nn.Module, ds: dict[str, Any], weight_decay: float) -> deepspeed.DeepSpeedEngine:
-    """deepspeed.initialize with the optimizer and scheduler named in the (filled) JSON."""
+    """deepspeed.initialize with the optimizer and scheduler named in the (filled) JSON, reading
+    checkpoints weights-only (see the module docstring)."""
     engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay),
                                       config=ds)
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        raise ConfigError(f"DeepSpeed chose {type(engine.checkpoint_engine).__name__} (a checkpoint writer "
+                          "or datastates config): only the default torch checkpoint engine can be made to "
+                          "load weights-only; remove that section from the DeepSpeed JSON")
+    engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
     return engine
 
 

@@ -23,9 +23,11 @@ mismatch, or silently mixed-up sums). See `gradient_anchor`.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +43,7 @@ from mmgpt.train.loss import packed_loss
 from mmgpt.perf import StepShape, step_flops
 from mmgpt.train import checkpoint as ckpt
 from mmgpt.train.data import RankStream
-from mmgpt.train.engine import DistInfo, all_gather, all_reduce_sum
+from mmgpt.train.engine import DistInfo, WeightsOnlyCheckpointEngine, all_gather, all_reduce_sum
 from mmgpt.train.monitor import Monitor, StepMetrics
 
 log = logging.getLogger("mmgpt.train")
@@ -207,7 +209,12 @@ def _finite_or_none(value: float | None) -> float | None:
 def restore(engine: Any, model: nn.Module, manager: ckpt.CheckpointManager, world: int,
             rank: int) -> tuple[int, dict[str, Any] | None, int] | None:
     """Load the latest checkpoint: (step, this rank's data position, consecutive non-finite), or
-    None when there is none. Fails naming any trainable parameter the checkpoint did not restore."""
+    None when there is none.
+
+    Before anything is loaded, rank 0 checks the files against the manifest and loads each one
+    weights-only (`ckpt.verify`; one read of the shared filesystem), and every rank raises the same
+    CheckpointError if that fails. Fails naming any trainable parameter the checkpoint did not restore.
+    """
     tag = manager.latest()
     seen = all_gather(tag, world)
     if len(set(seen)) > 1:
@@ -215,9 +222,25 @@ def restore(engine: Any, model: nn.Module, manager: ckpt.CheckpointManager, worl
                                    f"{seen}): output_dir must be one filesystem shared by all nodes")
     if tag is None:
         return None
+    if not isinstance(engine.checkpoint_engine, WeightsOnlyCheckpointEngine):
+        raise ckpt.CheckpointError(f"refusing to resume from {tag}: the engine would unpickle it unrestricted "
+                                   "(build it with mmgpt.train.engine.create_engine)")
+    problem = None
+    if rank == 0:
+        try:
+            ckpt.verify(manager, tag, functools.partial(engine.checkpoint_engine.load, map_location="cpu"))
+        except ckpt.CheckpointError as err:
+            problem = str(err)
+    problem = all_gather(problem, world)[0]
+    if problem is not None:
+        raise ckpt.CheckpointError(problem)
     ckpt.poison_trainable(model)
-    path, client = engine.load_checkpoint(str(manager.root), tag=tag, load_module_strict=False,
-                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+    try:
+        path, client = engine.load_checkpoint(str(manager.root), tag=tag, load_module_strict=False,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+    except pickle.UnpicklingError as err:  # a file replaced after `verify` read it
+        raise ckpt.CheckpointError(f"checkpoint {tag}: refused by the weights-only loader ({ckpt.refusal(err)}; "
+                                   f"nothing in it was run); refusing to resume; {manager.fallback(tag)}") from err
     if path is None:
         raise ckpt.CheckpointError(f"DeepSpeed could not load {manager.root / tag}")
     ckpt.check_restored(model, tag)
