@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from mmgpt.configfile import ConfigError, from_dict, plain, read_mapping
 from mmgpt.data.packing import PackingConfig
 from mmgpt.models.builder import ModelConfig
 
@@ -55,10 +54,6 @@ PATH_FIELDS = (
     "deepspeed",
     "output_dir",
 )
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names file and key."""
 
 
 @dataclass
@@ -129,36 +124,19 @@ class TrainConfig:
     def load(cls, path: str | Path, overrides: list[str] = ()) -> "TrainConfig":
         """Read a YAML/JSON file, apply `key.sub=value` overrides (values parsed as YAML)."""
         path = Path(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML/JSON: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+        data = read_mapping(path)
         _resolve_paths(data, path.resolve().parent)
         for item in overrides:
             key, value = _parse_override(item)
             _set_dotted(data, key, value, Path.cwd() if key in PATH_FIELDS else None)
-        return _from_dict(cls, data, f"{path}")
+        return from_dict(cls, data, f"{path}")
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return plain(dataclasses.asdict(self))
 
     def save(self, path: str | Path) -> None:
         """Write the resolved config (absolute paths): `mmgpt train --config` can rerun it."""
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-
-def _plain(value: Any) -> Any:
-    """Tuples to lists so YAML stays plain (safe_load reads it back)."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _parse_override(item: str) -> tuple[str, Any]:
@@ -192,66 +170,3 @@ def _resolve_paths(data: dict, base: Path) -> None:
         value = _get_dotted(data, key)
         if isinstance(value, str):
             _set_dotted(data, key, value, base)
-
-
-def _from_dict(cls: type, data: Any, where: str) -> Any:
-    """Build dataclass `cls` from a mapping, checking names and types; errors name file and key."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
-    kwargs = {name: _convert(hints[name], value, f"{where}: {name}") for name, value in data.items()}
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as err:
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data
-                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        if missing:
-            raise ConfigError(f"{where}: missing required key(s) {missing}") from None
-        raise ConfigError(f"{where}: {err}") from None
-
-
-def _convert(hint: Any, value: Any, where: str) -> Any:
-    """Check/convert one value against its type hint (int, float, str, bool, Optional, list, tuple)."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value, where)
-    if dataclasses.is_dataclass(hint):
-        return _from_dict(hint, value, where)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        inner = args[0] if args else Any
-        items = [_convert(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
-        if origin is tuple and len(args) != len(items) and Ellipsis not in args:
-            raise ConfigError(f"{where}: expected {len(args)} values, got {len(items)}")
-        return tuple(items) if origin is tuple else items
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    return value

@@ -3,6 +3,7 @@ image loading safe (never opens a path outside the image root)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -10,12 +11,14 @@ from pathlib import Path
 
 import PIL.Image
 import pytest
+import yaml
 import torch
 
 from data_helpers import (bad_input_dataset, llava_record, make_image, screened_dataset, write_config, write_json,
                           write_lines)
 from mmgpt.data.images import CLIP_MEAN, CLIP_STD, clip_transform, load_image
 from mmgpt.data.inspect import inspect_mixture, length_stats
+from mmgpt.configfile import ConfigError
 from mmgpt.data.mixture import DataError, Mixture, MixtureConfig
 from mmgpt.data.sources import RecordError
 
@@ -132,7 +135,11 @@ def test_ratio_downsamples_the_larger_side(small_dataset, tiny_tokenizer):
 
 
 def test_loaded_sample_fields(small_dataset, tiny_tokenizer):
-    mix = Mixture(config(small_dataset), tiny_tokenizer, image_size=24)
+    cfg = config(small_dataset)  # its mixture says image_size 16: a model of another size refuses it
+    with pytest.raises(ConfigError, match="mixture image_size 16 differs from the model's CLIP input size 24"):
+        Mixture(cfg, tiny_tokenizer, image_size=24)
+    cfg.image_size = None  # the model's size, then
+    mix = Mixture(cfg, tiny_tokenizer, image_size=24)
     for i in range(len(mix)):
         s = mix.load(i)
         conv = mix.conversation(i)
@@ -305,3 +312,16 @@ def test_length_stats():
     stats = length_stats(list(range(1, 101)))
     assert (stats["min"], stats["median"], stats["p95"], stats["max"]) == (1, 50.5, 95, 100)
     assert sum(stats["histogram"].values()) == 100 and stats["histogram"]["65-128"] == 36
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"seed": "abc"}, r"seed: expected an integer"),
+    ({"colour": 1}, r"unknown key\(s\) \['colour'\]"),
+    ({"sources": [{"name": "d", "type": "dolly", "path": "d.jsonl", "smaple": 5}]}, r"sources\[0\]: unknown key"),
+    ({"sources": [{"name": "d", "type": "dolly", "path": "d.jsonl", "sample": 1.5}]}, r"sources\[0\]: sample"),
+])
+def test_mixture_files_are_typed_like_every_config(tmp_path, change, message):
+    path = tmp_path / "mixture.yaml"
+    path.write_text(yaml.safe_dump({"sources": [{"name": "d", "type": "dolly", "path": "d.jsonl"}], **change}))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: .*{message}"):
+        MixtureConfig.load(path)

@@ -20,9 +20,9 @@ from inspect import signature
 from pathlib import Path
 from typing import Any
 
-import yaml
 from transformers import PreTrainedTokenizerBase
 
+from mmgpt.configfile import ConfigError, from_dict, read_mapping
 from mmgpt.contracts import TokenizedSample
 from mmgpt.data.conversation import EMPTY_RESPONSE, NO_ROUNDS, Conversation, tokenize
 from mmgpt.data.images import (DEFAULT_MAX_IMAGE_PIXELS, IMAGE_TOO_LARGE, clip_transform, find_image,
@@ -31,6 +31,7 @@ from mmgpt.data.sources import READERS, RecordError
 from mmgpt.data.sources.base import MALFORMED_JSON, printable
 
 ON_ERROR = ("skip", "raise")
+CLIP_IMAGE_SIZE = 224  # ViT-L/14's input side: the image size when neither model nor mixture says
 MAX_ERROR_EXAMPLES = 10
 
 # Drop reasons of the mixture itself (the readers', images' and tokenize's are theirs).
@@ -49,7 +50,7 @@ class SourceConfig:
     type: str
     path: str
     image_root: str | None = None
-    sample: int | None = None
+    sample: int | str | None = None  # a count, or "all"
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -84,7 +85,7 @@ class MixtureConfig:
     max_length: int = 2048
     language_vl_ratio: float | None = 1.0
     on_error: str = "skip"
-    image_size: int = 224
+    image_size: int | None = None  # CLIP input side; None: the model's (training refuses another)
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 
     def __post_init__(self) -> None:
@@ -100,40 +101,25 @@ class MixtureConfig:
             raise ValueError(f"source names must be unique, got {names}")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], base_dir: Path | None = None) -> "MixtureConfig":
-        """Build from parsed YAML/JSON; relative paths are resolved against `base_dir`."""
+    def from_dict(cls, data: dict[str, Any], base_dir: Path | None = None,
+                  where: str = "mixture") -> "MixtureConfig":
+        """Build from parsed YAML/JSON (typed: unknown keys and wrong types name the key); relative
+        source paths are resolved against `base_dir`."""
         data = dict(data)
-        sources = []
-        for i, src in enumerate(data.pop("sources", None) or []):
-            if not isinstance(src, dict):
-                raise ValueError(f"sources[{i}] must be a mapping, got {type(src).__name__}")
-            src = dict(src)
-            for key in ("path", "image_root"):
-                if base_dir is not None and src.get(key) is not None:
-                    src[key] = str((base_dir / src[key]).resolve())
-            try:
-                sources.append(SourceConfig(**src))
-            except TypeError as err:
-                raise ValueError(f"sources[{i}]: {err}") from None
-        if not sources:
-            raise ValueError("a mixture needs at least one source")
-        try:
-            return cls(sources=sources, **data)
-        except TypeError as err:
-            raise ValueError(f"mixture config: {err}") from None
+        sources = data.get("sources")
+        if isinstance(sources, list) and base_dir is not None:
+            data["sources"] = [{**src, **{key: str((base_dir / src[key]).resolve()) for key in ("path", "image_root")
+                                          if isinstance(src.get(key), str)}} if isinstance(src, dict) else src
+                               for src in sources]
+        if not data.get("sources"):
+            raise ConfigError(f"{where}: a mixture needs at least one source (`sources:`)")
+        return from_dict(cls, data, where)
 
     @classmethod
     def load(cls, path: str | Path) -> "MixtureConfig":
         """Read a YAML or JSON file (JSON is YAML), resolving paths against its folder."""
         path = Path(path)
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping with 'sources'")
-        try:
-            return cls.from_dict(data, base_dir=path.resolve().parent)
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
+        return cls.from_dict(read_mapping(path), base_dir=path.resolve().parent, where=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -216,10 +202,13 @@ class Mixture:
         self, cfg: MixtureConfig, tokenizer: PreTrainedTokenizerBase, image_size: int | None = None,
         max_images: int | None = None,
     ):
+        if image_size is not None and cfg.image_size is not None and image_size != cfg.image_size:
+            raise ConfigError(f"mixture image_size {cfg.image_size} differs from the model's CLIP input "
+                              f"size {image_size}: remove it from the mixture (or set it to {image_size})")
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.max_images = max_images
-        self.transform = clip_transform(image_size or cfg.image_size)
+        self.transform = clip_transform(image_size or cfg.image_size or CLIP_IMAGE_SIZE)
         self.report = DataReport()
         self._conversations: list[list[Conversation]] = []
         self._loaded: set[int] = set()

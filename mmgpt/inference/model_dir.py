@@ -9,7 +9,7 @@ our lang_encoder, or the merged export's own LLaMA directory and OpenFlamingo ch
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import yaml
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
+from mmgpt.configfile import from_dict
 from mmgpt.models.builder import ModelConfig, build_model, preset_image_size
 from mmgpt.models.flamingo import Flamingo
 from mmgpt.run_layout import ADAPTER_DIR, CHECKPOINTS_DIR, TRAIN_CONFIG, read_latest
@@ -45,14 +46,10 @@ class ModelSource:
 
 
 def model_config_from_dict(data: dict[str, Any], where: Path) -> ModelConfig:
-    """ModelConfig from a mapping; unknown keys are an error (a typo must not silently default)."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: the model config must be a mapping, got {type(data).__name__}")
-    known = {f.name for f in fields(ModelConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown model config keys {unknown}; known: {sorted(known)}")
-    return ModelConfig(**{"media_attention": LEGACY_MEDIA_ATTENTION, **data})
+    """ModelConfig from a mapping, typed like every config file (a typo must not silently default)."""
+    if isinstance(data, dict) and "media_attention" not in data:
+        data = {**data, "media_attention": LEGACY_MEDIA_ATTENTION}
+    return from_dict(ModelConfig, data, f"{where}: model")
 
 
 def _train_model_config(path: Path) -> ModelConfig:
