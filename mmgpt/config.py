@@ -97,8 +97,6 @@ class TrainConfig:
 
     `peak_flops` is one device's peak (FLOP/s) for the MFU estimate; None takes the accelerator's
     known bf16 peak, or on CPU the nominal `cpu_peak_flops` (an assumption, logged as such).
-    `inject_nonfinite_steps` makes the loss NaN on rank 0 at those steps: a fire drill for the
-    non-finite skip path (tests), never set in real runs.
     """
 
     mixture: str
@@ -113,7 +111,6 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 5
     peak_flops: float | None = None
     cpu_peak_flops: float = 1e12
-    inject_nonfinite_steps: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in ("save_every", "keep_last", "log_every", "max_consecutive_nonfinite"):

@@ -153,8 +153,6 @@ class Trainer:
             anchor = gradient_anchor(self.trainable)
             out = packed_loss(self.engine, self.model.lm_head, batch.to(self.dist.device))
             loss_sum = out.loss_sum
-            if self.dist.is_rank0 and self.step + 1 in self.cfg.inject_nonfinite_steps:
-                loss_sum = loss_sum * float("nan")
             finite = bool(torch.isfinite(loss_sum.detach()))
             self.engine.backward(loss_sum * (scale if finite else float("nan")) + 0.0 * anchor)
             self.engine.step()
