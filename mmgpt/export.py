@@ -60,7 +60,7 @@ class MergeCheckError(RuntimeError):
 def probe_inputs(model: Flamingo, tokenizer: PreTrainedTokenizerBase, image_size: int
                  ) -> tuple[Tensor, MediaContext]:
     """A templated question + answer about one seeded random image: ids [1, T] and its media
-    (in "previous" mode, so that every answer token attends the image and the probe tests the
+    (in "previous" mode, so that every answer token attends the image and the probe checks the
     merged cross-attention on all of them, whatever mode the model was trained with)."""
     conv = Conversation(rounds=[Round("Describe the image in detail.", "A probe answer with a few words.")],
                         images=["probe"])

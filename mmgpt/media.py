@@ -1,6 +1,6 @@
 """Which image each token cross-attends, and the text chunks the cross-attention kernels run on.
 
-One owner for this logic: packing (training), generation (chat), export probes and tests all call
+One owner for this logic: packing (training), generation (chat) and export probes all call
 `media_index` and `MediaLayout.build`. Shared by `mmgpt.data` and `mmgpt.models`, so it imports
 neither.
 

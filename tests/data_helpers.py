@@ -202,5 +202,5 @@ def hostile_dataset(root: Path, hostile: bool, dolly: int = 8, mine: int = 4, ao
         ],
         max_length=256,
         language_vl_ratio=None,
-        image_size=16,
+        image_size=32,  # the tiny preset's: this mixture is also trained on
     )

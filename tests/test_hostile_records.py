@@ -17,7 +17,7 @@ import yaml
 
 from data_helpers import HOSTILE_DROPS, HOSTILE_MAX_IMAGES, hostile_dataset, pixel_bomb_png
 from mmgpt.data.images import open_rgb
-from mmgpt.data.inspect import inspect_mixture
+from mmgpt.data.inspection import inspect_mixture
 from mmgpt.data.mixture import Mixture, MixtureConfig
 
 REPO = Path(__file__).resolve().parent.parent

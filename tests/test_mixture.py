@@ -17,7 +17,7 @@ import torch
 from data_helpers import (bad_input_dataset, llava_record, make_image, screened_dataset, write_config, write_json,
                           write_lines)
 from mmgpt.data.images import CLIP_MEAN, CLIP_STD, clip_transform, load_image
-from mmgpt.data.inspect import inspect_mixture, length_stats
+from mmgpt.data.inspection import inspect_mixture, length_stats
 from mmgpt.configfile import ConfigError
 from mmgpt.data.mixture import DataError, Mixture, MixtureConfig
 from mmgpt.data.sources import RecordError

@@ -236,7 +236,7 @@ def bundled_mixture(tmp_path_factory, tiny_tokenizer):
     from mmgpt.data.mixture import Mixture, MixtureConfig
     from mmgpt.data.sample import write_sample
 
-    path = write_sample(tmp_path_factory.mktemp("sample"), records=3000, max_length=4096)
+    path = write_sample(tmp_path_factory.mktemp("sample"), records=3000, max_length=4096, image_size=8)
     return Mixture(MixtureConfig.load(path), tiny_tokenizer, image_size=8)
 
 

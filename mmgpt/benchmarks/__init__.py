@@ -1,1 +1,1 @@
-"""Benchmarks (`mmgpt bench ...`): CLIs that print and write JSON; targets live here, not in tests."""
+"""Benchmarks (`mmgpt bench ...`): CLIs that print and write JSON; speed targets live here."""

@@ -9,7 +9,7 @@ BENCHMARKS = (packing,)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("bench", help="benchmarks (not tests)")
+    parser = subparsers.add_parser("bench", help="benchmarks: print and write JSON")
     benches = parser.add_subparsers(dest="bench", required=True)
     for module in BENCHMARKS:
         module.add_parser(benches)

@@ -10,7 +10,7 @@ The length mix imitates MultiModal-GPT's training data in LLaMA tokens (template
 short COCO captions and VQA, long LLaVA answers and dialogues, Dolly/Alpaca/Baize text with a
 long tail. Token ids are random: only lengths, image counts and supervision matter for speed.
 (`mmgpt data sample` text goes through the bundled 1000-piece tokenizer, whose lengths are not
-LLaMA's; tests/test_packing.py checks the packer on that real pipeline as well.)
+LLaMA's, so it would misstate LLaMA-sized rows.)
 """
 from __future__ import annotations
 

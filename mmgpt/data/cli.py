@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_inspect(args: argparse.Namespace) -> int:
     from mmgpt.config import TrainConfig
-    from mmgpt.data.inspect import format_report, inspect_mixture
+    from mmgpt.data.inspection import format_report, inspect_mixture
     from mmgpt.data.mixture import DataError, Mixture, MixtureConfig
     from mmgpt.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
 

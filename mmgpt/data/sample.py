@@ -3,7 +3,7 @@
 Text is generated from templates with a seeded RNG (so the same seed gives byte-identical files)
 with a realistic length mix: long LLaVA descriptions, short captions, Dolly/Alpaca of varying
 length, multi-round LLaVA and OCR-VQA dialogues. Images are tiny deterministic JPEGs (coloured
-shapes) under the file names the records use. Used by tests, the demo and the packing benchmark.
+shapes) under the file names the records use. Used by the demo, the packing benchmark and anyone trying the pipeline.
 """
 from __future__ import annotations
 

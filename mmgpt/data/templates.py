@@ -6,7 +6,7 @@ exactly the strings the original MultiModal-GPT code builds: the header (with on
 block per image) opens the first round, later rounds start with "\n\n### Instruction:". The
 original tokenises every round separately with its own BOS and appends EOS after each response;
 `mmgpt.data.conversation` does the same, so training and chat see the original's token ids.
-`render` is the same conversation as one display string (inspection, tests).
+`render` is the same conversation as one display string (inspection).
 """
 from __future__ import annotations
 

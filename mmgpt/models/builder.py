@@ -3,7 +3,7 @@
 Random presets are initialised from `cfg.seed` (torch.manual_seed before construction, fixed
 construction order), so every process that rebuilds a config — each DeepSpeed rank, export, chat
 — gets bit-identical frozen weights. Presets:
-  tiny   tests: ViT 32px/8 x 64w x 2L, LLaMA 64h x 4L on the bundled 1003-token tokenizer, n=2.
+  tiny   seconds on a CPU: ViT 32px/8 x 64w x 2L, LLaMA 64h x 4L on the bundled 1003-token tokenizer, n=2.
   small  CPU benchmarks: ViT 224px/16 x 384w x 6L, LLaMA 1024h x 4L with the 32003-entry LLaMA
          vocabulary (the tiny tokenizer's ids are a subset), perceiver depth 2, n=2.
   9b     OpenFlamingo-9B: ViT-L/14 (224px) + LLaMA-7B (32003 vocab), perceiver depth 6, n=4.

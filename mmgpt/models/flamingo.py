@@ -122,7 +122,7 @@ class Flamingo(nn.Module):
     def lm_forward(self, input_ids: Tensor, media: MediaContext | None, position_ids: Tensor | None = None,
                    attention_mask: Tensor | None = None, cache=None, use_cache: bool = False,
                    **kwargs) -> CausalLMOutputWithPast:
-        """HF-style forward on [B, T] ids (generation, tests); `media.layout` covers B x T tokens.
+        """HF-style forward on [B, T] ids (generation, probes); `media.layout` covers B x T tokens.
 
         One sequence per row (left padding via attention_mask is fine); packed rows must go
         through `forward`, which passes the sample boundaries to self-attention.

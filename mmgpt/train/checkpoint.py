@@ -38,7 +38,7 @@ log = logging.getLogger("mmgpt.train")
 
 
 class SavingEngine(Protocol):
-    """The part of deepspeed.DeepSpeedEngine used here (a fake in unit tests)."""
+    """The part of deepspeed.DeepSpeedEngine used here (any object with this method will do)."""
 
     def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool,
                         exclude_frozen_parameters: bool) -> Any: ...

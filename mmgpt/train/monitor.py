@@ -99,7 +99,7 @@ class Monitor:
             self.writer = SummaryWriter(str(out_dir / "tensorboard"))
 
     def scalars(self, m: StepMetrics) -> dict[str, float]:
-        """The TensorBoard tags and values of one step (also what the tests read back)."""
+        """The TensorBoard tags and values of one step."""
         values = {
             "train/lr": m.lr,
             "train/nonfinite_skipped_total": float(self.skipped_total),

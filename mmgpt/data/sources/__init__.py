@@ -21,7 +21,4 @@ READERS: dict[str, Callable[..., ReadResult]] = {
     "generic": generic.read,
 }
 
-# Sources whose records carry images (need an image root).
-VISION_TYPES = frozenset({"llava", "minigpt4", "aokvqa", "coco_caption", "ocrvqa"})
-
-__all__ = ["READERS", "VISION_TYPES", "ReadResult", "RecordError"]
+__all__ = ["READERS", "ReadResult", "RecordError"]
