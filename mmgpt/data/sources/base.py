@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from mmgpt.data.conversation import Conversation
+from mmgpt.data.conversation import Conversation, Round
 
 # Reasons, used as keys of the report's `dropped` map.
 MALFORMED_JSON = "malformed_json"
@@ -207,3 +207,14 @@ def read_records(
 def indexed(records: list) -> Iterator[tuple[str, Any]]:
     """(location, record) for a JSON list: locations are 0-based record indices."""
     return ((f"record {i}", rec) for i, rec in enumerate(records))
+
+
+def instruction_conversation(rec: Any, path: Path, where: str, *, source: str, input_field: str,
+                             response_field: str) -> Conversation:
+    """One {instruction, <input_field>?, <response_field>} record (Dolly, Alpaca) as one round."""
+    rnd = Round(
+        instruction=get(rec, "instruction", str, path, where),
+        input=get(rec, input_field, str, path, where, default=""),
+        response=get(rec, response_field, str, path, where),
+    )
+    return Conversation(rounds=[rnd], source=source, origin=f"{path.name} {where}")
