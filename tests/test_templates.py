@@ -234,3 +234,19 @@ def test_token_ids_and_labels_equal_the_original_code(name, tiny_tokenizer):
     # chat renders through the same code path: the prompt is the training ids up to the last answer
     last_answer = len(ids) - 1 - sample.labels[::-1].index(IGNORE_INDEX)
     assert encode_prompt(conv, tiny_tokenizer) == ids[:last_answer + 1]
+
+
+def test_tokenisation_time_is_linear_in_rounds(tiny_tokenizer):
+    """A 6000-turn record must not take quadratic time (the old offset matching did: ~100x for 10x
+    rounds). Each round is encoded on its own, so 10x the rounds cost ~10x; a generous bound
+    keeps this robust on a loaded machine."""
+    import time
+
+    def seconds(n: int) -> float:
+        conv = Conversation([Round(f"Question number {i}?", f"Answer {i} is here.") for i in range(n)])
+        start = time.perf_counter()
+        assert not isinstance(tokenize(conv, tiny_tokenizer, 10**9), str)
+        return time.perf_counter() - start
+
+    seconds(50)  # warm-up
+    assert seconds(6000) / seconds(600) < 30
