@@ -153,3 +153,46 @@ def test_pixel_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
     with pytest.raises(RequestError, match="image_too_large"):
         decode_image(base64.b64encode(bomb.read_bytes()).decode())
     assert decoded == []  # the pixels were never decoded
+
+
+def test_answers_stream_in_a_terminal(run_dir, tmp_path):
+    """`mmgpt chat` on a real pty: answer text reaches the terminal while tokens are still being
+    generated. A test-side patch marks every decoding step with "<STEP>" on the same terminal, so
+    streaming shows as answer text BEFORE the last step marker (a buffered answer comes after)."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+    import time
+
+    script = ("import sys; import mmgpt.inference.generation as g; extend = g.LanguageModelStepper.extend\n"
+              "def marked(self, tokens):\n    sys.stdout.write('<STEP>'); sys.stdout.flush(); return extend(self, tokens)\n"
+              "g.LanguageModelStepper.extend = marked\n"
+              "from mmgpt.cli import main; sys.exit(main(sys.argv[1:]))\n")
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", script, "chat", "--model", str(run_dir), "--max-new-tokens", "40",
+                             "--do-sample", "--seed", "3", "--temperature", "5"],
+                            stdin=secondary, stdout=secondary, stderr=subprocess.DEVNULL, close_fds=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    os.close(secondary)
+    def answered(screen: bytes) -> bool:  # the answer is done once the next prompt follows it
+        return b"MMGPT: " in screen and b"You: " in screen.split(b"MMGPT: ", 1)[1]
+
+    screen, deadline, sent = b"", time.monotonic() + 120, False
+    try:
+        while time.monotonic() < deadline and not answered(screen):
+            if select.select([primary], [], [], 1)[0]:
+                screen += os.read(primary, 4096)
+            if not sent and b"You: " in screen:
+                os.write(primary, b"Tell me a long story please\n")
+                sent = True
+    finally:
+        os.write(primary, b"/quit\n")
+        proc.wait(timeout=60)
+        os.close(primary)
+    answer = screen.split(b"MMGPT: ", 1)[1].split(b"You: ", 1)[0].decode(errors="replace")
+    steps = answer.count("<STEP>")
+    assert steps >= 5, screen[-2000:]
+    before_last_step = answer[:answer.rindex("<STEP>")].replace("<STEP>", "").strip()
+    assert before_last_step, f"no answer text before the last decoding step: {answer!r}"

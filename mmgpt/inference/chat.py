@@ -18,7 +18,8 @@ from typing import Callable, TextIO
 
 import torch
 from PIL import Image
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, TextStreamer
+from transformers.generation.streamers import BaseStreamer
 
 from mmgpt.data.conversation import Conversation, Round, encode_prompt
 from mmgpt.data.images import clip_transform, open_rgb
@@ -80,15 +81,16 @@ class ChatSession:
                              f"{self.max_length}-token context")
         return ids
 
-    def ask(self, question: str) -> str:
-        """Answer one question in the context of the conversation so far (and remember it)."""
+    def ask(self, question: str, streamer: BaseStreamer | None = None) -> str:
+        """Answer one question in the context of the conversation so far (and remember it);
+        `streamer` (a transformers streamer) sees the answer's tokens as they are generated."""
         question = question.strip()
         if not question:
             raise ValueError("empty question")
         ids = self.prompt_ids(question)
         room = min(self.generation.max_new_tokens, self.max_length - len(ids))
         new = generate(self.model, self.tokenizer, ids, self.latents, replace(self.generation, max_new_tokens=room),
-                       mode=self.media_attention)
+                       mode=self.media_attention, streamer=streamer)
         answer = self.tokenizer.decode(new, skip_special_tokens=True).strip()
         self.rounds.append(Round(question, answer))
         return answer
@@ -132,29 +134,57 @@ def session_factory_from_args(args: argparse.Namespace) -> Callable[[], ChatSess
     return lambda: ChatSession(model, tokenizer, image_size, generation, model_config.media_attention)
 
 
-HELP = "commands: /image PATH (new conversation about an image), /clear, /quit"
+HELP = ("commands (never sent to the model): /image PATH  start a conversation about an image,"
+        " /clear  forget the history and image, /help  this list, /quit  leave")
+
+
+class TerminalStreamer(TextStreamer):
+    """transformers' TextStreamer (whole words as they complete), writing to `out`."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, out: TextIO):
+        super().__init__(tokenizer, skip_special_tokens=True)
+        self.out = out
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.out.write(text + ("\n" if stream_end else ""))
+        self.out.flush()
+
+
+def _read_line(lines: TextIO, out: TextIO) -> str | None:
+    """The next input line; a terminal gets line editing and history (readline), a pipe is read."""
+    if lines is sys.stdin and sys.stdin.isatty():
+        import readline  # noqa: F401 - importing it gives input() editing and history
+
+        try:
+            return input("You: ")
+        except EOFError:
+            return None
+    print("You: ", end="", file=out, flush=True)
+    return lines.readline() or None
 
 
 def interact(session: ChatSession, lines: TextIO, out: TextIO) -> None:
-    """The terminal loop: questions and commands from `lines` until /quit or end of input."""
+    """The terminal loop: questions and commands from `lines` until /quit or end of input; answers
+    stream as they are generated."""
     print(HELP, file=out, flush=True)
-    while True:
-        print("You: ", end="", file=out, flush=True)
-        line = lines.readline()
-        if not line:
-            return
+    while (line := _read_line(lines, out)) is not None:
         line = line.strip()
         try:
             if line == "/quit":
                 return
-            if line == "/clear":
+            if line == "/help":
+                print(HELP, file=out, flush=True)
+            elif line == "/clear":
                 session.clear()
-                print("(history and image cleared)", file=out)
+                print("(history and image cleared)", file=out, flush=True)
             elif line.startswith("/image"):
                 session.set_image(load_image_file(line[len("/image"):].strip()))
-                print("(new conversation about this image)", file=out)
+                print("(new conversation about this image)", file=out, flush=True)
+            elif line.startswith("/"):
+                print(f"unknown command {line.split()[0]!r}; {HELP}", file=out, flush=True)
             elif line:
-                print(f"MMGPT: {session.ask(line)}", file=out, flush=True)
+                print("MMGPT: ", end="", file=out, flush=True)
+                session.ask(line, streamer=TerminalStreamer(session.tokenizer, out))
         except (ValueError, FileNotFoundError) as err:
             print(f"error: {err}", file=out, flush=True)
 

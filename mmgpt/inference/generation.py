@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from transformers import Cache, PreTrainedTokenizerBase
+from transformers.generation.streamers import BaseStreamer
 
 from mmgpt.media import row_layout
 from mmgpt.models.flamingo import Flamingo, MediaContext
@@ -163,7 +164,7 @@ def filter_for_sampling(scores: Tensor, cfg: GenerationConfig) -> Tensor:
 
 
 def _greedy_or_sample(stepper: LanguageModelStepper, ids: Tensor, cfg: GenerationConfig,
-                      eos: set[int], banned: list[int]) -> list[int]:
+                      eos: set[int], banned: list[int], streamer: BaseStreamer | None) -> list[int]:
     generator = torch.Generator(device="cpu")  # sampling draws on the CPU: same seed, same text anywhere
     if cfg.seed is not None:
         generator.manual_seed(cfg.seed)
@@ -181,6 +182,8 @@ def _greedy_or_sample(stepper: LanguageModelStepper, ids: Tensor, cfg: Generatio
         if token in eos:
             break
         out.append(token)
+        if streamer is not None:
+            streamer.put(torch.tensor([token]))
         logits = stepper.extend(torch.tensor([token], device=ids.device))
     return out
 
@@ -239,12 +242,14 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, set[int]
 @torch.no_grad()
 def generate(model: Flamingo, tokenizer: PreTrainedTokenizerBase, input_ids: list[int] | Tensor,
              latents: Tensor | None, cfg: GenerationConfig, use_cache: bool = True,
-             mode: str = "next") -> list[int]:
+             mode: str = "next", streamer: BaseStreamer | None = None) -> list[int]:
     """New token ids (EOS excluded) continuing one prompt.
 
     `latents` [M, num_latents, dim_visual] are `model.encode_images(images)` for the prompt's M
     `<image>` tokens (computed once by the caller, reused every step and every round); `mode` is
-    the model's media attention (`ModelConfig.media_attention`).
+    the model's media attention (`ModelConfig.media_attention`). A transformers streamer (e.g.
+    `TextStreamer`) gets each token as it is generated (beam search: the best beam at the end,
+    as transformers does).
     """
     device = next(model.parameters()).device
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=device).reshape(1, -1)
@@ -256,5 +261,11 @@ def generate(model: Flamingo, tokenizer: PreTrainedTokenizerBase, input_ids: lis
         raise ValueError(f"prompt has {num_images} <image> tokens but {latents.shape[0]} images were given")
     stepper = LanguageModelStepper(model, latents, image_token_id, use_cache, mode)
     if cfg.num_beams > 1:
-        return _beam_search(stepper, ids, cfg, eos, banned)
-    return _greedy_or_sample(stepper, ids, cfg, eos, banned)
+        out = _beam_search(stepper, ids, cfg, eos, banned)
+        if streamer is not None and out:
+            streamer.put(torch.tensor(out))
+    else:
+        out = _greedy_or_sample(stepper, ids, cfg, eos, banned, streamer)
+    if streamer is not None:
+        streamer.end()
+    return out
