@@ -6,6 +6,9 @@ Layout of `--out DIR`:
                             "plain peft" loading means `PeftModel.from_pretrained(lang_encoder, DIR/adapter)`
                             onto our Flamingo-wrapped LLaMA (`build_model(cfg with lora="none")`).
   mmgpt_config.json         the source ModelConfig (+ merged flag, image size, dtype): rebuilds the model.
+  README.md                 the model card (hub metadata, training summary, how to load).
+  adapter/ and language_model/ also hold the tokenizer with a `chat_template` that renders
+  conversations exactly as training tokenised them.
   manifest.json             versions, source, LoRA config, merge check, sha256 of every file.
   with --merge:
   language_model/           HF LLaMA dir: LoRA folded into q/k/v/o (+ MLP), layer keys unwrapped from
@@ -39,8 +42,9 @@ from torch import Tensor
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 import mmgpt
-from mmgpt.data.conversation import Conversation, Round
-from mmgpt.data.conversation import tokenize
+from mmgpt import model_card
+from mmgpt.data.conversation import Conversation, Round, tokenize
+from mmgpt.data.templates import chat_template
 from mmgpt.inference.model_dir import (ADAPTER_DIR, DTYPES, EXPORT_CONFIG, LANGUAGE_MODEL_DIR,
                                        OPENFLAMINGO_DIR, OPENFLAMINGO_FILE, ModelSource, image_size_of,
                                        load_model, resolve_source)
@@ -169,13 +173,20 @@ def export(checkpoint: str | Path, out: str | Path, merge: bool = False, dtype_n
     staging.mkdir(parents=True)
     try:
         model.lang_encoder.save_pretrained(str(staging / ADAPTER_DIR))
-        lora = json.loads((staging / ADAPTER_DIR / "adapter_config.json").read_text())
+        adapter_config = staging / ADAPTER_DIR / "adapter_config.json"
+        lora = json.loads(adapter_config.read_text())
+        lora["base_model_name_or_path"] = source.model_config.llama_path or f"mmgpt:{source.model_config.preset}"
+        adapter_config.write_text(json.dumps(lora, indent=2))
+        tokenizer.chat_template = chat_template()  # the training rendering, for apply_chat_template
+        tokenizer.save_pretrained(str(staging / ADAPTER_DIR))
         merge_check = None
         if merge:
             merge_check = merge_checked(model, tokenizer, image_size_of(source))
             write_language_model(model.language_model, tokenizer, staging / LANGUAGE_MODEL_DIR, dtype)
             write_openflamingo(model, staging / OPENFLAMINGO_DIR, dtype)
         (staging / EXPORT_CONFIG).write_text(json.dumps(export_config(source, merge, dtype_name), indent=2))
+        summary = model_card.training_summary(model_card.find_run_dir(Path(checkpoint)))
+        (staging / "README.md").write_text(model_card.render(source.model_config, lora, merge, dtype_name, summary))
         files = {str(p.relative_to(staging)): {"sha256": sha256(p), "bytes": p.stat().st_size}
                  for p in sorted(staging.rglob("*")) if p.is_file()}
         manifest = {"format": EXPORT_FORMAT, "created": datetime.now(timezone.utc).isoformat(),

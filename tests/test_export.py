@@ -16,6 +16,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import yaml
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
@@ -191,7 +192,7 @@ def test_manifest_hashes_and_config(exported):
 def test_adapter_only_export_and_bf16_merge(tmp_path):
     run, _ = make_run(tmp_path)
     assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "a")]) == 0
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter", "manifest.json", "mmgpt_config.json"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["README.md", "adapter", "manifest.json", "mmgpt_config.json"]
     source = resolve_source(tmp_path / "a")
     assert source.kind == "export-adapter"
     assert main(["export", "--checkpoint", str(tmp_path / "a"), "--out", str(tmp_path / "b"),
@@ -262,3 +263,36 @@ def test_media_attention_is_recorded_and_legacy_configs_load_as_previous(tmp_pat
     legacy = {k: v for k, v in written.items() if k != "media_attention"}
     assert model_config_from_dict(legacy, tmp_path).media_attention == "previous"
     assert ModelConfig().media_attention == "next"  # new runs default to the released model's rule
+
+
+def test_export_is_hub_ready_model_card_chat_template_base_model(tmp_path):
+    """README.md with hub metadata and the run's training summary; the tokenizer's chat_template
+    renders a 2-round image conversation to exactly the training token ids."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from mmgpt.data.conversation import Conversation, Round, tokenize
+
+    run, cfg = make_run(tmp_path)
+    (run / "data_report.json").write_text(json.dumps({"sources": {
+        "llava": {"read": 9, "selected": 8, "kept": 7, "dropped": {}, "errors": []}}}))
+    with SummaryWriter(str(run / "tensorboard")) as writer:
+        for step, loss in ((1, 2.5), (2, 1.25)):
+            writer.add_scalar("train/loss", loss, step)
+    out = export(run, tmp_path / "out", merge=True, dtype_name="fp32")
+    card = (out / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["library_name"] == "peft" and meta["base_model"] == cfg.llama_path
+    assert meta["mmgpt"]["media_attention"] == cfg.media_attention and meta["mmgpt"]["lora"]["r"] == 16
+    assert meta["mmgpt"]["training"] == {"data": {"llava": 7}, "steps": 2, "final_loss": {"loss": 1.25}}
+    assert "gated_cross_attn_layer" in card and "load_model(resolve_source" in card
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == cfg.llama_path
+    conv = Conversation([Round("What color is the sofa?", "The sofa is red."),
+                         Round("Is the cat asleep?", "No, it is awake.")], images=["x.jpg"])
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the sofa?"}]},
+                {"role": "assistant", "content": "The sofa is red."},
+                {"role": "user", "content": "Is the cat asleep?"}, {"role": "assistant", "content": "No, it is awake."}]
+    for where in ("adapter", "language_model"):
+        tok = AutoTokenizer.from_pretrained(str(out / where))
+        text = tok.apply_chat_template(messages, tokenize=False)
+        assert tok(text, add_special_tokens=False)["input_ids"] == tokenize(conv, tok, 4096).input_ids, where

@@ -96,3 +96,43 @@ def render(conv: "Conversation") -> tuple[str, list[tuple[int, int]]]:
         spans.append((len(text), len(text) + len(rnd.response) + len(EOS)))
         text += rnd.response + EOS
     return text, spans
+
+
+def chat_template() -> str:
+    """The prompt format as a Jinja chat template for `tokenizer.apply_chat_template`.
+
+    Messages alternate user / assistant; a user message's content is a string or a list of
+    `{"type": "image"}` / `{"type": "text", "text": ...}` parts (images are counted in the first
+    user message, whose header carries one `### Image:` block each) and may carry an `input`
+    (Dolly/Alpaca context). The string it renders tokenises (with `add_special_tokens=False`, on a
+    LLaMA tokenizer that puts no `▁` after special tokens) to exactly `conversation.tokenize`'s ids:
+    a space after `<s>` and after `<image>` stands in for the leading `▁` the original gave every
+    text chunk, and no newline touches `<image>` (the original stripped it).
+    """
+    def literal(text: str) -> str:
+        return text.replace("\\", "\\\\").replace("\n", "\\n").replace("'", "\\'")
+
+    return (
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{%- if message['content'] is string -%}{%- set text = message['content'] -%}{%- set images = 0 -%}"
+        "{%- else -%}"
+        "{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text')"
+        " | join(' ') -%}"
+        "{%- set images = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
+        "{%- endif -%}"
+        "{%- if loop.first -%}"
+        f"{{{{- '{BOS} {literal(HEADER)}' -}}}}"
+        f"{{%- for _ in range(images) -%}}{{{{- '### Image:{IMAGE} ' -}}}}{{%- endfor -%}}"
+        f"{{%- else -%}}{{{{- '{BOS} {literal(ROUND_SEPARATOR)}' -}}}}"
+        "{%- endif -%}"
+        "{{- '### Instruction:\\n' + text | trim + '\\n\\n' -}}"
+        "{%- if message.get('input') and message['input'] | trim -%}"
+        "{{- '### Input:\\n' + message['input'] | trim + '\\n\\n' -}}"
+        "{%- endif -%}"
+        f"{{{{- '{literal(RESPONSE)}' -}}}}"
+        "{%- else -%}"
+        f"{{{{- message['content'] | trim + '{EOS}' -}}}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    )
