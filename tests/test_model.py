@@ -365,3 +365,18 @@ def test_packed_path_builds_no_dense_mask():
     mask = create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=padding, cache=None,
                               position_ids=torch.arange(batch.num_tokens)[None])
     assert mask is not None and mask.shape[-1] == batch.num_tokens
+
+
+def test_attention_backends_resolve_for_both_attentions_and_switch_at_run_time():
+    model, _ = build()
+    assert model.attention_backends(torch.float32, "cpu") == {"self_attention": "sdpa", "cross_attention": "sdpa"}
+    model.set_attn_backend("flash_attn")  # not usable on the CPU: named, not silently replaced
+    with pytest.raises(ValueError, match="flash_attn"):
+        model.attention_backends(torch.float32, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: no GPU here")
+def test_auto_runs_fused_self_and_cross_attention_for_9b_on_cuda():
+    model, _ = build_model(ModelConfig(preset="9b"), meta=True)
+    ran = model.attention_backends(torch.bfloat16, "cuda")
+    assert ran["self_attention"] in ("flash_attn", "torch_varlen") and ran["cross_attention"] == ran["self_attention"]

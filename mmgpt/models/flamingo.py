@@ -14,6 +14,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+from mmgpt_kernels.varlen import resolve_backend
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import LlamaForCausalLM
@@ -92,6 +93,26 @@ class Flamingo(nn.Module):
     def cross_attn_blocks(self) -> list[GatedCrossAttentionBlock]:
         return [layer.gated_cross_attn_layer for layer in self.language_model.model.layers
                 if layer.gated_cross_attn_layer is not None]
+
+    def set_attn_backend(self, backend: str) -> None:
+        """Pick the mmgpt_kernels backend of self- and cross-attention (auto | flash_attn |
+        torch_varlen | sdpa); modules read it at call time, so this switches a built model."""
+        self.language_model.config.mmgpt_attn_backend = backend
+        for block in self.cross_attn_blocks():
+            block.attn.backend = backend
+
+    def attention_backends(self, dtype: torch.dtype, device: torch.device | str) -> dict[str, str]:
+        """The backend self- and cross-attention run for `dtype` activations on `device`, from the
+        resolver varlen_attention itself calls (head dims decide whether fused kernels fit)."""
+        config = self.language_model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        probe = lambda heads, dim: torch.empty(0, heads, dim, dtype=dtype, device=device)  # noqa: E731
+        ran = {"self_attention": resolve_backend(config.mmgpt_attn_backend,
+                                                 probe(config.num_attention_heads, head_dim))}
+        for block in self.cross_attn_blocks()[:1]:
+            ran["cross_attention"] = resolve_backend(block.attn.backend,
+                                                     probe(block.attn.heads, block.attn.dim_head))
+        return ran
 
     def set_gradient_checkpointing(self, mode: bool | int) -> None:
         """Recompute FlamingoLayers in backward (non-reentrant: frozen inputs + LoRA work).
