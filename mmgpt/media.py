@@ -96,8 +96,9 @@ class MediaLayout:
     `media_index` [N] (image attended, -1 none) split into chunks, maximal runs of equal
     `media_index` (`cu_seqlens_q` [C+1] int32). Chunk c's keys are the latents of its image, or no
     key at all; `cu_image_chunks` [C+1] int32 counts chunks with an image (keys = that x the
-    number of latents) and `chunk_images` [C'] names their images in chunk order, so the model
-    needs no host sync to lay out keys.
+    number of latents) and `chunk_images` [C'] names their images in chunk order.
+    The same layout as host values (`chunk_lengths`, `chunk_has_image`, `num_images`) lets the
+    kernels and checks run without reading a device tensor back: no host sync in the forward.
     """
 
     token_index: Tensor | None
@@ -105,17 +106,27 @@ class MediaLayout:
     cu_seqlens_q: Tensor
     cu_image_chunks: Tensor
     chunk_images: Tensor
-    max_seqlen_q: int
-    num_tokens: int
+    chunk_lengths: tuple[int, ...]  # [C] tokens per chunk (host)
+    chunk_has_image: tuple[bool, ...]  # [C] whether chunk c has keys (host)
+    num_images: int  # images the layout refers to: 1 + the highest image index (0: none)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.chunk_lengths)
+
+    @property
+    def max_seqlen_q(self) -> int:
+        return max(self.chunk_lengths, default=0)
 
     @property
     def has_keys(self) -> bool:
-        return self.chunk_images.numel() > 0
+        return self.num_images > 0
 
     @classmethod
     def build(cls, media_index: Tensor, through: Tensor | None = None) -> "MediaLayout":
         """From the media index of every flattened token and (optionally) a bool mask of the
-        tokens that pass the blocks (None: all)."""
+        tokens that pass the blocks (None: all). Reads its inputs on the host: call it where
+        they live there (the packer) or where a sync does not matter (generation, probes)."""
         media_index = media_index.reshape(-1).long()
         token_index = None
         if through is not None:
@@ -132,10 +143,12 @@ class MediaLayout:
         has_image = chunk_media >= 0
         cu_img = torch.zeros(chunk_media.numel() + 1, dtype=torch.int32, device=media_index.device)
         cu_img[1:] = torch.cumsum(has_image.to(torch.int32), 0)
-        max_q = int((cu_q[1:] - cu_q[:-1]).max()) if n else 0
+        images = chunk_media[has_image]
         return cls(token_index=token_index, media_index=media_index, cu_seqlens_q=cu_q,
-                   cu_image_chunks=cu_img, chunk_images=chunk_media[has_image], max_seqlen_q=max_q,
-                   num_tokens=n)
+                   cu_image_chunks=cu_img, chunk_images=images,
+                   chunk_lengths=tuple((cu_q[1:] - cu_q[:-1]).tolist()),
+                   chunk_has_image=tuple(has_image.tolist()),
+                   num_images=int(images.max()) + 1 if images.numel() else 0)
 
     def to(self, device: torch.device | str) -> "MediaLayout":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -194,6 +194,38 @@ def test_bad_segmentation_is_a_clear_error(lens_q, lens_k, causal, match) -> Non
                          causal=causal, backend="sdpa")
 
 
+@pytest.mark.parametrize("scenario", ["self_causal_mixed", "cross_zero_keys", "zero_len_q"])
+def test_host_lengths_give_the_same_result_without_reading_cu_seqlens(scenario, monkeypatch) -> None:
+    """The packer's host lengths replace the per-call device read of cu_seqlens (a CUDA sync)."""
+    lens_q, lens_k, causal, hq, hkv = SCENARIOS[scenario]
+    q, k, v, cu_q, cu_k = _inputs(lens_q, lens_k, hq, hkv, HEAD_DIM, torch.float64, torch.device("cpu"))
+    args = (q, k, v, cu_q, cu_k, max(lens_q), max(lens_k))
+    read = varlen_attention(*args, causal=causal, backend="sdpa")
+
+    def no_reads(self):
+        raise AssertionError("cu_seqlens read back to the host")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", no_reads)
+    host = varlen_attention(*args, causal=causal, backend="sdpa", seqlens_q=lens_q, seqlens_k=lens_k)
+    assert torch.equal(host, read)
+    grads = torch.autograd.grad(host.sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("seqlens_q,seqlens_k,match", [
+    ([3, 5], [4], "1 seqlens_k for 2 segments"),            # one length per segment
+    ([3, 4], [4, 4], "ends at 7 but there are 8"),          # host q lengths do not cover q
+    ([4, 4], [-1, 9], "must be non-negative"),
+])
+def test_bad_host_lengths_are_a_clear_error(seqlens_q, seqlens_k, match) -> None:
+    q = torch.randn(8, 2, 8)
+    k = v = torch.randn(10, 2, 8)
+    cu = _cu([4, 4], q.device)
+    with pytest.raises(ValueError, match=match):
+        varlen_attention(q, k, v, cu, cu, 4, 4, causal=False, backend="sdpa",
+                         seqlens_q=seqlens_q, seqlens_k=seqlens_k)
+
+
 def test_gqa_head_mismatch_is_a_clear_error() -> None:
     q, k = torch.randn(4, 3, 8), torch.randn(4, 2, 8)
     cu = _cu([4], q.device)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 from transformers.masking_utils import create_causal_mask
 
+from mmgpt.configfile import ConfigError, from_dict
 from mmgpt.contracts import IGNORE_INDEX, PackedBatch, TokenizedSample
 from mmgpt.data.packing import collate
 from mmgpt.media import MEDIA_ATTENTION_MODES, MediaLayout, attends_previous, media_index, row_layout
@@ -118,6 +119,8 @@ def test_media_layout_chunks_and_keys():
     ctx = MediaContext(torch.zeros(3, 4, 8), layout)
     assert ctx.cu_seqlens_k.tolist() == [0, 0, 4, 8]
     assert (layout.max_seqlen_q, ctx.max_seqlen_k) == (3, 4)
+    assert layout.chunk_lengths == (2, 3, 2) and layout.chunk_has_image == (False, True, True)
+    assert layout.num_images == 3 and ctx.seqlens_k == (0, 4, 4)  # host copies for the kernels
     with pytest.raises(ValueError, match="refers past"):
         MediaContext(torch.zeros(3, 4, 8), MediaLayout.build(torch.tensor([0, 3])))
 
@@ -220,17 +223,33 @@ def test_chunked_loss_equals_full_logits_float64(monkeypatch):
     assert out.sample_count.tolist() == [4, 4, 3]
 
 
-def test_gradient_checkpointing_same_grads():
+@pytest.mark.parametrize("mode, checkpointed", [(True, [0, 1, 2, 3]), (1, [0, 1, 2, 3]), (2, [0, 2]),
+                                                (3, [0, 3]), (False, []), (0, [])])
+def test_gradient_checkpointing_modes_same_grads(mode, checkpointed):
+    """off | full (true or 1) | every k-th layer: the same gradients, recomputing the named layers."""
     model, _ = build(gates=0.7, lora_b=True)
     model.train()
     batch = pack(SAMPLES, images(3))
     trainable = [p for p in model.parameters() if p.requires_grad]
     ref = torch.autograd.grad(packed_loss(model, model.lm_head, batch).loss_sum, trainable)
-    model.set_gradient_checkpointing(True)
+    model.set_gradient_checkpointing(mode)
+    layers = model.language_model.model.layers
+    assert [i for i, layer in enumerate(layers) if layer.gradient_checkpointing] == checkpointed
     got = torch.autograd.grad(packed_loss(model, model.lm_head, batch).loss_sum, trainable)
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, atol=1e-6, rtol=0)
     assert any(g.abs().sum() > 0 for g in got)
+
+
+def test_gradient_checkpointing_mode_from_config():
+    cfg = from_dict(ModelConfig, {"preset": "tiny", "gradient_checkpointing": 2}, "model.yaml")
+    assert from_dict(ModelConfig, {"gradient_checkpointing": True}, "x").gradient_checkpointing is True
+    with pytest.raises(ConfigError, match="gradient_checkpointing"):
+        from_dict(ModelConfig, {"gradient_checkpointing": "2"}, "x")
+    model, _ = build_model(cfg)
+    assert [layer.gradient_checkpointing for layer in model.language_model.model.layers] == [True, False] * 2
+    with pytest.raises(ValueError, match="layer interval"):
+        ModelConfig(preset="tiny", gradient_checkpointing=-1)
 
 
 def test_no_supervised_tokens_gives_connected_zero_loss():
@@ -346,3 +365,18 @@ def test_packed_path_builds_no_dense_mask():
     mask = create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=padding, cache=None,
                               position_ids=torch.arange(batch.num_tokens)[None])
     assert mask is not None and mask.shape[-1] == batch.num_tokens
+
+
+def test_attention_backends_resolve_for_both_attentions_and_switch_at_run_time():
+    model, _ = build()
+    assert model.attention_backends(torch.float32, "cpu") == {"self_attention": "sdpa", "cross_attention": "sdpa"}
+    model.set_attn_backend("flash_attn")  # not usable on the CPU: named, not silently replaced
+    with pytest.raises(ValueError, match="flash_attn"):
+        model.attention_backends(torch.float32, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: no GPU here")
+def test_auto_runs_fused_self_and_cross_attention_for_9b_on_cuda():
+    model, _ = build_model(ModelConfig(preset="9b"), meta=True)
+    ran = model.attention_backends(torch.bfloat16, "cuda")
+    assert ran["self_attention"] in ("flash_attn", "torch_varlen") and ran["cross_attention"] == ran["self_attention"]

@@ -91,6 +91,7 @@ def test_equivalence_test_detects_a_missing_boundary(model, samples) -> None:
     leaky = _collate(model, samples)
     leaky.cu_seqlens = torch.tensor([0, leaky.num_tokens], dtype=torch.int32)
     leaky.max_seqlen = leaky.num_tokens
+    leaky.seqlens = (leaky.num_tokens,)
     leaky.position_ids = torch.arange(leaky.num_tokens)
     with torch.no_grad():
         good, bad = packed_logits(model, packed), packed_logits(model, leaky)

@@ -42,7 +42,7 @@ def test_collate_fields_on_hand_made_samples() -> None:
     assert batch.position_ids.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 0, 1, 2, 3]
     assert batch.cu_seqlens.dtype == torch.int32
     assert batch.cu_seqlens.tolist() == [0, 8, 12, 16]
-    assert batch.max_seqlen == 8
+    assert batch.max_seqlen == 8 and batch.seqlens == (8, 4, 4)  # host lengths for the kernels
     # the <image> token sees its own image; sample 1 sees nothing although sample 0 had images
     assert batch.media_index.tolist() == [-1, -1, 0, 0, 0, 1, 1, 1, -1, -1, -1, -1, -1, 2, 2, 2]
     # the text-only sample 1 skips the cross-attention blocks: its tokens 8..11 are not in the layout
@@ -52,7 +52,8 @@ def test_collate_fields_on_hand_made_samples() -> None:
     assert layout.cu_seqlens_q.tolist() == [0, 2, 5, 8, 9, 12]
     assert layout.media_index.tolist() == [-1, -1, 0, 0, 0, 1, 1, 1, -1, 2, 2, 2]
     assert layout.chunk_images.tolist() == [0, 1, 2] and layout.cu_image_chunks.tolist() == [0, 0, 1, 2, 2, 3]
-    assert layout.max_seqlen_q == 3
+    assert layout.max_seqlen_q == 3 and layout.chunk_lengths == (2, 3, 3, 1, 3)
+    assert layout.chunk_has_image == (False, True, True, False, True) and layout.num_images == 3
     assert torch.equal(batch.images[:, 0, 0, 0], torch.tensor([1.0, 2.0, 3.0]))
     assert batch.sample_index.tolist() == [0] * 8 + [1] * 4 + [2] * 4
     assert batch.sources == ["llava", "dolly", "coco"]
@@ -122,6 +123,11 @@ def test_collate_matches_each_sample_on_random_mix() -> None:
     assert torch.equal(layout.chunk_images, chunk_media[chunk_media >= 0])
     for c, m in enumerate(chunk_media.tolist()):
         assert (layout.media_index[cq[c] : cq[c + 1]] == m).all()
+    # the host copies the kernels read say the same as the tensors
+    assert list(batch.seqlens) == [b - a for a, b in zip(cu[:-1], cu[1:])]
+    assert list(layout.chunk_lengths) == [b - a for a, b in zip(cq[:-1], cq[1:])]
+    assert list(layout.chunk_has_image) == (chunk_media >= 0).tolist()
+    assert layout.num_images == int(layout.chunk_images.max()) + 1
 
 
 def _mix(n: int, seed: int = 0, max_tokens: int = 4096) -> list[TokenizedSample]:

@@ -4,11 +4,15 @@ Packed rows concatenate many samples; attention must stay inside each segment. O
 fused varlen kernels do this natively; on any device the portable path runs SDPA once per
 segment, so the cost grows with sum(len^2) rather than (sum len)^2 as a dense block-diagonal
 mask would.
+
+The per-segment path needs the segment lengths as Python ints. Callers that know them on the host
+(the packer does) pass `seqlens_q` / `seqlens_k`, so no call reads `cu_seqlens` back from the
+device: on CUDA that read is a host sync per layer, which stalls the launch queue.
 """
 from __future__ import annotations
 
 from functools import cache
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -102,22 +106,30 @@ def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          f"cu_seqlens_k {tuple(cu_seqlens_k.shape)} must both be [N+1]")
 
 
-def _segment_lengths(cu: list[int], total: int, name: str, exact: bool) -> list[int]:
-    """Per-segment lengths from host cu_seqlens, validated against the token count."""
-    lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
-    if cu[0] != 0 or any(n < 0 for n in lens):
-        raise ValueError(f"varlen_attention: {name} must start at 0 and be non-decreasing; "
-                         f"got {cu}")
-    if cu[-1] > total or (exact and cu[-1] != total):
-        raise ValueError(f"varlen_attention: {name} ends at {cu[-1]} but there are {total} tokens")
+def _segment_lengths(host: Sequence[int] | None, cu: torch.Tensor, total: int, name: str,
+                     exact: bool) -> list[int]:
+    """Per-segment lengths: the caller's host lengths, else read from `cu` (a host sync on CUDA),
+    validated against the segment and token counts."""
+    if host is None:
+        bounds = cu.tolist()
+        if bounds[0] != 0:
+            raise ValueError(f"varlen_attention: cu_{name} must start at 0; got {bounds}")
+        host = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    lens = list(host)
+    if len(lens) != cu.numel() - 1:
+        raise ValueError(f"varlen_attention: {len(lens)} {name} for {cu.numel() - 1} segments")
+    if any(n < 0 for n in lens):
+        raise ValueError(f"varlen_attention: {name} must be non-negative (cu_{name} "
+                         f"non-decreasing); got {lens}")
+    end = sum(lens)
+    if end > total or (exact and end != total):
+        raise ValueError(f"varlen_attention: cu_{name} ends at {end} but there are {total} tokens")
     return lens
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-          cu_seqlens_k: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
-    """One SDPA call per segment; zero-key segments get exact zeros."""
-    lens_q = _segment_lengths(cu_seqlens_q.tolist(), q.shape[0], "cu_seqlens_q", exact=True)
-    lens_k = _segment_lengths(cu_seqlens_k.tolist(), k.shape[0], "cu_seqlens_k", exact=False)
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens_q: list[int],
+          lens_k: list[int], causal: bool, scale: float) -> torch.Tensor:
+    """One SDPA call per segment of host lengths; zero-key segments get exact zeros."""
     if causal and lens_q != lens_k:
         raise ValueError("varlen_attention: causal=True is self-attention and needs equal q and "
                          f"k segments; got q lengths {lens_q} and k lengths {lens_k}")
@@ -153,7 +165,8 @@ def _zero_keyless(out: torch.Tensor, cu_seqlens_q: torch.Tensor,
 def _fused(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
            cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
            max_seqlen_k: int, causal: bool, scale: float) -> torch.Tensor:
-    """CUDA varlen kernels; GQA is native in both. Keyless segments are zeroed afterwards."""
+    """CUDA varlen kernels; GQA is native in both. Keyless cross-attention segments are zeroed
+    afterwards (causal self-attention has none: its q and k segments are equal)."""
     cu_q, cu_k = cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32)
     if backend == "flash_attn":
         out = _flash_attn_func()(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k,
@@ -163,23 +176,29 @@ def _fused(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
         out = _torch_varlen_func()(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, scale=scale,
                                    window_size=(-1, 0) if causal else (-1, -1), **gqa)
-    return _zero_keyless(out, cu_q, cu_k)
+    return out if causal else _zero_keyless(out, cu_q, cu_k)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
                      max_seqlen_q: int, max_seqlen_k: int, *, causal: bool,
-                     scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+                     scale: float | None = None, backend: str = "auto",
+                     seqlens_q: Sequence[int] | None = None,
+                     seqlens_k: Sequence[int] | None = None) -> torch.Tensor:
     """Attention of q segment i (q[cu_q[i]:cu_q[i+1]]) to k/v segment i only.
 
     q [Tq, Hq, D], k/v [Tk, Hkv, D] with Hq a multiple of Hkv; cu_seqlens_* int32 [N+1].
     causal=True is self-attention (equal q/k segments, lower-triangular inside each).
     A segment with zero keys yields exact zeros. Returns [Tq, Hq, D] in q's dtype.
+    `seqlens_q/k` are the same segment lengths as host ints (the differences of cu_seqlens_*);
+    the sdpa backend then never reads cu_seqlens back. Without them it does (a sync on CUDA).
     """
     _check_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     chosen = resolve_backend(backend, q)
-    if chosen == "sdpa":
-        return _sdpa(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
-    return _fused(chosen, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                  causal, scale)
+    if chosen != "sdpa":
+        return _fused(chosen, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                      causal, scale)
+    lens_q = _segment_lengths(seqlens_q, cu_seqlens_q, q.shape[0], "seqlens_q", exact=True)
+    lens_k = _segment_lengths(seqlens_k, cu_seqlens_k, k.shape[0], "seqlens_k", exact=False)
+    return _sdpa(q, k, v, lens_q, lens_k, causal, scale)

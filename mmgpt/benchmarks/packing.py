@@ -175,6 +175,120 @@ def _spread(row_ids: list[list[int]], steps: int) -> list[list[int]]:
     return [body[i * len(body) // steps] for i in range(min(steps, len(body)))]
 
 
+@dataclass
+class _Setup:
+    """The model (random weights, built where it runs) and the packed synthetic stream."""
+
+    model: torch.nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    build_seconds: float
+    side: int
+    samples: list[TokenizedSample]
+    row_ids: list[list[int]]  # sample indices of each packed row (the rows' images are not kept)
+    efficiency: float
+
+    @classmethod
+    def prepare(cls, args: argparse.Namespace) -> "_Setup":
+        from mmgpt.models.builder import ModelConfig, build_model, preset_image_size
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        device = torch.device(args.device)
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+        cfg = ModelConfig(preset=args.preset, attn_backend=args.attn_backend, seed=args.seed,
+                          gradient_checkpointing=args.gradient_checkpointing)
+        start = time.perf_counter()
+        with torch.device(device):  # random weights are initialised where they will live
+            model, _ = build_model(cfg, device=device, dtype=dtype)
+        build_seconds = time.perf_counter() - start
+        side = preset_image_size(args.preset)
+        image = torch.randn(3, side, side, generator=torch.Generator().manual_seed(args.seed))
+        samples = synthetic_samples(args.samples, vocab_size=model.language_model.config.vocab_size,
+                                    image_token_id=model.image_token_id, image=image,
+                                    max_tokens=args.max_tokens, seed=args.seed)
+        packer = Packer(PackingConfig(max_tokens=args.max_tokens, seed=args.seed), model.image_token_id,
+                        (side, side))
+        row_ids: list[list[int]] = []
+
+        def recorded() -> Iterator[PackedBatch]:
+            for batch in packer.pack(samples):
+                row_ids.append(batch.sample_ids)
+                yield batch
+
+        efficiency = packing_efficiency(recorded())
+        return cls(model, device, dtype, build_seconds, side, samples, row_ids, efficiency)
+
+    def collate(self, members: list[TokenizedSample], row_tokens: int = 0) -> PackedBatch:
+        return collate(members, row_tokens, image_token_id=self.model.image_token_id,
+                       media_attention="next", image_size=(self.side, self.side))
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _peak_flops(args: argparse.Namespace, device: torch.device) -> float | None:
+    """MFU denominator: the override, else the card's bf16 peak (None on the CPU)."""
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12
+    return peak_bf16_flops(_device_name(device)) if device.type == "cuda" else None
+
+
+# The step matrix: attention backend x activation checkpointing x liger kernels. "fused" asks for
+# `auto`, which is flash_attn or torch_varlen where they fit; the JSON records what ran.
+MATRIX_BACKENDS = {"sdpa": "sdpa", "fused": "auto"}
+MATRIX_CHECKPOINTING = {"full": True, "off": False}
+
+
+def run_step_matrix(args: argparse.Namespace) -> dict:
+    """Time the packed training step (forward + backward on `args.steps` packed rows) for every
+    backend x checkpointing x liger combination on ONE built model, so the matrix costs one
+    model build. Liger patches modules in place, so its "on" half runs last."""
+    from mmgpt.models.fused import apply_liger
+
+    setup = _Setup.prepare(args)
+    model, device, dtype = setup.model, setup.device, setup.dtype
+    rows = [[setup.samples[i] for i in ids] for ids in _spread(setup.row_ids, args.steps)]
+    batches = [setup.collate(row, args.max_tokens).to(device, dtype) for row in rows]
+    steps = [lambda b=b: packed_loss(model, model.lm_head, b).loss_sum for b in batches]
+    timed = [s for row in rows for s in row]
+    supervised = sum(s.num_supervised for s in timed)
+    useful = step_flops(args.preset, StepShape.from_batch(setup.collate(timed))).train
+    peak = _peak_flops(args, device)
+    model.train()
+    entries = []
+    for liger in (False, True):
+        liger_note = apply_liger(model, device) if liger else None
+        for backend_name, backend in MATRIX_BACKENDS.items():
+            model.set_attn_backend(backend)
+            for ckpt_name, ckpt in MATRIX_CHECKPOINTING.items():
+                model.set_gradient_checkpointing(ckpt)
+                entry = {"attn_backend": backend_name, "gradient_checkpointing": ckpt_name,
+                         "liger": liger, "liger_applied": liger and liger_note is None,
+                         "liger_note": liger_note,
+                         "backends_ran": model.attention_backends(dtype, device)}
+                try:
+                    time_variant(model, steps, device)  # warm: kernel caches, Triton compiles
+                    seconds, loss, memory = time_variant(model, steps, device)
+                except torch.OutOfMemoryError as err:  # checkpointing off on a small card
+                    entry["error"] = f"out of memory: {err}".splitlines()[0]
+                    torch.cuda.empty_cache()
+                    entries.append(entry)
+                    continue
+                entry.update(seconds=seconds, loss_sum=loss, peak_memory_gib=memory,
+                             supervised_tokens_per_s=supervised / seconds,
+                             useful_tflops_per_s=useful / seconds / 1e12,
+                             mfu=useful / seconds / peak if peak else None)
+                entries.append(entry)
+    return {"preset": args.preset, "device": _device_name(device), "dtype": args.dtype,
+            "threads": torch.get_num_threads(), "build_seconds": setup.build_seconds,
+            "max_tokens": args.max_tokens, "packing_efficiency": setup.efficiency,
+            "timed_rows": len(rows), "timed_samples": len(timed),
+            "timed_supervised_tokens": supervised, "peak_tflops": peak / 1e12 if peak else None,
+            "matrix": entries}
+
+
 def run_packing_bench(args: argparse.Namespace) -> dict:
     """Pack `args.samples` samples, then time the three variants on the samples of `args.steps` rows.
 
@@ -184,39 +298,13 @@ def run_packing_bench(args: argparse.Namespace) -> dict:
     shape, and first-use costs (oneDNN primitives, cuBLAS heuristics) would otherwise be charged
     mostly to batch-1. Steady state is the conservative comparison for packing.
     """
-    from mmgpt.models.builder import ModelConfig, build_model, preset_image_size
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    cfg = ModelConfig(preset=args.preset, attn_backend=args.attn_backend, seed=args.seed,
-                      gradient_checkpointing=args.gradient_checkpointing)
-    start = time.perf_counter()
-    with torch.device(device):  # random weights are initialised where they will live
-        model, _ = build_model(cfg, device=device, dtype=dtype)
-    build_seconds = time.perf_counter() - start
-    image_token_id = model.image_token_id
-    side = preset_image_size(args.preset)
-    image = torch.randn(3, side, side, generator=torch.Generator().manual_seed(args.seed))
-    samples = synthetic_samples(args.samples, vocab_size=model.language_model.config.vocab_size,
-                                image_token_id=image_token_id, image=image, max_tokens=args.max_tokens,
-                                seed=args.seed)
-    packer = Packer(PackingConfig(max_tokens=args.max_tokens, seed=args.seed), image_token_id, (side, side))
-    row_ids: list[list[int]] = []  # only the ids are kept: the rows' stacked images are not
-
-    def recorded() -> Iterator[PackedBatch]:
-        for batch in packer.pack(samples):
-            row_ids.append(batch.sample_ids)
-            yield batch
-
-    efficiency = packing_efficiency(recorded())
+    setup = _Setup.prepare(args)
+    model, device, dtype = setup.model, setup.device, setup.dtype
+    samples, row_ids = setup.samples, setup.row_ids
     per_row = len(samples) / len(row_ids)
     group = max(1, round(per_row))
 
-    def packed(members: list[TokenizedSample], row_tokens: int = 0) -> PackedBatch:
-        return collate(members, row_tokens, image_token_id=image_token_id, media_attention="next",
-                       image_size=(side, side))
+    packed = setup.collate
 
     def train_step(batch: PackedBatch) -> Callable[[], torch.Tensor]:
         return lambda: packed_loss(model, model.lm_head, batch.to(device, dtype)).loss_sum
@@ -251,8 +339,7 @@ def run_packing_bench(args: argparse.Namespace) -> dict:
             if memory is not None:
                 r["peak_memory_gib"] = max(memory, r["peak_memory_gib"] or 0.0)
     useful = step_flops(args.preset, StepShape.from_batch(packed(timed))).train
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else (
-        peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
+    peak = _peak_flops(args, device)
     supervised = sum(s.num_supervised for s in timed)
     for r in report.values():
         r["supervised_tokens_per_s"] = supervised / r["seconds"]
@@ -261,16 +348,17 @@ def run_packing_bench(args: argparse.Namespace) -> dict:
     tokens_per_s = {name: r["supervised_tokens_per_s"] for name, r in report.items()}
     return {
         "preset": args.preset,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": _device_name(device),
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         "gradient_checkpointing": args.gradient_checkpointing,
-        "build_seconds": build_seconds,
+        "build_seconds": setup.build_seconds,
         "max_tokens": args.max_tokens,
         "num_samples": len(samples),
         "rows": len(row_ids),
         "samples_per_row": per_row,
-        "packing_efficiency": efficiency,
+        "packing_efficiency": setup.efficiency,
+        "attention_backends": model.attention_backends(dtype, device),
         "timed_samples": len(timed),
         "timed_supervised_tokens": supervised,
         "timed_useful_tflop": useful / 1e12,
@@ -284,7 +372,32 @@ def run_packing_bench(args: argparse.Namespace) -> dict:
     }
 
 
+def _matrix_main(args: argparse.Namespace) -> int:
+    result = run_step_matrix(args)
+    print(f"{result['device']} {result['preset']} {result['dtype']}: packed step on "
+          f"{result['timed_rows']} rows of {result['max_tokens']} tokens")
+    for e in result["matrix"]:
+        ran = "/".join(e["backends_ran"].values())
+        liger = "on" if e["liger_applied"] else ("off" if not e["liger"] else "n/a")
+        what = (e["error"] if "error" in e else f"{e['supervised_tokens_per_s']:10.1f} supervised tok/s"
+                + (f"  MFU {e['mfu']:.3f}" if e["mfu"] is not None else "")
+                + (f"  peak {e['peak_memory_gib']:.1f} GiB" if e["peak_memory_gib"] is not None else ""))
+        print(f"  {e['attn_backend']:5s} (ran {ran}) ckpt {e['gradient_checkpointing']:4s} liger {liger:3s} {what}")
+    for note in sorted({e["liger_note"] for e in result["matrix"] if e["liger_note"]}):
+        print(f"  liger: {note}")
+    _write_json(args.json, result)
+    return 0
+
+
+def _write_json(path: str | None, result: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
+
+
 def _packing_main(args: argparse.Namespace) -> int:
+    if args.matrix:
+        return _matrix_main(args)
     result = run_packing_bench(args)
     print(f"{result['device']} {result['preset']} {result['dtype']}: packing efficiency "
           f"{result['packing_efficiency']:.4f} over {result['num_samples']} samples "
@@ -297,9 +410,7 @@ def _packing_main(args: argparse.Namespace) -> int:
               f"{r['seconds']:8.2f} s  {r['forwards']:4d} forwards{mfu}{mem}")
     print(f"  packed/batch1 {result['speedup_vs_batch1']:.2f}x  "
           f"packed/padded {result['speedup_vs_padded']:.2f}x")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    _write_json(args.json, result)
     return 0
 
 
@@ -313,7 +424,11 @@ def add_parser(benches: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=4096, help="packed row capacity")
     p.add_argument("--steps", type=int, default=2, help="packed rows whose samples are timed")
     p.add_argument("--attn-backend", default="auto", help="mmgpt_kernels backend")
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--gradient-checkpointing", type=int, nargs="?", const=1, default=0, metavar="K",
+                   help="checkpoint every K-th layer (bare flag: every layer; 0: off)")
+    p.add_argument("--matrix", action="store_true",
+                   help="packed step only, for backend {sdpa, fused} x checkpointing {full, off} x "
+                        "liger {off, on} on one built model")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator override")
     p.add_argument("--seed", type=int, default=0)

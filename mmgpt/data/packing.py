@@ -109,6 +109,7 @@ def collate(
         position_ids=torch.tensor(positions, dtype=torch.long),
         cu_seqlens=torch.tensor(cu_seqlens, dtype=torch.int32),
         max_seqlen=max(seq_lengths),
+        seqlens=tuple(seq_lengths),
         images=image_tensor,
         media_index=media_t,
         media=MediaLayout.build(media_t, torch.tensor(through)) if images else None,

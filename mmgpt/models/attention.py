@@ -1,7 +1,10 @@
 """The "mmgpt_varlen" transformers attention implementation for LLaMA self-attention.
 
 Packed training rows carry `cu_seq_lens_q/k` and `max_length_q/k` kwargs: attention is then causal
-inside each sample through `mmgpt_kernels.varlen_attention`, with no dense T x T mask. Anything
+inside each sample through `mmgpt_kernels.varlen_attention`, with no dense T x T mask. They also
+carry `mmgpt_seq_lens`, the same sample lengths as host ints (built by the packer): transformers
+forwards unknown kwargs from the model down to this function, so the per-segment kernel never
+reads cu_seqlens back from the device (one host sync per layer otherwise). Anything
 else (generation with a KV cache, padded batches) goes to transformers' own SDPA function with
 the mask transformers builds.
 """
@@ -29,7 +32,8 @@ def mmgpt_varlen_attention(module: nn.Module, query: Tensor, key: Tensor, value:
     out = varlen_attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
                            cu_q, kwargs["cu_seq_lens_k"], kwargs["max_length_q"], kwargs["max_length_k"],
                            causal=True, scale=scaling,
-                           backend=getattr(module.config, "mmgpt_attn_backend", "auto"))
+                           backend=getattr(module.config, "mmgpt_attn_backend", "auto"),
+                           seqlens_q=kwargs.get("mmgpt_seq_lens"), seqlens_k=kwargs.get("mmgpt_seq_lens"))
     return out.unsqueeze(0), None
 
 

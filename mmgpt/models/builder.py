@@ -20,7 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from mmgpt.media import check_mode
 from mmgpt.models import checkpoints
-from mmgpt.models.flamingo import Flamingo, add_cross_attention
+from mmgpt.models.flamingo import Flamingo, add_cross_attention, checkpoint_every
 from mmgpt.models.lora import apply_lora
 from mmgpt.models.perceiver import PerceiverResampler
 from mmgpt.contracts import IMAGE
@@ -82,7 +82,9 @@ class ModelConfig:
     lora_checkpoint: str | None = None  # MultiModal-GPT LoRA checkpoint (released layout)
     lora: str = "default"  # default | paper | none
     seed: int = 0
-    gradient_checkpointing: bool = False
+    # Activation checkpointing: false (off), true (every layer) or k (every k-th layer). See
+    # configs/mmgpt_9b.yaml for what fits which card.
+    gradient_checkpointing: bool | int = False
     attn_backend: str = "auto"  # mmgpt_kernels backend: auto | flash_attn | torch_varlen | sdpa
     # Which image a token cross-attends (mmgpt/media.py): next (the released MultiModal-GPT and
     # OpenFlamingo v1 default) | previous (OpenFlamingo v2) | random (v1's placement augmentation)
@@ -90,6 +92,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_mode(self.media_attention)
+        checkpoint_every(self.gradient_checkpointing)
 
 
 def get_preset(name: str) -> Preset:

@@ -24,18 +24,17 @@ class MediaContext:
     """Everything one forward's cross-attention layers need; passed as the keyword `media=`.
 
     `layout` was computed on the host from token ids alone; the key segments follow from it and
-    the number of latents per image without a host sync.
+    the number of latents per image, as device tensors for the fused kernels and as host ints for
+    the per-segment one, so nothing here reads a device tensor back.
     """
 
     latents: Tensor  # [M, num_latents, dim_visual]
     layout: MediaLayout
 
     def __post_init__(self) -> None:
-        if self.layout.chunk_images.device.type == "cpu" and self.layout.has_keys:
-            top = int(self.layout.chunk_images.max())  # CPU tensor: no device sync
-            if top >= self.latents.shape[0]:
-                raise ValueError(f"media index {top} refers past the {self.latents.shape[0]} "
-                                 "images given (each <image> token needs its image)")
+        if self.layout.num_images > self.latents.shape[0]:
+            raise ValueError(f"media index {self.layout.num_images - 1} refers past the "
+                             f"{self.latents.shape[0]} images given (each <image> token needs its image)")
 
     @property
     def num_latents(self) -> int:
@@ -44,6 +43,11 @@ class MediaContext:
     @property
     def cu_seqlens_k(self) -> Tensor:
         return self.layout.cu_image_chunks * self.num_latents
+
+    @property
+    def seqlens_k(self) -> tuple[int, ...]:
+        """Keys per chunk on the host: the latents of its image, or none."""
+        return tuple(self.num_latents if has else 0 for has in self.layout.chunk_has_image)
 
     @property
     def max_seqlen_k(self) -> int:
@@ -72,7 +76,8 @@ class MaskedCrossAttention(nn.Module):
         kv = self.to_kv(media.latents.to(x.dtype))[layout.chunk_images].flatten(0, 1)  # [C' * L, 2*inner]
         k, v = (t.unflatten(-1, (self.heads, self.dim_head)) for t in kv.chunk(2, dim=-1))
         out = varlen_attention(q, k, v, layout.cu_seqlens_q, media.cu_seqlens_k, layout.max_seqlen_q,
-                               media.max_seqlen_k, causal=False, backend=self.backend)
+                               media.max_seqlen_k, causal=False, backend=self.backend,
+                               seqlens_q=layout.chunk_lengths, seqlens_k=media.seqlens_k)
         return self.to_out(out.flatten(-2)).reshape(shape)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+from mmgpt_kernels.varlen import resolve_backend
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import LlamaForCausalLM
@@ -27,6 +28,14 @@ from mmgpt.models.perceiver import PerceiverResampler
 from mmgpt.models.vision import VisionEncoder
 
 __all__ = ["Flamingo", "FlamingoLayer", "MediaContext"]
+
+
+def checkpoint_every(mode: bool | int) -> int:
+    """Activation-checkpointing mode as "every k-th layer": 0 off, 1 every layer (full)."""
+    every = int(mode)
+    if every < 0:
+        raise ValueError(f"gradient_checkpointing must be true/false or a layer interval >= 0, got {mode!r}")
+    return every
 
 
 class FlamingoLayer(GradientCheckpointingLayer):
@@ -85,10 +94,35 @@ class Flamingo(nn.Module):
         return [layer.gated_cross_attn_layer for layer in self.language_model.model.layers
                 if layer.gated_cross_attn_layer is not None]
 
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """Recompute each FlamingoLayer in backward (non-reentrant: frozen inputs + LoRA work)."""
-        for layer in self.language_model.model.layers:
-            layer.gradient_checkpointing = enabled
+    def set_attn_backend(self, backend: str) -> None:
+        """Pick the mmgpt_kernels backend of self- and cross-attention (auto | flash_attn |
+        torch_varlen | sdpa); modules read it at call time, so this switches a built model."""
+        self.language_model.config.mmgpt_attn_backend = backend
+        for block in self.cross_attn_blocks():
+            block.attn.backend = backend
+
+    def attention_backends(self, dtype: torch.dtype, device: torch.device | str) -> dict[str, str]:
+        """The backend self- and cross-attention run for `dtype` activations on `device`, from the
+        resolver varlen_attention itself calls (head dims decide whether fused kernels fit)."""
+        config = self.language_model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        probe = lambda heads, dim: torch.empty(0, heads, dim, dtype=dtype, device=device)  # noqa: E731
+        ran = {"self_attention": resolve_backend(config.mmgpt_attn_backend,
+                                                 probe(config.num_attention_heads, head_dim))}
+        for block in self.cross_attn_blocks()[:1]:
+            ran["cross_attention"] = resolve_backend(block.attn.backend,
+                                                     probe(block.attn.heads, block.attn.dim_head))
+        return ran
+
+    def set_gradient_checkpointing(self, mode: bool | int) -> None:
+        """Recompute FlamingoLayers in backward (non-reentrant: frozen inputs + LoRA work).
+
+        `mode`: False/0 off, True/1 every layer, k >= 2 every k-th layer (layers 0, k, 2k, ...),
+        which trades memory for less recompute on cards that cannot hold every activation.
+        """
+        every = checkpoint_every(mode)
+        for i, layer in enumerate(self.language_model.model.layers):
+            layer.gradient_checkpointing = every > 0 and i % every == 0
             layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
 
     def encode_images(self, images: Tensor) -> Tensor:
@@ -105,19 +139,28 @@ class Flamingo(nn.Module):
         return self.language_model.lm_head
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int,
-                images: Tensor, media: MediaLayout | None) -> Tensor:
+                seqlens: tuple[int, ...], images: Tensor, media: MediaLayout | None) -> Tensor:
         """Final hidden states [T, dim] of one packed sequence of T tokens (several samples).
 
-        Self-attention is causal inside each `cu_seqlens` segment; `media` is the host-built
-        cross-attention layout (None: no sample has an image, every block is skipped). The loss
-        lives in mmgpt/train/loss.py; `PackedBatch.model_inputs()` gives these arguments.
+        Self-attention is causal inside each `cu_seqlens` segment (`seqlens`: their host lengths);
+        `media` is the host-built cross-attention layout (None: no sample has an image, every
+        block is skipped). The loss lives in mmgpt/train/loss.py; `PackedBatch.model_inputs()`
+        gives these arguments.
+
+        The decoder stack is driven here rather than through `LlamaModel.forward`: that one
+        always builds a mask first, and its packed-sequence detection reads position_ids back to
+        the host (a sync per step) for a mask the varlen kernels never use.
         """
         context = None if media is None else MediaContext(self.encode_images(images), media)
-        out = self.language_model.model(
-            input_ids=input_ids[None], position_ids=position_ids[None], media=context,
-            cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
-            max_length_q=max_seqlen, max_length_k=max_seqlen, use_cache=False)
-        return out.last_hidden_state[0]
+        llama = self.language_model.model
+        hidden = llama.embed_tokens(input_ids[None])
+        positions = position_ids[None]
+        rope = llama.rotary_emb(hidden, position_ids=positions)
+        for layer in llama.layers[: llama.config.num_hidden_layers]:
+            hidden = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=rope,
+                           media=context, cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
+                           max_length_q=max_seqlen, max_length_k=max_seqlen, mmgpt_seq_lens=seqlens)
+        return llama.norm(hidden)[0]
 
     def lm_forward(self, input_ids: Tensor, media: MediaContext | None, position_ids: Tensor | None = None,
                    attention_mask: Tensor | None = None, cache=None, use_cache: bool = False,
