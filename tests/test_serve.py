@@ -131,3 +131,65 @@ def test_serve_command_reports_a_busy_port(run_dir, capsys):
         port = busy.getsockname()[1]
         assert run_command(serve_mod, ["serve", "--model", str(run_dir), "--port", str(port)]) == 1
     assert "mmgpt serve: error" in capsys.readouterr().err
+
+
+def raw_request(url: str, head: bytes, body: bytes = b"", timeout: float = 30) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(head + body)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_content_length_must_be_honest(url):
+    """Negative, absent, non-numeric or over-size Content-Length never reaches the JSON parser."""
+    body = json.dumps({"message": "hi"}).encode()
+    for header, status in ((b"Content-Length: -1\r\n", b"400"), (b"", b"411"), (b"Content-Length: 1e9\r\n", b"400"),
+                           (b"Content-Length: 48000000\r\n", b"413")):
+        reply = raw_request(url, b"POST /api/chat HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n", body)
+        assert reply.split(b" ", 2)[1] == status, reply[:200]
+
+
+def test_session_ids_are_issued_by_the_server_and_unguessable(url):
+    status, forged = post(url + "/api/chat", {"session": "my-own-id", "message": "hi"})
+    assert status == 404 and "unknown or expired session" in forged["error"]
+    ids = {post(url + "/api/chat", {"message": "hi"})[1]["session"] for _ in range(3)}
+    assert len(ids) == 3 and all(len(i) >= 40 for i in ids)  # 32 random bytes, url-safe base64
+
+
+def test_one_client_cannot_evict_another_clients_conversation(loaded):
+    service = ChatService(lambda: new_session(loaded))
+    victim = service.clear({}, client="10.0.0.1")["session"]
+    for _ in range(3 * serve_mod.MAX_SESSIONS):  # a flood of new conversations from one address
+        service.clear({}, client="10.0.0.2")
+    assert service.clear({"session": victim}, client="10.0.0.1")["session"] == victim
+    assert sum(owner == "10.0.0.2" for owner, _ in service.sessions.values()) == serve_mod.MAX_SESSIONS_PER_CLIENT
+    with pytest.raises(serve_mod.RequestError, match="unknown or expired"):  # nor use it
+        service.clear({"session": victim}, client="10.0.0.2")
+
+
+def test_slow_clients_time_out_and_connections_are_bounded(loaded):
+    server = make_server(ChatService(lambda: new_session(loaded)), port=0, timeout=0.5, max_connections=2)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    host, port = server.server_address[:2]
+    try:
+        slow = [socket.create_connection((host, port), timeout=10) for _ in range(2)]
+        for sock in slow:
+            sock.sendall(b"POST /api/chat HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")  # then stall
+        extra = socket.create_connection((host, port), timeout=10)
+        extra.sendall(b"GET /api/health HTTP/1.0\r\n\r\n")
+        assert extra.recv(100).startswith(b"HTTP/1.0 503")  # both slots are taken: refused at once
+        extra.close()
+        for sock in slow:  # the stalled requests are answered 408 after the socket timeout
+            assert sock.recv(100).startswith(b"HTTP/1.0 408")
+            sock.close()
+        status = urllib.request.urlopen(f"http://{host}:{port}/api/health", timeout=10).status
+        assert status == 200  # the slots are free again
+        assert threading.active_count() < 20
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
