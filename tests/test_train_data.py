@@ -148,3 +148,8 @@ def test_a_failing_worker_names_the_record_it_was_loading(mixture, image_token_i
                                               rf"\({origin}\): OSError: .*disk gone"):
         while loader.window(1):
             pass
+
+
+def test_more_than_one_worker_is_refused(mixture, image_token_id):
+    with pytest.raises(ValueError, match="data_workers must be 0 or 1"):
+        BatchLoader(RankStream(mixture, PACKING, image_token_id, IMAGE_SIZE, 0, 1), workers=2)
