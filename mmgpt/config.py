@@ -97,6 +97,8 @@ class TrainConfig:
 
     `peak_flops` is one device's peak (FLOP/s) for the MFU estimate; None takes the accelerator's
     known bf16 peak, or on CPU the nominal `cpu_peak_flops` (an assumption, logged as such).
+    `data_workers`: 1 reads, decodes, tokenises and packs in a background process per rank, two
+    accumulation windows ahead; 0 does it in the training process, between steps.
     """
 
     mixture: str
@@ -111,11 +113,14 @@ class TrainConfig:
     max_consecutive_nonfinite: int = 5
     peak_flops: float | None = None
     cpu_peak_flops: float = 1e12
+    data_workers: int = 1
 
     def __post_init__(self) -> None:
         for name in ("save_every", "keep_last", "log_every", "max_consecutive_nonfinite"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.data_workers not in (0, 1):
+            raise ConfigError(f"data_workers must be 0 or 1 (one rank's packer is sequential), got {self.data_workers}")
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] = ()) -> "TrainConfig":

@@ -1,7 +1,9 @@
 """Real-launcher training tests on CPU (2 ranks, gloo, ZeRO-2 bf16), sharing one set of runs:
 
-  demo     `bash launch/demo.sh` (deepspeed --num_gpus 2), 8 steps, NaN injected at step 3
-  resume   same config: --stop-at-step 5, then --resume auto to step 8
+  demo     `bash launch/demo.sh` (deepspeed --num_gpus 2), 8 steps, NaN injected at step 3, data
+           packed in-process (data_workers 0)
+  resume   same config with a background data worker per rank (data_workers 1): --stop-at-step 5,
+           then --resume auto to step 8
   nodes    launch/multi_node.sh --no-ssh twice (node_rank 0 and 1, one rank each, 127.0.0.1)
   offload  as demo, with ds_configs/zero2_offload.json (DeepSpeed CPU Adam)
   nonfin   plain `mmgpt train` (1 rank): NaN at steps 2 and 3, limit 2 in a row -> exit 3
@@ -105,7 +107,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     mixture = write_sample(out["demo"] / "data", records=200, max_length=512)  # what demo.sh would write
     hostfile = root / "hostfile"
     hostfile.write_text("# two 'nodes' on loopback\nnode0 slots=1\nnode1 slots=1\n")
-    resume_cfg = train_config(root / "resume.yaml", mixture, out["resume"])
+    resume_cfg = train_config(root / "resume.yaml", mixture, out["resume"], data_workers=1)
     nodes_cfg = train_config(root / "nodes.yaml", mixture, out["nodes"])
     offload_cfg = train_config(root / "offload.yaml", mixture, out["offload"],
                                deepspeed=str(REPO / "ds_configs" / "zero2_offload.json"))
@@ -115,7 +117,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     planted_cfg = train_config(root / "planted.yaml", mixture, out["planted"])
     nodes_port = str(free_port())
     procs = {
-        "demo": start(["bash", "launch/demo.sh", str(out["demo"]), "--max-steps", str(STEPS), "--set", "save_every=4"],
+        "demo": start(["bash", "launch/demo.sh", str(out["demo"]), "--max-steps", str(STEPS), "--set", "save_every=4",
+                       "--set", "data_workers=0"],
                       root / "demo.log", MASTER_PORT=str(free_port())),
         "offload": start(deepspeed_cmd(offload_cfg, port=free_port()), root / "offload.log"),
         "resume1": start(deepspeed_cmd(resume_cfg, "--stop-at-step", str(STOP), port=free_port()), root / "resume1.log"),
@@ -185,7 +188,7 @@ def test_demo_trains_and_reports(runs):
     for tag in ("train/loss", "train/loss_language", "train/loss_vl", "train/lr", "train/grad_norm",
                 "throughput/tokens_per_s", "throughput/supervised_tokens_per_s", "throughput/samples_per_s",
                 "throughput/packing_efficiency", "throughput/step_time_s", "throughput/mfu", "memory/peak_gib",
-                "train/nonfinite_skipped_total"):
+                "train/nonfinite_skipped_total", "throughput/data_wait_s"):
         assert tag in values, tag
     loss = values["train/loss"]
     assert sorted(loss) == [s for s in range(1, STEPS + 1) if s != NAN_STEP]
@@ -230,6 +233,7 @@ def test_checkpoint_holds_no_frozen_weights(runs):
 
 
 def test_resume_equals_uninterrupted(runs):
+    """Resumed with data workers == uninterrupted in-process: the checkpoint holds the consumed position."""
     expect_success(runs, "demo", "resume1", "resume2")
     assert f"resumed from {runs['resume'] / 'checkpoints' / f'step_{STOP:08d}'} at step {STOP}" in \
         (runs["resume"] / "train.log").read_text()
@@ -243,6 +247,9 @@ def test_resume_equals_uninterrupted(runs):
     assert loss_resumed.keys() == loss_full.keys()
     for step in loss_full:
         assert loss_resumed[step] == pytest.approx(loss_full[step], rel=1e-4), step
+    assert set(scalars(runs["resume"])["throughput/data_wait_s"]) == set(range(1, STEPS + 1))
+    report = json.loads((runs["resume"] / "data_report.json").read_text())  # counted in the workers
+    assert sum(src["kept"] for src in report["sources"].values()) > 0
 
 
 def test_checkpoints_carry_a_manifest_of_every_file(runs):

@@ -1,15 +1,18 @@
 """Each rank's training stream: the shards cover the epoch once, a resumed stream continues the
-data order exactly, the step-count pre-pass matches the real stream, reports merge over ranks."""
+data order exactly, the step-count pre-pass matches the real stream, reports merge over ranks;
+a background worker yields the in-process batches bitwise and resumes from the consumed position."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
+import torch
 
 from mmgpt.data.mixture import Mixture, MixtureConfig
 from mmgpt.data.packing import PackingConfig
 from mmgpt.data.sample import write_sample
-from mmgpt.train.data import RankStream, count_batches, merge_reports
+from mmgpt.train.data import BatchLoader, DataWorkerError, RankStream, count_batches, merge_reports
 
 IMAGE_SIZE = 32
 PACKING = PackingConfig(max_tokens=256, max_images_per_row=8, buffer_size=6, rows_per_batch=1, seed=3)
@@ -59,9 +62,9 @@ def test_resumed_stream_continues_exactly(mixture, image_token_id):
 def test_window_and_count(mixture, image_token_id):
     for rank in range(2):
         expected = count_batches(mixture, PACKING, image_token_id, rank, 2)
-        stream = RankStream(mixture, PACKING, image_token_id, IMAGE_SIZE, rank, 2)
+        loader = BatchLoader(RankStream(mixture, PACKING, image_token_id, IMAGE_SIZE, rank, 2))
         windows = []
-        while window := stream.window(3):
+        while window := loader.window(3):
             windows.append(len(window))
         assert sum(windows) == expected
         assert windows[:-1] == [3] * (len(windows) - 1) and 1 <= windows[-1] <= 3
@@ -77,3 +80,76 @@ def test_merge_reports_counts_construction_drops_once_and_load_drops_per_shard()
     assert merged == {"sources": {"a": {
         "read": 10, "selected": 8, "kept": 6, "dropped": {"corrupt_image": 2, "malformed_json": 2, "too_long": 1},
         "dropped_at_load": {"corrupt_image": 2, "too_long": 1}, "errors": ["bad line", "x", "y"]}}}
+
+
+def windows(loader: BatchLoader, accum: int) -> list[tuple[list, dict]]:
+    """Every window of `loader` with the position the loader reports after it."""
+    out = []
+    while window := loader.window(accum):
+        out.append((window, json.loads(json.dumps(loader.state()))))
+    return out
+
+
+def assert_same_batches(got: list, want: list) -> None:
+    assert [b.sample_ids for b in got] == [b.sample_ids for b in want]
+    for a, b in zip(got, want):
+        for f in dataclasses.fields(a):
+            x, y = getattr(a, f.name), getattr(b, f.name)
+            if dataclasses.is_dataclass(x):
+                x, y = dataclasses.astuple(x), dataclasses.astuple(y)
+            for u, v in zip(x if isinstance(x, tuple) else [x], y if isinstance(y, tuple) else [y]):
+                if isinstance(u, torch.Tensor):
+                    assert u.dtype == v.dtype and torch.equal(u, v), f.name
+                else:
+                    assert u == v, f.name
+
+
+def test_worker_batches_and_resume_are_bitwise_the_in_process_ones(mixture, image_token_id):
+    rank, world, accum = 0, 2, 2
+
+    def stream(state=None):
+        return RankStream(mixture, PACKING, image_token_id, IMAGE_SIZE, rank, world, epochs=2, state=state)
+
+    inline = windows(BatchLoader(stream()), accum)
+    background = windows(BatchLoader(stream(), workers=1, prefetch=2 * accum), accum)
+    assert len(background) == len(inline) > 4
+    for (got, got_state), (want, want_state) in zip(background, inline):
+        assert_same_batches(got, want)
+        assert got_state == want_state  # the consumed position, not the worker's read-ahead
+    flat = [b for window, _ in inline for b in window]
+    for k in (1, len(inline) // 2, len(inline) - 1):  # resume from the position after window k
+        resumed = windows(BatchLoader(stream(inline[k - 1][1]), workers=1), accum)
+        assert_same_batches([b for window, _ in resumed for b in window], flat[k * accum:])
+
+
+def test_worker_reports_its_drops_like_in_process(mixture, image_token_id):
+    def loader(workers):
+        return BatchLoader(RankStream(mixture, PACKING, image_token_id, IMAGE_SIZE, 1, 2), workers=workers)
+
+    inline, background = loader(0), loader(1)
+    for each in (inline, background):
+        while each.window(3):
+            pass
+    assert background.report() == inline.report()
+
+
+def test_a_failing_worker_names_the_record_it_was_loading(mixture, image_token_id, monkeypatch):
+    load = mixture.load
+
+    def broken(i):  # inherited by the forked worker
+        if i == 12:
+            raise OSError("disk gone")
+        return load(i)
+
+    monkeypatch.setattr(mixture, "load", broken)
+    loader = BatchLoader(RankStream(mixture, PACKING, image_token_id, IMAGE_SIZE, 0, 1), workers=1, prefetch=2)
+    origin = mixture.conversation(12).origin
+    with pytest.raises(DataWorkerError, match=rf"(?s)rank 0: the data worker failed while loading epoch position 12 "
+                                              rf"\({origin}\): OSError: .*disk gone"):
+        while loader.window(1):
+            pass
+
+
+def test_more_than_one_worker_is_refused(mixture, image_token_id):
+    with pytest.raises(ValueError, match="data_workers must be 0 or 1"):
+        BatchLoader(RankStream(mixture, PACKING, image_token_id, IMAGE_SIZE, 0, 1), workers=2)

@@ -13,7 +13,8 @@ from mmgpt.train.monitor import Monitor, StepMetrics, device_peak_flops, progres
 def metrics(step: int, skipped: bool = False) -> StepMetrics:
     return StepMetrics(step=step, loss_sum=300.0, supervised=100, language_loss_sum=100.0, language_supervised=40,
                        vl_loss_sum=200.0, vl_supervised=60, tokens=900, samples=12, capacity=1000, flops=4e9,
-                       lr=1e-5, grad_norm=None if skipped else 0.5, step_time=2.0, skipped=skipped)
+                       lr=1e-5, grad_norm=None if skipped else 0.5, step_time=2.0, skipped=skipped,
+                       data_wait=0.25)
 
 
 def test_scalars_are_derived_from_global_sums(tmp_path):
@@ -25,6 +26,7 @@ def test_scalars_are_derived_from_global_sums(tmp_path):
     assert values["throughput/samples_per_s"] == 6 and values["throughput/packing_efficiency"] == 0.9
     assert values["throughput/mfu"] == pytest.approx(4e9 / 2.0 / (1e9 * 2))
     assert values["train/grad_norm"] == 0.5 and values["memory/peak_gib"] > 0
+    assert values["throughput/data_wait_s"] == 0.25
     skipped = monitor.scalars(metrics(2, skipped=True))
     assert "train/loss" not in skipped and "train/grad_norm" not in skipped and "train/loss_vl" not in skipped
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from mmgpt.benchmarks import packing
+from mmgpt.benchmarks import packing, train
 
-BENCHMARKS = (packing,)
+BENCHMARKS = (packing, train)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -94,15 +94,10 @@ def validate(cfg, resume: bool) -> tuple[dict[str, Any], Any]:
 def _train(cfg, ds: dict[str, Any], mixture_cfg, resume: bool, stop_at_step: int | None) -> int:
     import torch.distributed as dist
 
-    from mmgpt.config import ConfigError
-    from mmgpt.data.mixture import Mixture
-    from mmgpt.models.builder import build_model, preset_image_size
     from mmgpt.train import engine as eng
-    from mmgpt.train.checkpoint import CheckpointManager
-    from mmgpt.train.data import RankStream, count_batches, merge_reports
-    from mmgpt.train.ds_config import fill_optimizer
-    from mmgpt.train.loop import NonFiniteLossError, Trainer, restore
-    from mmgpt.train.monitor import Monitor, device_peak_flops, setup_logging
+    from mmgpt.train.data import merge_reports
+    from mmgpt.train.loop import NonFiniteLossError
+    from mmgpt.train.monitor import setup_logging
 
     info = eng.init_distributed()
     out = Path(cfg.output_dir)
@@ -110,6 +105,44 @@ def _train(cfg, ds: dict[str, Any], mixture_cfg, resume: bool, stop_at_step: int
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     setup_logging(out, info.is_rank0)
+    trainer = prepare(cfg, ds, mixture_cfg, info, resume)
+
+    def write_data_report() -> None:  # collective: every rank's share of the drops
+        trainer.stream.close()
+        trainer.monitor.close()
+        reports = eng.all_gather(trainer.stream.report(), info.world)
+        if info.is_rank0:
+            (out / "data_report.json").write_text(json.dumps(merge_reports(reports), indent=2))
+
+    try:
+        reason = trainer.train(stop_at_step)
+    except NonFiniteLossError:
+        write_data_report()
+        raise
+    write_data_report()
+    if info.is_rank0:
+        trainer.model.lang_encoder.save_pretrained(str(out / "adapter"))
+        log.info("%s at step %d. TensorBoard: %s  checkpoints: %s  adapter: %s", reason, trainer.step,
+                 out / "tensorboard", trainer.manager.root, out / "adapter")
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def prepare(cfg, ds: dict[str, Any], mixture_cfg, info, resume: bool):
+    """Everything a run needs once the process group is up: model, data, engine, restored state,
+    monitor, as a Trainer (also what `mmgpt bench train` times). Collective."""
+    from mmgpt.config import ConfigError
+    from mmgpt.data.mixture import Mixture
+    from mmgpt.models.builder import build_model, preset_image_size
+    from mmgpt.train import engine as eng
+    from mmgpt.train.checkpoint import CheckpointManager
+    from mmgpt.train.data import BatchLoader, RankStream, count_batches
+    from mmgpt.train.ds_config import fill_optimizer
+    from mmgpt.train.loop import Trainer, restore
+    from mmgpt.train.monitor import Monitor, device_peak_flops
+
+    out = Path(cfg.output_dir)
     manager = CheckpointManager(out / "checkpoints", cfg.keep_last)
     model, tokenizer = build_model(cfg.model, device=info.device, dtype=eng.model_dtype(ds))
     image_size = preset_image_size(cfg.model.preset)
@@ -137,35 +170,17 @@ def _train(cfg, ds: dict[str, Any], mixture_cfg, resume: bool, stop_at_step: int
             log.info("resumed from %s at step %d", manager.root / manager.latest(), step)
     stream = RankStream(mixture, cfg.packing, image_token_id, image_size, info.rank, info.world,
                         s.epochs, state=position, media_attention=cfg.model.media_attention)
+    loader = BatchLoader(stream, cfg.data_workers, prefetch=2 * s.grad_accum, pin_memory=info.device.type == "cuda")
     if info.is_rank0:
         cfg.save(out / "config.yaml")
         (out / "ds_config.json").write_text(json.dumps(ds, indent=2))
     peak, peak_source = device_peak_flops(cfg.peak_flops, cfg.cpu_peak_flops)
-    log.info("world %d, %d step(s) (%d per epoch), global batch %d rows of %d tokens; MFU peak: %s",
-             info.world, total, per_epoch, ds["train_batch_size"], cfg.packing.max_tokens, peak_source)
+    log.info("world %d, %d step(s) (%d per epoch), global batch %d rows of %d tokens; data workers %d; "
+             "MFU peak: %s", info.world, total, per_epoch, ds["train_batch_size"], cfg.packing.max_tokens,
+             cfg.data_workers, peak_source)
     monitor = Monitor(out, enabled=info.is_rank0, total_steps=total, world=info.world, peak_flops=peak,
                       log_every=cfg.log_every)
-    trainer = Trainer(cfg, engine, model, stream, info, monitor, manager, total, step, nonfinite)
-
-    def write_data_report() -> None:  # collective: every rank's share of the drops
-        monitor.close()
-        reports = eng.all_gather(mixture.report.to_dict(), info.world)
-        if info.is_rank0:
-            (out / "data_report.json").write_text(json.dumps(merge_reports(reports), indent=2))
-
-    try:
-        reason = trainer.train(stop_at_step)
-    except NonFiniteLossError:
-        write_data_report()
-        raise
-    write_data_report()
-    if info.is_rank0:
-        model.lang_encoder.save_pretrained(str(out / "adapter"))
-        log.info("%s at step %d. TensorBoard: %s  checkpoints: %s  adapter: %s", reason, trainer.step,
-                 out / "tensorboard", manager.root, out / "adapter")
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
+    return Trainer(cfg, engine, model, loader, info, monitor, manager, total, step, nonfinite)
 
 
 def main(argv: list[str] | None = None) -> int:

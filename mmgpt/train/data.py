@@ -4,13 +4,22 @@ Sharding is by sample: rank r of w reads epoch positions r, r+w, r+2w, ... (in e
 packs them itself, so each sample is tokenised and its images decoded on exactly one rank. The
 position is (epoch, packer state); the packer state names the samples still buffered and the next
 epoch position, so a resumed stream yields exactly the batches the uninterrupted one would have.
+
+`BatchLoader` serves the trainer: with `workers=1` a DataLoader worker process reads, decodes,
+tokenises and packs ahead (the packer is sequential, so one worker per rank), and each batch
+travels with the stream position right after it. The loader's `state()` is the position after the
+last batch the trainer CONSUMED, not the worker's read-ahead, so checkpoints resume exactly.
 """
 from __future__ import annotations
 
+import dataclasses
+import multiprocessing
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
+from torch.utils.data import DataLoader, IterableDataset
 
 from mmgpt.contracts import PackedBatch, TokenizedSample
 from mmgpt.data.conversation import tokenize
@@ -34,6 +43,8 @@ class RankStream:
         self.world = world
         self.epochs = epochs
         self.epoch = 0 if state is None else int(state["epoch"])
+        # epoch position being loaded now; shared memory, so a worker's parent can name the record
+        self._loading = multiprocessing.RawValue("q", -1)
         self._packer: Packer
         self._batches: Iterator[PackedBatch]
         self._start_epoch(None if state is None else state["packer"])
@@ -42,9 +53,18 @@ class RankStream:
         """This rank's samples from epoch position `start` on (dropped ones are skipped)."""
         first = start + (self.rank - start) % self.world
         for i in range(first, len(self.mixture), self.world):
-            sample = self.mixture.load(i)
+            sample = self._load(i)
             if sample is not None:
                 yield sample
+
+    def _load(self, i: int) -> TokenizedSample | None:
+        self._loading.value = i
+        return self.mixture.load(i)
+
+    @property
+    def loading(self) -> int:
+        """The epoch position last handed to `mixture.load` (-1: none yet), also from a worker."""
+        return self._loading.value
 
     def _start_epoch(self, packer_state: dict | None) -> None:
         # random media attention: a new coin per sample and epoch, the same after a resume
@@ -54,7 +74,7 @@ class RankStream:
             start = 0
         else:
             self._packer = Packer.resume(self.packing, self.image_token_id, packer_state,
-                                         self.mixture.load, self.image_size, **media)
+                                         self._load, self.image_size, **media)
             start = int(packer_state["next_index"])
         self._batches = self._packer.pack(self._samples(start))
 
@@ -69,16 +89,119 @@ class RankStream:
             self.epoch += 1
             self._start_epoch(None)
 
-    def window(self, accum: int) -> list[PackedBatch]:
-        """Up to `accum` batches (fewer only at the very end of the data)."""
-        batches = []
-        while len(batches) < accum and (batch := self.next_batch()) is not None:
-            batches.append(batch)
-        return batches
-
     def state(self) -> dict[str, Any]:
         """Position after the last batch handed out (JSON-serialisable)."""
         return {"epoch": self.epoch, "packer": self._packer.state()}
+
+    def items(self) -> Iterator["StreamItem"]:
+        """Every remaining batch with the position and data report right after it."""
+        while (batch := self.next_batch()) is not None:
+            yield StreamItem(batch, self.state(), self.mixture.report.to_dict())
+
+
+@dataclass
+class StreamItem:
+    """One batch as it leaves the packer: the stream position and the mixture's drop report right
+    after it (the worker's report, which the parent process never sees otherwise)."""
+
+    batch: PackedBatch
+    state: dict[str, Any]
+    report: dict[str, Any]
+
+    def pin_memory(self) -> "StreamItem":
+        """Called by the DataLoader's pin thread: page-locked tensors copy to the GPU asynchronously."""
+        return dataclasses.replace(self, batch=_map_tensors(self.batch, torch.Tensor.pin_memory))
+
+
+def _map_tensors(obj: Any, fn: Any) -> Any:
+    """`obj` (a dataclass such as PackedBatch or MediaLayout) with `fn` applied to every tensor in it."""
+    changes = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, torch.Tensor):
+            changes[f.name] = fn(value)
+        elif dataclasses.is_dataclass(value):
+            changes[f.name] = _map_tensors(value, fn)
+    return dataclasses.replace(obj, **changes)
+
+
+class _WorkerItems(IterableDataset):
+    """The stream as a DataLoader dataset: the worker process owns (a copy of) the RankStream."""
+
+    def __init__(self, stream: RankStream):
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[StreamItem]:
+        return self.stream.items()
+
+
+class DataWorkerError(RuntimeError):
+    """The background data worker failed or died; names the record it was loading."""
+
+
+class BatchLoader:
+    """Accumulation windows for the trainer, packed in-process (`workers=0`) or ahead in a worker.
+
+    With a worker, `prefetch` batches are kept in flight (the loop asks for at least two windows'
+    worth) and, on CUDA, pinned. Batches, positions and reports are the in-process ones, bitwise.
+    """
+
+    def __init__(self, stream: RankStream, workers: int = 0, prefetch: int = 2, pin_memory: bool = False):
+        if workers not in (0, 1):
+            raise ValueError(f"data_workers must be 0 or 1 (the packer is sequential), got {workers}")
+        self.stream = stream
+        self.workers = workers
+        self._state = stream.state()
+        self._report = stream.mixture.report.to_dict()
+        self._items: Iterator[StreamItem] | None
+        if workers:
+            # iterated once (RankStream runs the epochs), so the worker lives as long as the iterator
+            self._items = iter(DataLoader(_WorkerItems(stream), batch_size=None, num_workers=workers,
+                                          prefetch_factor=prefetch, pin_memory=pin_memory))
+        else:
+            self._items = stream.items()
+
+    def _next(self) -> StreamItem | None:
+        if self._items is None:
+            return None
+        try:
+            item = next(self._items)
+        except StopIteration:
+            item = None
+        except Exception as err:
+            if not self.workers:
+                raise
+            raise DataWorkerError(f"rank {self.stream.rank}: the data worker failed {self._where()}: "
+                                  f"{type(err).__name__}: {err}") from err
+        if item is None:
+            self.close()
+        return item
+
+    def _where(self) -> str:
+        i = self.stream.loading
+        if i < 0:
+            return "before loading any record"
+        return f"while loading epoch position {i} ({self.stream.mixture.conversation(i).origin})"
+
+    def window(self, accum: int) -> list[PackedBatch]:
+        """Up to `accum` batches (fewer only at the very end of the data)."""
+        batches = []
+        while len(batches) < accum and (item := self._next()) is not None:
+            batches.append(item.batch)
+            self._state, self._report = item.state, item.report
+        return batches
+
+    def state(self) -> dict[str, Any]:
+        """Stream position after the last batch handed to the trainer (JSON-serialisable)."""
+        return self._state
+
+    def report(self) -> dict[str, Any]:
+        """The mixture's DataReport (dict) as of the last batch handed to the trainer."""
+        return self._report
+
+    def close(self) -> None:
+        """Stop the worker (idempotent); the loader then reports the end of the data."""
+        self._items = None
 
 
 def count_batches(mixture: Mixture, packing: PackingConfig, image_token_id: int, rank: int, world: int) -> int:

@@ -10,10 +10,15 @@ loss_sum x world x accum / N, and the update sees sum(all token losses) / N, wha
 
 Non-finite losses. A rank whose micro-batch loss is NaN/inf backpropagates that loss times NaN:
 the same graph as a normal backward (so ZeRO's gradient hooks and bucket collectives run in the
-same order on every rank) but with gradients guaranteed NaN. ZeRO's overflow check (bf16.check_grad_overflow) all-reduces "any
-non-finite gradient", so every rank skips the update, zeroes the gradients and leaves the LR
-schedule alone; engine.was_step_applied() is then False on all ranks alike, which is how the loop
-counts skipped steps and stops after `max_consecutive_nonfinite` in a row.
+same order on every rank) but with gradients guaranteed NaN. The choice is made on the device
+(`torch.where`), so no micro-batch waits for its loss to reach the host. ZeRO's overflow check
+(bf16.check_grad_overflow) all-reduces "any non-finite gradient", so every rank skips the update,
+zeroes the gradients and leaves the LR schedule alone; engine.was_step_applied() is then False on
+all ranks alike, which is how the loop counts skipped steps and stops after
+`max_consecutive_nonfinite` in a row.
+
+Window statistics (loss sums by kind) stay on the device too: `WindowStats` adds them into one
+tensor and the step reads them back once, in the same collective that sums them over ranks.
 
 Gradient order. ZeRO-2 reduces gradients in buckets filled in the order the parameters' gradient
 hooks fire, and all ranks must fill them identically. That order depends on the data: a packed
@@ -29,7 +34,6 @@ import logging
 import math
 import pickle
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +43,10 @@ from torch import Tensor, nn
 
 from mmgpt.config import TrainConfig
 from mmgpt.contracts import PackedBatch
-from mmgpt.train.loss import packed_loss
+from mmgpt.train.loss import LossOutput, packed_loss
 from mmgpt.perf import StepShape, step_flops
 from mmgpt.train import checkpoint as ckpt
-from mmgpt.train.data import RankStream
+from mmgpt.train.data import BatchLoader
 from mmgpt.train.engine import DistInfo, WeightsOnlyCheckpointEngine, all_gather, all_reduce_sum
 from mmgpt.train.monitor import Monitor, StepMetrics
 
@@ -66,42 +70,54 @@ def gradient_anchor(params: list[Tensor]) -> Tensor:
     """A zero-weight term, built BEFORE the forward, that makes gradient order data-independent.
 
     `loss + 0 * anchor` gives every trainable parameter a gradient path through a node created
-    before the forward. Autograd runs ready nodes latest-created first, so these anchor nodes run
-    after the whole model backward, and each parameter's gradient is complete (its hook fires)
-    only then, in reverse parameter order: the same order on every rank, whatever the data.
-    The added gradient is exactly zero.
+    before the forward. Autograd runs ready nodes latest-created first, so the anchor runs after
+    the whole model backward, and each parameter's gradient is complete (its hook fires) only
+    then, in an order fixed by the parameter list alone: the same on every rank, whatever the data.
+    One concatenation and one sum (a few kernels, not one per parameter); the added gradient is
+    exactly zero.
     """
-    return torch.stack([p.sum() for p in params]).sum()
+    return torch.cat([p.reshape(-1) for p in params]).sum()
 
 
-@dataclass
+DEVICE_SUMS = ("loss_sum", "language_loss_sum", "language_supervised", "vl_loss_sum", "vl_supervised")
+HOST_SUMS = ("supervised", "tokens", "samples", "capacity", "flops", "data_wait")
+
+
 class WindowStats:
-    """Local sums over one accumulation window (all-reduced into StepMetrics)."""
+    """Local sums over one accumulation window: what the host knows (counts, FLOPs, seconds waited
+    for data) as numbers, the losses as one device tensor, so no micro-batch syncs; `totals` sums
+    both over ranks in one collective and reads them back once."""
 
-    values: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
-        ("loss_sum", "supervised", "language_loss_sum", "language_supervised", "vl_loss_sum",
-         "vl_supervised", "tokens", "samples", "capacity", "flops"), 0.0))
+    def __init__(self, device: torch.device, preset: str, data_wait: float):
+        self.preset = preset
+        self.host = dict.fromkeys(HOST_SUMS, 0.0)
+        self.host["data_wait"] = data_wait
+        self.losses = torch.zeros(len(DEVICE_SUMS), dtype=torch.float64, device=device)
 
-    def add(self, batch: PackedBatch, loss_sum: float, sample_loss: Tensor, sample_count: Tensor,
-            preset: str) -> None:
-        v = self.values
-        v["flops"] += step_flops(preset, StepShape.from_batch(batch)).train
-        is_vl = batch.is_vl.to(sample_loss.device)
-        v["loss_sum"] += loss_sum
-        v["supervised"] += batch.num_supervised
-        v["vl_loss_sum"] += float(sample_loss[is_vl].sum())
-        v["vl_supervised"] += float(sample_count[is_vl].sum())
-        v["language_loss_sum"] += float(sample_loss[~is_vl].sum())
-        v["language_supervised"] += float(sample_count[~is_vl].sum())
-        v["tokens"] += batch.num_tokens
-        v["samples"] += batch.num_samples
-        v["capacity"] += batch.num_rows * batch.row_tokens
+    def add(self, batch: PackedBatch, out: LossOutput, is_vl: Tensor) -> None:
+        """`batch` on the host (its shape is read there), `out` and `is_vl` on the device."""
+        h = self.host
+        h["flops"] += step_flops(self.preset, StepShape.from_batch(batch)).train
+        h["supervised"] += batch.num_supervised
+        h["tokens"] += batch.num_tokens
+        h["samples"] += batch.num_samples
+        h["capacity"] += batch.num_rows * batch.row_tokens
+        per_sample = torch.stack([out.sample_loss_sum.double(), out.sample_count.double()], dim=1)
+        by_kind = per_sample.new_zeros(2, 2).index_add_(0, is_vl.long(), per_sample)  # [language, vl]
+        self.losses += torch.cat([out.loss_sum.detach().double().reshape(1), by_kind.flatten()])
+
+    def totals(self) -> dict[str, float]:
+        """Every sum over all ranks (a collective; the step's one device-to-host read)."""
+        host = torch.tensor(list(self.host.values()), dtype=torch.float64, device=self.losses.device)
+        packed = torch.cat([self.losses, host])
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        return dict(zip(DEVICE_SUMS + HOST_SUMS, packed.tolist()))
 
 
 class Trainer:
     """Runs optimizer steps on a DeepSpeed engine; owns step count, data position and saving."""
 
-    def __init__(self, cfg: TrainConfig, engine: Any, model: nn.Module, stream: RankStream, dist_info: DistInfo,
+    def __init__(self, cfg: TrainConfig, engine: Any, model: nn.Module, stream: BatchLoader, dist_info: DistInfo,
                  monitor: Monitor, manager: ckpt.CheckpointManager, total_steps: int, step: int = 0,
                  consecutive_nonfinite: int = 0):
         self.cfg = cfg
@@ -125,7 +141,7 @@ class Trainer:
         last = min(self.total_steps, stop_at_step or self.total_steps)
         reason = "finished"
         while self.step < last:
-            if not self.train_step():
+            if self.train_step() is None:
                 reason = "data exhausted"
                 break
             if self.step % self.cfg.save_every == 0 and self.step < last:
@@ -137,40 +153,41 @@ class Trainer:
         self._order_log.close()
         return reason
 
-    def train_step(self) -> bool:
-        """One optimizer step over one accumulation window; False when the data ran out."""
+    def train_step(self) -> StepMetrics | None:
+        """One optimizer step over one accumulation window (its metrics); None when the data ran out."""
         start = time.perf_counter()
         window = self.stream.window(self.accum)
+        data_wait = time.perf_counter() - start
         supervised = sum(b.num_supervised for b in window)
         global_supervised, short = all_reduce_sum([supervised, float(len(window) < self.accum)], self.dist.device)
         if short:
             log.info("data exhausted at step %d (a rank had fewer than %d batches left)", self.step, self.accum)
-            return False
+            return None
         scale = global_loss_scale(int(global_supervised), self.dist.world, self.accum)
-        stats = WindowStats()
+        stats = WindowStats(self.dist.device, self.cfg.model.preset, data_wait)
         lr = self.engine.get_lr()[0]
         for batch in window:
             anchor = gradient_anchor(self.trainable)
-            out = packed_loss(self.engine, self.model.lm_head, batch.to(self.dist.device))
-            loss_sum = out.loss_sum
-            finite = bool(torch.isfinite(loss_sum.detach()))
-            self.engine.backward(loss_sum * (scale if finite else float("nan")) + 0.0 * anchor)
+            on_device = batch.to(self.dist.device)
+            out = packed_loss(self.engine, self.model.lm_head, on_device)
+            factor = torch.where(torch.isfinite(out.loss_sum.detach()), scale, float("nan"))
+            self.engine.backward(out.loss_sum * factor + 0.0 * anchor)
             self.engine.step()
-            stats.add(batch, float(loss_sum.detach()), out.sample_loss_sum.float(), out.sample_count,
-                      self.cfg.model.preset)
+            stats.add(batch, out, on_device.is_vl)
         self.step += 1
         applied = self.engine.was_step_applied()
         sample_ids = [i for b in window for i in b.sample_ids]
         self._order_log.write(json.dumps({"step": self.step, "samples": sample_ids}) + "\n")
         self._order_log.flush()
-        totals = dict(zip(stats.values, all_reduce_sum(list(stats.values.values()), self.dist.device)))
+        totals = stats.totals()
         grad_norm = self.engine.get_global_grad_norm() if applied else None
         metrics = StepMetrics(step=self.step, lr=lr, grad_norm=_finite_or_none(grad_norm),
                               step_time=time.perf_counter() - start, skipped=not applied,
+                              data_wait=totals.pop("data_wait") / self.dist.world,
                               **{k: (int(v) if k in _COUNTS else v) for k, v in totals.items()})
         self.monitor.log_step(metrics)
         self._track_nonfinite(applied, sample_ids)
-        return True
+        return metrics
 
     def _track_nonfinite(self, applied: bool, sample_ids: list[int]) -> None:
         if applied:

@@ -59,6 +59,7 @@ class StepMetrics:
     grad_norm: float | None
     step_time: float
     skipped: bool  # non-finite loss: no update
+    data_wait: float  # seconds the step waited for its window, mean over ranks (a data-bound run)
 
     @property
     def loss(self) -> float:
@@ -104,6 +105,7 @@ class Monitor:
             "train/lr": m.lr,
             "train/nonfinite_skipped_total": float(self.skipped_total),
             "throughput/step_time_s": m.step_time,
+            "throughput/data_wait_s": m.data_wait,
             "throughput/tokens_per_s": m.tokens / m.step_time,
             "throughput/supervised_tokens_per_s": m.supervised / m.step_time,
             "throughput/samples_per_s": m.samples / m.step_time,
