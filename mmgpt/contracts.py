@@ -104,10 +104,9 @@ class PackedBatch:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, (torch.Tensor, MediaLayout)):
-                if f.name == "images" and dtype is not None:
-                    v = v.to(device=device, dtype=dtype)
-                else:
-                    v = v.to(device)
+            if isinstance(v, torch.Tensor):  # non_blocking: pinned batches from the loader copy async
+                v = v.to(device=device, dtype=dtype if f.name == "images" else None, non_blocking=True)
+            elif isinstance(v, MediaLayout):
+                v = v.to(device)
             out[f.name] = v
         return PackedBatch(**out)
