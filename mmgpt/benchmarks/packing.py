@@ -284,7 +284,8 @@ def run_packing_bench(args: argparse.Namespace) -> dict:
     }
 
 
-def _packing_main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """`mmgpt bench packing` (parser: mmgpt/commands/bench.py): print the table, write the JSON."""
     result = run_packing_bench(args)
     print(f"{result['device']} {result['preset']} {result['dtype']}: packing efficiency "
           f"{result['packing_efficiency']:.4f} over {result['num_samples']} samples "
@@ -302,19 +303,3 @@ def _packing_main(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
-
-def add_parser(benches: argparse._SubParsersAction) -> None:
-    p = benches.add_parser("packing", help="batch-1 vs padded vs packed training throughput")
-    p.add_argument("--json", help="write the results to this JSON file")
-    p.add_argument("--preset", default="small", help="model preset (tiny, small, 9b)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--samples", type=int, default=2000, help="samples packed for the efficiency")
-    p.add_argument("--max-tokens", type=int, default=4096, help="packed row capacity")
-    p.add_argument("--steps", type=int, default=2, help="packed rows whose samples are timed")
-    p.add_argument("--attn-backend", default="auto", help="mmgpt_kernels backend")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator override")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_packing_main)
