@@ -15,6 +15,7 @@ mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" TOKENIZERS_PARALLELISM=false
 PORT="${MASTER_PORT:-29500}"
+source "$REPO/launch/accelerator.sh"
 
 if [ ! -f "$OUT/data/mixture.yaml" ]; then
   python -m mmgpt.cli data sample --out "$OUT/data" --n "${DEMO_RECORDS:-800}" --max-length 512

@@ -6,6 +6,7 @@ set -euo pipefail
 CONFIG="$(realpath "${1:?usage: bash launch/single_node.sh CONFIG [NUM_GPUS] [train args...]}")"
 NUM_GPUS="${2:-$(python -c 'import torch; print(max(torch.cuda.device_count(), 1))')}"
 cd "$(dirname "$0")/.."
+source launch/accelerator.sh
 python -m mmgpt.train.launch_check --config "$CONFIG" --num-gpus "$NUM_GPUS"
 exec deepspeed --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}" --module mmgpt.train.cli \
   --config "$CONFIG" --resume auto "${@:3}"

@@ -204,21 +204,9 @@ def export(checkpoint: str | Path, out: str | Path, merge: bool = False, dtype_n
     return out
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("export", help="export a trained adapter (and with --merge, merged weights)")
-    p.add_argument("--checkpoint", required=True, help="training output dir, its adapter dir, or an adapter export")
-    p.add_argument("--out", required=True, help="new (or empty) output directory")
-    p.add_argument("--merge", action="store_true",
-                   help="also write merged weights: HF LLaMA dir + OpenFlamingo checkpoint")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of the merged weights")
-    p.set_defaults(func=run)
-
-
 def run(args: argparse.Namespace) -> int:
-    try:
-        out = export(args.checkpoint, args.out, merge=args.merge, dtype_name=args.dtype)
-    except (MergeCheckError, FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"mmgpt export: error: {err}", file=sys.stderr)
-        return 1
+    """`mmgpt export` (parser and path checks: mmgpt/commands/export.py; bad input and a refused
+    merge are reported by mmgpt/cli.py as one line, exit 2)."""
+    out = export(args.checkpoint, args.out, merge=args.merge, dtype_name=args.dtype)
     print(f"exported to {out}")
     return 0

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from test_export import make_run, run_command
+from test_export import make_run
 
-from mmgpt.inference import chat as chat_mod
+from mmgpt.cli import main
 from mmgpt.contracts import IGNORE_INDEX
 from mmgpt.data.conversation import Conversation, Round, tokenize
 from mmgpt.inference.chat import ChatSession, interact
@@ -127,7 +127,7 @@ def test_interactive_loop(loaded, tmp_path):
 
 def test_chat_cli_answers_once(run_dir, loaded, tmp_path, capsys):
     img = picture(tmp_path / "a.png")
-    assert run_command(chat_mod, ["chat", "--model", str(run_dir), "--image", str(img), "--prompt", "What is this?",
+    assert main(["chat", "--model", str(run_dir), "--image", str(img), "--prompt", "What is this?",
                  "--max-new-tokens", "6"]) == 0
     printed = capsys.readouterr().out
     chat = session(loaded)

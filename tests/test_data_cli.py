@@ -99,7 +99,7 @@ def test_inspect_fails_on_a_source_file_that_does_not_parse(tmp_path, capsys):
     ])
     text = (root / "llava.json").read_text()
     (root / "llava.json").write_text(text[:-1])  # the closing bracket is lost
-    assert main(["data", "inspect", "--config", str(cfg), "--show", "0"]) == 1
+    assert main(["data", "inspect", "--config", str(cfg), "--show", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("mmgpt data inspect: error: source 'llava': ")
     assert "llava.json: line 1 column" in err and "malformed_json" in err

@@ -85,9 +85,9 @@ def test_trained_answer_comes_back_through_export_and_chat(tmp_path, capsys):
 
 
 def test_chat_errors_name_the_problem(tmp_path, capsys):
-    assert main(["chat", "--model", str(tmp_path / "no-such-dir"), "--prompt", "hi"]) == 1
+    assert main(["chat", "--model", str(tmp_path / "no-such-dir"), "--prompt", "hi"]) == 2
     assert "no-such-dir" in capsys.readouterr().err
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.yaml").write_text("model: {preset: tiny, lora_rank: 3}\n")
-    assert main(["chat", "--model", str(tmp_path / "run"), "--prompt", "hi"]) == 1
+    assert main(["chat", "--model", str(tmp_path / "run"), "--prompt", "hi"]) == 2
     assert "config.yaml" in capsys.readouterr().err

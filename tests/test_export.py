@@ -8,12 +8,10 @@ criterion); loading the same weights through another route agrees to 1e-5.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import yaml
@@ -24,6 +22,7 @@ from torch import nn
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from mmgpt import export as export_mod
+from mmgpt.cli import main
 from mmgpt.config import TrainConfig
 from mmgpt.export import MergeCheckError, export, merge_checked, openflamingo_state, write_language_model
 from mmgpt.inference.model_dir import load_model, resolve_source
@@ -64,18 +63,6 @@ def make_run(root: Path) -> tuple[Path, ModelConfig]:
     model, _ = build_model(cfg)
     randomize_lora_b(model, std=0.2)
     return save_run(root / "run", cfg, model), cfg
-
-
-def run_command(module: ModuleType, argv: list[str]) -> int:
-    """`mmgpt <command> ...` through that module's own parser (independent of other commands)."""
-    parser = argparse.ArgumentParser(prog="mmgpt")
-    module.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-def main(argv: list[str]) -> int:
-    return run_command(export_mod, argv)
 
 
 def _mkdir(path: Path) -> Path:
@@ -228,7 +215,7 @@ def test_merge_check_detects_a_wrong_merge(tmp_path):
 def test_refused_merge_writes_nothing(tmp_path, monkeypatch):
     run, _ = make_run(tmp_path)
     monkeypatch.setattr(export_mod, "MERGE_TOLERANCE", -1.0)
-    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "out"), "--merge"]) == 1
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "out"), "--merge"]) == 2
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
@@ -243,10 +230,10 @@ def test_checkpoint_dirs_resolve(tmp_path, capsys):
     assert resolve_source(run).adapter_dir == tag / "adapter"
     assert resolve_source(tag).kind == "checkpoint"
     assert resolve_source(tag / "adapter").kind == "adapter"
-    assert main(["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 1
-    assert "model directory not found" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "--checkpoint not found" in capsys.readouterr().err  # before torch is even imported
     _mkdir(tmp_path / "full").joinpath("x").write_text("x")
-    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "full")]) == 1
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "full")]) == 2
     assert "not empty" in capsys.readouterr().err
 
 

@@ -19,8 +19,9 @@ def run_script(*args: str, cwd: Path = REPO, **env: str) -> subprocess.Completed
 
 @pytest.fixture
 def config(tmp_path) -> Path:
+    (tmp_path / "d.jsonl").write_text("")
     mixture = tmp_path / "mixture.yaml"
-    mixture.write_text("sources: []\n")
+    mixture.write_text("sources:\n- {name: d, type: dolly, path: d.jsonl}\n")
     path = tmp_path / "run.yaml"
     path.write_text(f"mixture: {mixture}\noutput_dir: {tmp_path / 'out'}\nschedule: {{grad_accum: 2}}\n")
     return path

@@ -13,9 +13,9 @@ import urllib.request
 
 import pytest
 from PIL import Image
-from test_export import make_run, run_command
+from test_export import make_run
 
-from mmgpt.inference import serve as serve_mod
+from mmgpt.cli import build_parser, main
 from mmgpt.inference.chat import ChatSession
 from mmgpt.inference.generation import GenerationConfig
 from mmgpt.inference.model_dir import load_model, resolve_source
@@ -80,9 +80,7 @@ def test_server_binds_loopback_by_default(loaded):
         assert server.server_address[0] == "127.0.0.1"
     finally:
         server.server_close()
-    parser = serve_mod.argparse.ArgumentParser()
-    serve_mod.register(parser.add_subparsers())
-    assert parser.parse_args(["serve"]).host == "127.0.0.1"
+    assert build_parser().parse_args(["serve"]).host == "127.0.0.1"
 
 
 def test_page_and_health(url):
@@ -129,7 +127,7 @@ def test_serve_command_reports_a_busy_port(run_dir, capsys):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        assert run_command(serve_mod, ["serve", "--model", str(run_dir), "--port", str(port)]) == 1
+        assert main(["serve", "--model", str(run_dir), "--port", str(port)]) == 2
     assert "mmgpt serve: error" in capsys.readouterr().err
 
 

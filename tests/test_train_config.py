@@ -19,6 +19,12 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
+def write_mixture(folder: Path) -> Path:
+    """A mixture launch_check accepts: one source whose file exists."""
+    write(folder / "d.jsonl", "")
+    return write(folder / "mixture.yaml", "sources:\n- {name: d, type: dolly, path: d.jsonl}\n")
+
+
 # ---------------------------------------------------------------- TrainConfig
 
 
@@ -180,7 +186,7 @@ def test_hostfile_errors(tmp_path, text, args, message):
 
 
 def test_launch_check_cli_one_line_and_exit_code(tmp_path, capsys):
-    mixture = write(tmp_path / "mixture.yaml", "sources: []\n")
+    mixture = write_mixture(tmp_path)
     cfg = write(tmp_path / "run.yaml", f"mixture: {mixture}\noutput_dir: out\nschedule: {{grad_accum: 4}}\n")
     hosts = write(tmp_path / "hosts", "a slots=2\nb slots=2\n")
     assert launch_check.main(["--config", str(cfg), "--hostfile", str(hosts)]) == 0

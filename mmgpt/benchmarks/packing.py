@@ -395,7 +395,8 @@ def _write_json(path: str | None, result: dict) -> None:
         Path(path).write_text(json.dumps(result, indent=2) + "\n")
 
 
-def _packing_main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """`mmgpt bench packing` (parser: mmgpt/commands/bench.py): print the table, write the JSON."""
     if args.matrix:
         return _matrix_main(args)
     result = run_packing_bench(args)
@@ -412,24 +413,3 @@ def _packing_main(args: argparse.Namespace) -> int:
           f"packed/padded {result['speedup_vs_padded']:.2f}x")
     _write_json(args.json, result)
     return 0
-
-
-def add_parser(benches: argparse._SubParsersAction) -> None:
-    p = benches.add_parser("packing", help="batch-1 vs padded vs packed training throughput")
-    p.add_argument("--json", help="write the results to this JSON file")
-    p.add_argument("--preset", default="small", help="model preset (tiny, small, 9b)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--samples", type=int, default=2000, help="samples packed for the efficiency")
-    p.add_argument("--max-tokens", type=int, default=4096, help="packed row capacity")
-    p.add_argument("--steps", type=int, default=2, help="packed rows whose samples are timed")
-    p.add_argument("--attn-backend", default="auto", help="mmgpt_kernels backend")
-    p.add_argument("--gradient-checkpointing", type=int, nargs="?", const=1, default=0, metavar="K",
-                   help="checkpoint every K-th layer (bare flag: every layer; 0: off)")
-    p.add_argument("--matrix", action="store_true",
-                   help="packed step only, for backend {sdpa, fused} x checkpointing {full, off} x "
-                        "liger {off, on} on one built model")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator override")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_packing_main)

@@ -50,6 +50,8 @@ def profile_counts(prof: torch.profiler.profile, cuda: bool) -> dict[str, Any]:
 
 def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Build the run as `mmgpt train` does, time its steps, profile one; the results as a dict."""
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     os.environ["DS_ACCELERATOR"] = "cpu" if args.device == "cpu" else "cuda"  # before deepspeed loads
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -134,7 +136,8 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _train_main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """`mmgpt bench train` (parser: mmgpt/commands/bench.py): print the lines, write the JSON."""
     r = run_train_bench(args)
     mfu = f"{r['mfu']:.4f} ({r['peak_source']})" if r["mfu"] is not None else "n/a (unknown peak)"
     print(f"{r['device']} {r['preset']} {r['dtype']} ZeRO-2, world {r['world']}, {r['threads']} threads, "
@@ -152,22 +155,3 @@ def _train_main(args: argparse.Namespace) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(r, indent=2) + "\n")
     return 0
-
-
-def add_parser(benches: argparse._SubParsersAction) -> None:
-    p = benches.add_parser("train", help="the real DeepSpeed training step: time, tokens/s, MFU, data wait, ops")
-    p.add_argument("--json", help="write the results to this JSON file")
-    p.add_argument("--preset", default="small", help="model preset (tiny, small, 9b)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
-    p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
-    p.add_argument("--workers", type=int, choices=[0, 1], default=1, help="data workers (0: in-process)")
-    p.add_argument("--grad-accum", type=int, default=2, help="micro-batches (packed rows) per step")
-    p.add_argument("--max-tokens", type=int, default=None, help="row capacity (default: min(2048, preset max))")
-    p.add_argument("--records", type=int, default=400, help="`mmgpt data sample` records written")
-    p.add_argument("--deepspeed", help="DeepSpeed JSON (default: the bundled zero2.json, bf16)")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--attn-backend", default="auto", help="mmgpt_kernels backend")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator override (one device)")
-    p.set_defaults(func=_train_main)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from mmgpt.data.sample import DEFAULT_RECORDS
@@ -23,9 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     inspect.set_defaults(func=run_inspect)
 
     sample = commands.add_parser("sample", help="write a small dataset in the original formats")
-    sample.add_argument("--out", required=True, type=Path)
+    sample.add_argument("--out", required=True, type=Path, help="directory to write (mixture.yaml inside)")
     sample.add_argument("--n", type=int, default=DEFAULT_RECORDS, help="records in all files together")
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--seed", type=int, default=0, help="record and image seed")
     sample.add_argument("--image-size", type=int, default=32, help="image_size in mixture.yaml")
     sample.add_argument("--max-length", type=int, default=2048, help="max_length in mixture.yaml")
     sample.set_defaults(func=run_sample)
@@ -34,21 +33,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_inspect(args: argparse.Namespace) -> int:
     from mmgpt.config import TrainConfig
     from mmgpt.data.inspection import format_report, inspect_mixture
-    from mmgpt.data.mixture import DataError, Mixture, MixtureConfig
+    from mmgpt.data.mixture import Mixture, MixtureConfig
     from mmgpt.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
 
     if args.config is None and args.train_config is None:
-        raise SystemExit("mmgpt data inspect: give --config or --train-config")
+        raise ValueError("give --config or --train-config")
     tokenizer = load_tokenizer(args.tokenizer or TINY_TOKENIZER_DIR)
-    try:  # an unusable config or source file: one line and exit 1, where training would stop too
-        train_cfg = TrainConfig.load(args.train_config) if args.train_config else None
-        max_images = train_cfg.packing.max_images_per_row if train_cfg else None
-        mixture_cfg = MixtureConfig.load(args.config or train_cfg.mixture)
-        mixture = Mixture(mixture_cfg, tokenizer, max_images=max_images)
-        report = inspect_mixture(mixture, show=args.show)
-    except (DataError, ValueError, FileNotFoundError) as err:
-        print(f"mmgpt data inspect: error: {err}", file=sys.stderr)
-        return 1
+    # an unusable config or source file (where training would stop too): one line from mmgpt/cli.py
+    train_cfg = TrainConfig.load(args.train_config) if args.train_config else None
+    max_images = train_cfg.packing.max_images_per_row if train_cfg else None
+    mixture_cfg = MixtureConfig.load(args.config or train_cfg.mixture)
+    mixture = Mixture(mixture_cfg, tokenizer, max_images=max_images)
+    report = inspect_mixture(mixture, show=args.show)
     print(format_report(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +56,7 @@ def run_sample(args: argparse.Namespace) -> int:
     from mmgpt.data.sample import write_sample
 
     if args.n < 1:
-        raise SystemExit("--n must be >= 1")
+        raise ValueError(f"--n must be >= 1, got {args.n}")
     path = write_sample(args.out, records=args.n, seed=args.seed, image_size=args.image_size,
                         max_length=args.max_length)
     print(f"wrote {path}")

@@ -24,8 +24,8 @@ from transformers.generation.streamers import BaseStreamer
 from mmgpt.data.conversation import Conversation, Round, encode_prompt
 from mmgpt.data.images import clip_transform, open_rgb
 from mmgpt.data.conversation import encode_prompt
-from mmgpt.inference.generation import (GenerationConfig, add_generation_args, generate,
-                                        generation_config_from_args)
+from mmgpt.commands.chat import generation_config_from_args
+from mmgpt.inference.generation import GenerationConfig, generate
 from mmgpt.inference.model_dir import DTYPES, image_size_of, load_model, resolve_source
 from mmgpt.models.builder import ModelConfig, build_model, preset_image_size
 from mmgpt.models.flamingo import Flamingo
@@ -107,14 +107,6 @@ def load_image_file(path: str | Path) -> Image.Image:
     return image
 
 
-def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    parser.add_argument("--model", required=required,
-                        help="export dir (merged or adapter), training output dir, or adapter dir")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="default: bf16 on CUDA, fp32 on CPU")
-
-
 def session_factory_from_args(args: argparse.Namespace) -> Callable[[], ChatSession]:
     """Load the model once; each call makes a fresh conversation on it. Without --model (serve
     only) the untrained tiny preset is used, so the demo page can be tried with no weights."""
@@ -189,25 +181,14 @@ def interact(session: ChatSession, lines: TextIO, out: TextIO) -> None:
             print(f"error: {err}", file=out, flush=True)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("chat", help="chat with a trained model (one answer with --prompt)")
-    add_model_args(p)
-    p.add_argument("--image", help="image the conversation is about")
-    p.add_argument("--prompt", help="answer this one question, print the answer and exit")
-    add_generation_args(p)
-    p.set_defaults(func=run)
-
-
 def run(args: argparse.Namespace) -> int:
-    try:
-        session = session_factory_from_args(args)()
-        if args.image:
-            session.set_image(load_image_file(args.image))
-        if args.prompt is not None:
-            print(session.ask(args.prompt), flush=True)
-            return 0
-    except (FileNotFoundError, ValueError) as err:  # bad model dir, config, image or question
-        print(f"mmgpt chat: error: {err}", file=sys.stderr)
-        return 1
+    """`mmgpt chat` (parser and path checks: mmgpt/commands/chat.py; a bad model dir, config, image
+    or question is reported by mmgpt/cli.py as one line, exit 2)."""
+    session = session_factory_from_args(args)()
+    if args.image:
+        session.set_image(load_image_file(args.image))
+    if args.prompt is not None:
+        print(session.ask(args.prompt), flush=True)
+        return 0
     interact(session, sys.stdin, sys.stdout)
     return 0

@@ -13,9 +13,6 @@ step depends on that step's tokens, which `generate()` can only be told through 
 """
 from __future__ import annotations
 
-import argparse
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 from transformers import Cache, PreTrainedTokenizerBase
@@ -24,61 +21,7 @@ from transformers.generation.streamers import BaseStreamer
 from mmgpt.media import row_layout
 from mmgpt.models.flamingo import Flamingo, MediaContext
 from mmgpt.contracts import IMAGE
-
-
-@dataclass
-class GenerationConfig:
-    """Decoding settings. Greedy by default; `num_beams > 1` is beam search, `do_sample` samples."""
-
-    max_new_tokens: int = 256
-    num_beams: int = 1
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0  # 0 = no top-k filter
-    top_p: float = 1.0  # 1.0 = no nucleus filter
-    repetition_penalty: float = 1.0  # 1.0 = none; CTRL-style, over prompt and generated tokens
-    length_penalty: float = 1.0  # beam search: score = sum log p / generated_length ** length_penalty
-    seed: int | None = None  # sampling seed (None: nondeterministic)
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
-        if self.num_beams > 1 and self.do_sample:
-            raise ValueError("choose beam search (num_beams > 1) or sampling (do_sample), not both")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature} (use greedy instead)")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-
-
-def add_generation_args(parser: argparse.ArgumentParser) -> None:
-    """The decoding flags shared by `mmgpt chat` and `mmgpt serve`."""
-    d = GenerationConfig()
-    g = parser.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    g.add_argument("--num-beams", type=int, default=d.num_beams, help="> 1: beam search")
-    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--temperature", type=float, default=d.temperature)
-    g.add_argument("--top-k", type=int, default=d.top_k, help="0: off")
-    g.add_argument("--top-p", type=float, default=d.top_p, help="1.0: off")
-    g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help="1.0: off")
-    g.add_argument("--length-penalty", type=float, default=d.length_penalty)
-    g.add_argument("--seed", type=int, default=d.seed, help="sampling seed")
-
-
-def generation_config_from_args(args: argparse.Namespace) -> GenerationConfig:
-    return GenerationConfig(
-        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, length_penalty=args.length_penalty,
-        seed=args.seed,
-    )
+from mmgpt.inference.generation_config import GenerationConfig
 
 
 class LanguageModelStepper:

@@ -208,26 +208,16 @@ def make_server(service: ChatService, host: str = "127.0.0.1", port: int = 7860,
     return BoundedServer((host, port), make_handler(service, timeout), max_connections)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    from mmgpt.inference.chat import add_model_args
-    from mmgpt.inference.generation import add_generation_args
-
-    p = subparsers.add_parser("serve", help="web demo: upload an image and chat (127.0.0.1 by default)")
-    add_model_args(p, required=False)
-    p.add_argument("--host", default="127.0.0.1", help="bind address (the demo has no authentication)")
-    p.add_argument("--port", type=int, default=7860)
-    add_generation_args(p)
-    p.set_defaults(func=run)
-
-
 def run(args: argparse.Namespace) -> int:
+    """`mmgpt serve` (parser and path checks: mmgpt/commands/serve.py)."""
     from mmgpt.inference.chat import session_factory_from_args
 
+    service = ChatService(session_factory_from_args(args))  # bad model dir: one line from mmgpt/cli.py
     try:
-        server = make_server(ChatService(session_factory_from_args(args)), args.host, args.port)
-    except (FileNotFoundError, ValueError, OSError) as err:  # bad model dir, port in use
+        server = make_server(service, args.host, args.port)
+    except OSError as err:  # port in use, unknown address
         print(f"mmgpt serve: error: {err}", file=sys.stderr)
-        return 1
+        return 2
     host, port = server.server_address[:2]
     print(f"mmgpt demo on http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
     try:

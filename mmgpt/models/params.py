@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from torch import nn
 
 from mmgpt.models.builder import ModelConfig, build_model
-from mmgpt.models.lora import LORA_TARGETS
 
 
 def count_params(model: nn.Module) -> dict[str, int]:
@@ -32,15 +30,8 @@ def count_params(model: nn.Module) -> dict[str, int]:
             **{f"{k}_params": v for k, v in parts.items()}}
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("params", help="count parameters of a preset (no weights loaded)")
-    parser.add_argument("--preset", default="9b", help="tiny | small | 9b (default 9b)")
-    parser.add_argument("--lora", default="default", choices=[*LORA_TARGETS, "none"])
-    parser.add_argument("--json", type=Path, default=None, help="also write the counts to this JSON file")
-    parser.set_defaults(func=run)
-
-
 def run(args: argparse.Namespace) -> int:
+    """`mmgpt params` (parser: mmgpt/commands/params.py)."""
     model, _ = build_model(ModelConfig(preset=args.preset, lora=args.lora), meta=True)
     counts = {"preset": args.preset, "lora": args.lora, **count_params(model)}
     for key, value in counts.items():

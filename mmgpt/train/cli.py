@@ -43,7 +43,9 @@ def run(args: argparse.Namespace) -> int:
     """Validate, then train; problems a human must fix print one line and return non-zero."""
     from mmgpt.config import ConfigError, TrainConfig
     from mmgpt.train.checkpoint import CheckpointError
-    from mmgpt.train.ds_config import DSConfigError
+    import torch
+
+    from mmgpt.train.ds_config import DSConfigError, jit_build_notice
     from mmgpt.train.loop import NonFiniteLossError
 
     overrides = list(args.overrides)
@@ -57,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, DSConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
         print(f"mmgpt train: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    if int(os.environ.get("RANK", "0")) == 0 and (note := jit_build_notice(ds, cuda=torch.cuda.is_available())):
+        print(f"mmgpt train: note: {note}", file=sys.stderr, flush=True)
     try:
         return _train(cfg, ds, mixture_cfg, resume=args.resume == "auto", stop_at_step=args.stop_at_step)
     except (ConfigError, CheckpointError) as err:  # found after start-up: too little data, bad checkpoint
@@ -184,6 +188,9 @@ def prepare(cfg, ds: dict[str, Any], mixture_cfg, info, resume: bool):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mmgpt.commands import quiet
+
+    quiet()  # the ranks a launcher starts are as quiet as `mmgpt train` (MMGPT_DEBUG=1 keeps all)
     parser = argparse.ArgumentParser(prog="python -m mmgpt.train.cli", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -46,6 +46,15 @@ def load_ds_config(path: str | Path) -> dict[str, Any]:
     zero = ds.get("zero_optimization", {})
     if not isinstance(zero, dict):
         raise DSConfigError(f"{path}: zero_optimization must be an object")
+    for section, parent in (("bf16", ds), ("fp16", ds), ("data_types", ds), ("offload_optimizer", zero)):
+        if not isinstance(parent.get(section, {}), dict):
+            name = section if parent is ds else f"zero_optimization.{section}"
+            raise DSConfigError(f"{path}: {name} must be an object, got {parent[section]!r}"
+                                + (' (e.g. {"device": "cpu"})' if section == "offload_optimizer" else ""))
+    for section in ("bf16", "fp16"):
+        if not isinstance(ds.get(section, {}).get("enabled", False), bool):
+            raise DSConfigError(f"{path}: {section}.enabled must be true or false (JSON booleans, no quotes), "
+                                f"got {ds[section]['enabled']!r}")
     stage = zero.get("stage", 0)
     if stage not in SUPPORTED_STAGES:
         raise DSConfigError(f"{path}: zero_optimization.stage={stage!r} is not supported; use 2 "
@@ -69,8 +78,7 @@ def load_ds_config(path: str | Path) -> dict[str, Any]:
 
 
 def _enabled(ds: dict, section: str) -> bool:
-    value = ds.get(section, {})
-    return isinstance(value, dict) and bool(value.get("enabled", False))
+    return ds.get(section, {}).get("enabled", False) is True  # load_ds_config checked the types
 
 
 def resolve_batch(ds: dict[str, Any], micro: int, accum: int, world: int, where: str = "") -> dict[str, Any]:
@@ -132,3 +140,61 @@ def fill_optimizer(ds: dict[str, Any], *, lr: float, betas: tuple[float, float],
     if leftover:
         raise DSConfigError(f"cannot fill \"auto\" for {leftover}: set them explicitly")
     return ds
+
+
+# Ops DeepSpeed 0.19 JIT-compiles (ninja + a C++ compiler) the first time a run needs them, into
+# torch's extension cache; nothing is printed while they build, which can take minutes.
+JIT_OPS = {
+    "deepspeed_shm_comm": "the CPU ranks' shared-memory communication op",
+    "cpu_adam": "the CPU Adam that optimizer offload runs",
+}
+
+
+def _extensions_dir() -> Path:
+    """Where torch.utils.cpp_extension builds (and finds) ops: TORCH_EXTENSIONS_DIR, else
+    ~/.cache/torch_extensions/py<ver>_<accelerator> (the same rule as torch's own)."""
+    import os
+    import sys
+
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    accel = (f"rocm{torch.version.hip.replace('.', '')}" if torch.version.hip else
+             f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu")
+    return Path(get_default_build_root()) / f"py{sys.version_info.major}{sys.version_info.minor}{sys.abiflags}_{accel}"
+
+
+def _prebuilt_ops() -> dict[str, bool]:
+    """DeepSpeed's `installed_ops` (ops compiled at install time), read from its generated file
+    without importing deepspeed (whose import takes seconds and guesses an accelerator)."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("deepspeed")
+    if spec is None or not spec.submodule_search_locations:
+        return {}
+    info = Path(next(iter(spec.submodule_search_locations))) / "git_version_info_installed.py"
+    try:
+        for node in ast.parse(info.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "installed_ops":
+                return ast.literal_eval(node.value)
+    except (OSError, SyntaxError, ValueError):
+        pass
+    return {}
+
+
+def jit_build_notice(ds: dict[str, Any], cuda: bool) -> str | None:
+    """One line saying which op(s) the first DeepSpeed start will compile, why and where, when they
+    are neither prebuilt nor in the cache; None when the start will not compile anything."""
+    offload = (ds.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
+    needed = [name for name, wanted in (("deepspeed_shm_comm", not cuda), ("cpu_adam", offload not in (None, "none")))
+              if wanted]
+    prebuilt, cache = _prebuilt_ops(), _extensions_dir()
+    pending = [name for name in needed if not prebuilt.get(name) and not (cache / name / f"{name}.so").is_file()]
+    if not pending:
+        return None
+    what = ", ".join(f"{name} ({JIT_OPS[name]})" for name in pending)
+    return (f"the first DeepSpeed start compiles {what} into {cache}: a few minutes with no output, "
+            "once (later starts reuse it)")

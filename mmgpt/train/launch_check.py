@@ -1,7 +1,10 @@
-"""Pre-launch validation: hostfile, DeepSpeed JSON and train config, before any rank starts.
+"""Pre-launch validation: hostfile, DeepSpeed JSON, train config and every file the run needs.
 
-The launch scripts run `python -m mmgpt.train.launch_check ...` first; a bad input prints ONE line
-naming the file, line and problem and exits 2, so nothing is started on any node.
+The launch scripts run `python -m mmgpt.train.launch_check ...` first. Every problem found prints
+one line naming the file (and line) and what is wrong, all of them at once, and the exit code is 2,
+so nothing is started on any node: the LLaMA directory and tokenizer, CLIP / OpenFlamingo / LoRA
+weights (their tensor shapes against the preset, read from the file headers), the mixture file, its
+source files and image roots, and a writable output_dir with room for the checkpoints.
 """
 from __future__ import annotations
 
@@ -11,13 +14,30 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmgpt.train.ds_config import DSConfigError, load_ds_config, resolve_batch
+from mmgpt.commands import quiet
+from mmgpt.preflight import (PreflightError, llama_config_problems, meta_model, model_path_problems,
+                             output_dir_problems, path_problem, require, weight_problems, without_files)
+from mmgpt.train.ds_config import DSConfigError, jit_build_notice, load_ds_config, resolve_batch
 
 _HOST_LINE = re.compile(r"^(?P<host>[^\s=]+)\s+slots=(?P<slots>\S+)$")
+# DeepSpeed checkpoint bytes per trainable parameter: bf16 weight + fp32 master + Adam's two fp32
+# moments, plus the adapter/ copy; checkpoints kept: keep_last + the one being written.
+CHECKPOINT_BYTES_PER_PARAM = 2 + 4 + 8 + 4
 
 
 class LaunchError(ValueError):
     """An input that must be fixed before launching (one line, names file and line)."""
+
+
+def _read_text(path: Path, what: str) -> str:
+    """A UTF-8 text file; errors name it (a decode error alone says neither file nor line)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LaunchError(f"{path}: {what} not found") from None
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise LaunchError(f"{path}:{line}: {what} is not UTF-8 text (byte {err.start})") from None
 
 
 @dataclass
@@ -34,7 +54,7 @@ def parse_hostfile(path: str | Path) -> list[Host]:
         raise LaunchError(f"{path}: hostfile not found")
     hosts: list[Host] = []
     seen: dict[str, int] = {}
-    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, raw in enumerate(_read_text(path, "hostfile").splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
@@ -42,7 +62,7 @@ def parse_hostfile(path: str | Path) -> list[Host]:
         if match is None:
             raise LaunchError(f"{path}:{number}: expected 'HOST slots=N', got {raw.strip()!r}")
         name, slots = match["host"], match["slots"]
-        if not slots.isdigit() or int(slots) < 1:
+        if not (slots.isascii() and slots.isdigit()) or int(slots) < 1:  # "²".isdigit() is True
             raise LaunchError(f"{path}:{number}: slots must be a positive integer, got {slots!r}")
         if name in seen:
             raise LaunchError(f"{path}:{number}: host {name!r} is listed twice (first on line {seen[name]})")
@@ -85,7 +105,7 @@ def check_deepspeed_env(path: str | Path) -> int:
     crashes the launcher on the first node, after the others have been contacted.
     """
     path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = _read_text(path, ".deepspeed_env").splitlines()
     for number, line in enumerate(lines, start=1):
         name, sep, _ = line.partition("=")
         if not sep or not _ENV_NAME.match(name):
@@ -94,26 +114,75 @@ def check_deepspeed_env(path: str | Path) -> int:
     return len(lines)
 
 
-def check(config: str | Path | None, ds_config: str | Path | None, world: int,
-          overrides: list[str] = ()) -> str:
-    """Validate the train config and DeepSpeed JSON for `world` ranks; return a summary line."""
+def mixture_problems(path: str, where: str) -> list[str]:
+    """The mixture parses (YAML/JSON, typed) and every source file and image root exists."""
+    from mmgpt.data.mixture import MixtureConfig
+
+    missing = path_problem(path, f"{where}: mixture file")
+    if missing is not None:
+        return [missing]
+    try:
+        mixture = MixtureConfig.load(path)
+    except (ValueError, FileNotFoundError) as err:  # ConfigError included
+        return [" ".join(str(err).split())]
+    problems = []
+    for src in mixture.sources:
+        problems.append(path_problem(src.path, f"{path}: source {src.name!r}: file"))
+        problems.append(path_problem(src.image_root, f"{path}: source {src.name!r}: image_root", "dir"))
+    return [p for p in problems if p is not None]
+
+
+def run_problems(cfg, where: str) -> list[str]:
+    """Everything a TrainConfig needs on disk; `where` names the config file in each line."""
+    from mmgpt.models.builder import get_preset
+
+    problems = model_path_problems(cfg.model, where)
+    usable = not problems
+    if usable and cfg.model.llama_path is not None:
+        problems += llama_config_problems(cfg.model.llama_path, cfg.model.preset, get_preset(cfg.model.preset).llama)
+    model, build_problems = meta_model(cfg.model if usable else without_files(cfg.model))
+    problems += build_problems
+    if model is not None and usable:
+        problems += weight_problems(cfg.model, model)
+    problems += mixture_problems(cfg.mixture, where)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if model is not None else 0
+    need = trainable * CHECKPOINT_BYTES_PER_PARAM * (cfg.keep_last + 1)
+    return problems + output_dir_problems(cfg.output_dir, need)
+
+
+def check(config: str | Path | None, ds_config: str | Path | None, world: int | None,
+          overrides: list[str] = ()) -> tuple[str, dict | None]:
+    """Validate the train config, the files it names and the DeepSpeed JSON for `world` ranks
+    (None: unknown, the batch split is not checked); return a summary line and the DeepSpeed
+    config (None if there is none), or raise PreflightError listing every problem."""
+    problems: list[str] = []
     micro, accum = 1, None
     if config is not None:
         from mmgpt.config import TrainConfig  # heavy import (transformers), only when asked
 
-        cfg = TrainConfig.load(config, overrides)
-        if not Path(cfg.mixture).is_file():
-            raise LaunchError(f"{config}: mixture file not found: {cfg.mixture}")
+        cfg = TrainConfig.load(config, overrides)  # a config that does not load: nothing else to check
+        problems += run_problems(cfg, str(config))
         micro, accum = cfg.packing.rows_per_batch, cfg.schedule.grad_accum
         ds_config = ds_config or cfg.deepspeed
-    if ds_config is None:
-        return f"world {world}"
-    ds = load_ds_config(ds_config)
+    summary, ds = f"world {world}", None
+    if ds_config is not None:
+        try:
+            ds = load_ds_config(ds_config)
+            summary = _batch_summary(ds, ds_config, micro, accum, world)
+        except DSConfigError as err:
+            problems.append(str(err))
+    require(problems)
+    return summary, ds
+
+
+def _batch_summary(ds: dict, ds_config: str | Path, micro: int, accum: int | None, world: int | None) -> str:
     if accum is None:  # no train config: the JSON's own numbers must be consistent
         accum = ds.get("gradient_accumulation_steps", "auto")
         micro = ds.get("train_micro_batch_size_per_gpu", "auto")
         if "auto" in (accum, micro):
             return f"world {world}; {ds_config}: batch fields are filled from the train config"
+    if world is None:
+        return "world unknown"
     ds = resolve_batch(ds, micro, accum, world, where=str(ds_config))
     return (f"world {world}; global batch {micro} row(s) x accumulation {accum} x {world} ranks "
             f"= {ds['train_batch_size']} rows per step")
@@ -130,14 +199,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, as for mmgpt train")
     args = parser.parse_args(argv)
+    quiet()
+    problems: list[str] = []
+    world = summary = ds = None
     try:
         world = world_size(args.hostfile, args.num_gpus, args.num_nodes)
-        summary = check(args.config, args.ds_config, world, args.overrides)
-        if args.deepspeed_env:
-            summary += f"; {args.deepspeed_env}: {check_deepspeed_env(args.deepspeed_env)} variable(s)"
-    except (LaunchError, DSConfigError, ValueError, FileNotFoundError) as err:
-        print(f"launch_check: error: {err}", file=sys.stderr)
+    except LaunchError as err:
+        problems.append(str(err))
+    try:
+        summary, ds = check(args.config, args.ds_config, world, args.overrides)
+    except PreflightError as err:
+        problems += err.problems
+    except (ValueError, FileNotFoundError) as err:  # a train config that does not load
+        problems.append(" ".join(str(err).split()))
+    if args.deepspeed_env:
+        try:
+            summary = f"{summary}; {args.deepspeed_env}: {check_deepspeed_env(args.deepspeed_env)} variable(s)"
+        except LaunchError as err:
+            problems.append(str(err))
+    for problem in problems:
+        print(f"launch_check: error: {problem}", file=sys.stderr)
+    if problems:
         return 2
+    if ds is not None:
+        import torch
+
+        notice = jit_build_notice(ds, cuda=torch.cuda.is_available())
+        if notice is not None:
+            print(f"launch_check: note: {notice}", flush=True)
     print(f"launch_check: ok: {summary}")
     return 0
 

@@ -1,0 +1,81 @@
+"""`mmgpt chat` parser, the model/decoding flags `serve` shares, and the checks made before loading.
+
+`model_command` reports a wrong `--model`, `--image` or base-weights path (every one, one line
+each) before any weights are read, instead of a traceback after the model has loaded.
+"""
+from __future__ import annotations
+
+import argparse
+
+from mmgpt.commands import Command, lazy
+from mmgpt.inference.generation_config import GenerationConfig
+from mmgpt.preflight import image_problem, model_path_problems, path_problem, require
+
+DTYPE_NAMES = ("bf16", "fp16", "fp32")  # the keys of mmgpt.inference.model_dir.DTYPES (a test checks)
+
+
+def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--model", required=required,
+                        help="export dir (merged or adapter), training output dir, or adapter dir")
+    parser.add_argument("--device", default="auto", help="torch device; auto: cuda if available, else cpu")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="None: bf16 on CUDA, fp32 on CPU")
+
+
+def add_generation_args(parser: argparse.ArgumentParser) -> None:
+    """The decoding flags shared by `mmgpt chat` and `mmgpt serve` (defaults: GenerationConfig's)."""
+    d = GenerationConfig()
+    g = parser.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="answer length cap")
+    g.add_argument("--num-beams", type=int, default=d.num_beams, help="> 1: beam search")
+    g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature")
+    g.add_argument("--top-k", type=int, default=d.top_k, help="0: off")
+    g.add_argument("--top-p", type=float, default=d.top_p, help="1.0: off")
+    g.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty, help="1.0: off")
+    g.add_argument("--length-penalty", type=float, default=d.length_penalty, help="beam search length exponent")
+    g.add_argument("--seed", type=int, default=d.seed, help="sampling seed (None: nondeterministic)")
+
+
+def generation_config_from_args(args: argparse.Namespace) -> GenerationConfig:
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, length_penalty=args.length_penalty,
+        seed=args.seed,
+    )
+
+
+def check_model(model: str | None, flag: str = "--model", image: str | None = None) -> None:
+    """Every path problem of `model` (and `image`), then of the base weights its config names;
+    only the model directory's config files are read (this imports the model stack, not weights)."""
+    require([p for p in (path_problem(model, flag, "dir"), image_problem(image) if image else None) if p])
+    if model is not None:
+        from mmgpt.inference.model_dir import resolve_source
+
+        source = resolve_source(model)
+        require(model_path_problems(source.model_config, where=str(source.path)))
+
+
+def model_command(target: str, flag: str = "--model") -> Command:
+    """`target` ("module:function") run after `check_model` and with `--device auto` resolved."""
+    run = lazy(target)
+    dest = flag.lstrip("-").replace("-", "_")
+
+    def checked(args: argparse.Namespace) -> int:
+        check_model(getattr(args, dest), flag, getattr(args, "image", None))
+        if getattr(args, "device", None) == "auto":
+            import torch
+
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        return run(args)
+
+    return checked
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("chat", help="chat with a trained model (one answer with --prompt)")
+    add_model_args(p)
+    p.add_argument("--image", help="image the conversation is about")
+    p.add_argument("--prompt", help="answer this one question, print the answer and exit")
+    add_generation_args(p)
+    p.set_defaults(func=model_command("mmgpt.inference.chat:run"))

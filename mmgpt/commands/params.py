@@ -1,0 +1,16 @@
+"""`mmgpt params` parser (the counting lives in mmgpt/models/params.py)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mmgpt.commands import lazy
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("params", help="count parameters of a preset (no weights loaded)")
+    parser.add_argument("--preset", default="9b", help="tiny | small | 9b")
+    # no `choices`: the names live in mmgpt.models.lora, which imports peft (checked when building)
+    parser.add_argument("--lora", default="default", help="LoRA targets: default | paper | none")
+    parser.add_argument("--json", type=Path, default=None, help="also write the counts to this JSON file")
+    parser.set_defaults(func=lazy("mmgpt.models.params:run"))
