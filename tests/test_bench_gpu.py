@@ -5,7 +5,8 @@ import argparse
 import subprocess
 from pathlib import Path
 
-from mmgpt.benchmarks.packing import add_parser, run_step_matrix
+from mmgpt.benchmarks.packing import run_step_matrix
+from mmgpt.commands import bench
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -24,8 +25,8 @@ def test_gpu_script_dry_run_prints_every_command():
 
 def test_step_matrix_covers_backend_checkpointing_liger_on_cpu():
     parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
-    args = parser.parse_args(["packing", "--matrix", "--preset", "tiny", "--samples", "30",
+    bench.register(parser.add_subparsers())
+    args = parser.parse_args(["bench", "packing", "--matrix", "--preset", "tiny", "--samples", "30",
                               "--max-tokens", "128", "--steps", "1"])
     result = run_step_matrix(args)
     combos = {(e["attn_backend"], e["gradient_checkpointing"], e["liger"]) for e in result["matrix"]}

@@ -11,7 +11,7 @@ from mmgpt.commands import Command, lazy
 from mmgpt.inference.generation_config import GenerationConfig
 from mmgpt.preflight import image_problem, model_path_problems, path_problem, require
 
-DTYPE_NAMES = ("bf16", "fp16", "fp32")  # the keys of mmgpt.inference.model_dir.DTYPES (a test checks)
+DTYPE_NAMES = ("bf16", "fp16", "fp32")  # the keys of mmgpt.inference.model_dir.DTYPES (kept equal)
 
 
 def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
