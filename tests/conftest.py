@@ -23,6 +23,8 @@ SKIP_REASONS = {  # reason prefix -> when it happens (the README's testing secti
     "needs a browser": "the web demo's headless-browser test without chromium/playwright-core",
     "needs Java": "the COCO caption metrics without a Java runtime",
     "needs deepspeed": "the multi-rank launcher tests without the deepspeed launcher",
+    "needs sshd, pdsh and slurm": "the pdsh and Slurm launch-path tests without openssh-server, pdsh, "
+                                  "slurm-wlm and munge (bash tests/launch/install.sh)",
     "needs the shared real samples": "the real-format reader tests outside this project's workspace",
 }
 CI_ALLOWED_SKIPS = ("needs CUDA",)

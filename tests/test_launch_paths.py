@@ -1,0 +1,154 @@
+"""Every launch path run for real, on this machine over loopback (CPU, 2 ranks, gloo, ZeRO-2 bf16):
+
+  single  `bash launch/single_node.sh CONFIG 2` (deepspeed --num_gpus 2): the reference
+  pdsh    `bash launch/multi_node.sh CONFIG HOSTFILE 1` in pdsh mode: hostfile `node0 slots=1`,
+          `node1 slots=1`; DeepSpeed's PDSHRunner reaches both through pdsh and a throwaway sshd
+          listening on 127.0.0.2 / 127.0.0.3 (its own host key, a user key made for the test)
+  slurm   `sbatch --wait launch/slurm.sbatch CONFIG` on a throwaway one-node Slurm cluster
+          (munged, slurmctld, slurmd in the foreground; tests/launch/loopback_cluster.py)
+
+Same config, seed, data and steps as tests/test_launch.py; the three runs go concurrently and must
+produce bitwise the same losses, data order and adapter tensors. The packages come
+from tests/launch/install.sh (.ci/run calls it): under CI=true a missing one fails the run.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmgpt.data.sample import write_sample
+from test_launch import STEPS, adapter, data_order, scalars, train_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "launch"))
+from loopback_cluster import NODES, Slurm, Sshd, free_port, missing_prerequisites  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT = 900
+DS_ENV = REPO / ".deepspeed_env"
+
+pytestmark = pytest.mark.skipif(subprocess.run(["which", "deepspeed"], capture_output=True).returncode != 0,
+                                reason="needs deepspeed: the launcher is not on PATH")
+
+
+def env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
+
+
+def start(cmd: list[str], log: Path, **extra: str) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=REPO, env=env(**extra), stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)  # its own process group: killed whole on a timeout
+
+
+def finish(procs: dict[str, subprocess.Popen]) -> dict[str, int]:
+    try:
+        return {name: proc.wait(timeout=TIMEOUT) for name, proc in procs.items()}
+    except subprocess.TimeoutExpired:
+        for proc in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    missing = missing_prerequisites()
+    if missing:
+        pytest.skip(f"needs sshd, pdsh and slurm: missing {', '.join(missing)} (bash tests/launch/install.sh)")
+    root = tmp_path_factory.mktemp("paths")
+    out = {name: root / name for name in ("single", "pdsh", "slurm")}
+    mixture = write_sample(root / "data", records=200, max_length=512)
+    cfgs = {name: train_config(root / f"{name}.yaml", mixture, out[name]) for name in out}
+    hostfile = root / "hostfile"
+    hostfile.write_text("".join(f"{name} slots=1\n" for name in NODES))
+    saved_env = DS_ENV.read_bytes() if DS_ENV.exists() else None  # multi_node.sh (re)writes it
+    try:
+        with Sshd(root) as sshd, Slurm(root) as slurm:
+            procs = {
+                "single": start(["bash", "launch/single_node.sh", str(cfgs["single"]), "2"], root / "single.log",
+                                MASTER_PORT=str(free_port())),
+                # the remote ranks get a login shell's environment: what they need travels in
+                # .deepspeed_env (MMGPT_EXPORT), PYTHONPATH is exported by DeepSpeed itself
+                "pdsh": start(["bash", "launch/multi_node.sh", str(cfgs["pdsh"]), str(hostfile), "1"],
+                              root / "pdsh.log", **sshd.env(), MASTER_ADDR=NODES["node0"],
+                              MASTER_PORT=str(free_port()), MMGPT_EXPORT="OMP_NUM_THREADS TOKENIZERS_PARALLELISM"),
+                # the batch script asks for 2 nodes x 8 GPUs: the command line fits it to this node
+                "slurm": start(["sbatch", "--wait", "--job-name=mmgpt-test", "--nodes=1", "--gpus-per-node=0",
+                                "--cpus-per-task=1", f"--output={root / 'slurm-job.log'}", "launch/slurm.sbatch",
+                                str(cfgs["slurm"])], root / "slurm.log", **slurm.env(),
+                               MMGPT_GPUS_PER_NODE="2", MASTER_PORT=str(free_port())),
+            }
+            codes = finish(procs)
+            deepspeed_env = DS_ENV.read_text() if DS_ENV.exists() else None
+    finally:
+        if saved_env is None:
+            DS_ENV.unlink(missing_ok=True)
+        else:
+            DS_ENV.write_bytes(saved_env)
+    return {**out, "codes": codes, "logs": root, "sshd": sshd, "deepspeed_env": deepspeed_env, "saved_env": saved_env}
+
+
+def log(runs, name: str) -> str:
+    return (runs["logs"] / f"{name}.log").read_text(errors="replace")
+
+
+def expect_success(runs, *names: str) -> None:
+    for name in names:
+        extra = log(runs, "slurm-job")[-4000:] if name == "slurm" and (runs["logs"] / "slurm-job.log").exists() else ""
+        assert runs["codes"][name] == 0, log(runs, name)[-4000:] + extra
+
+
+def assert_same_training(runs, name: str) -> None:
+    """Bitwise the same training as `single`: same world (2 ranks), seed, data and steps, and a
+    2-rank gloo all-reduce is exact, so the launch path must not change a single bit. (The
+    ZeRO-2 bf16 step is deterministic on CPU: tests/test_launch.py's runs differ only where a
+    run is resumed or injected with a NaN, which is why it compares with a tolerance.)"""
+    expect_success(runs, "single", name)
+    one, other = scalars(runs["single"]), scalars(runs[name])
+    assert sorted(one["train/loss"]) == list(range(1, STEPS + 1))
+    for tag in ("train/loss", "train/grad_norm", "train/lr"):
+        assert other[tag] == one[tag], tag
+    assert data_order(runs[name]) == data_order(runs["single"])
+    weights_one, weights_other = adapter(runs["single"]), adapter(runs[name])
+    assert weights_one and weights_other.keys() == weights_one.keys()
+    differ = [key for key in weights_one if not torch.equal(weights_other[key], weights_one[key])]
+    assert differ == [], f"{len(differ)} of {len(weights_one)} adapter tensors differ from the single-node run"
+
+def test_pdsh_two_nodes_match_single_node(runs):
+    assert_same_training(runs, "pdsh")
+
+
+def test_pdsh_reached_each_node_through_sshd(runs):
+    expect_success(runs, "pdsh")
+    printed = log(runs, "pdsh")
+    assert "launch_check: ok: world 2" in printed
+    assert f"cmd = pdsh -S -f 1024 -w {','.join(NODES)}" in printed
+    assert "export OMP_NUM_THREADS=1; export TOKENIZERS_PARALLELISM=false;" in printed  # from .deepspeed_env
+    assert f"cd {REPO};" in printed and "--node_rank=%n" in printed
+    lines = printed.splitlines()
+    for rank, name in enumerate(NODES):  # pdsh prefixes each line with the host it came from
+        assert any(line.startswith(f"{name}: ") and f"nnodes=2, num_local_procs=1, node_rank={rank}" in line
+                   for line in lines), name
+    sshd = runs["sshd"].log.read_text()
+    for addr in NODES.values():  # a real ssh login on each node's address (LogLevel VERBOSE)
+        assert f" on {addr} port {runs['sshd'].port}" in sshd, sshd[-3000:]
+    assert sshd.count("Accepted publickey for ") >= 3  # DeepSpeed's ssh check + one pdsh login per node
+    assert runs["deepspeed_env"] == "OMP_NUM_THREADS=1\nTOKENIZERS_PARALLELISM=false\n"  # MMGPT_EXPORT
+    assert (DS_ENV.read_bytes() if DS_ENV.exists() else None) == runs["saved_env"]  # the repo's left as found
+
+def test_slurm_job_matches_single_node(runs):
+    assert_same_training(runs, "slurm")
+
+
+def test_slurm_job_launched_through_srun(runs):
+    expect_success(runs, "slurm")
+    assert "Submitted batch job" in log(runs, "slurm")
+    job = log(runs, "slurm-job")
+    assert "launch_check: ok: world 2" in job
+    assert "nnodes=1, num_local_procs=2, node_rank=0" in job  # deepspeed --no_ssh --node_rank $SLURM_NODEID
+    assert not list(REPO.glob(".hostfile.*"))  # the job's generated hostfile is removed on exit
