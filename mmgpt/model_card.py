@@ -114,3 +114,18 @@ The tokenizer's `chat_template` renders conversations exactly as training tokeni
 parts, one `<image>` each).
 """
     return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n" + body
+
+
+def update_eval(readme: Path, task: str, results: dict[str, Any]) -> None:
+    """Record `results` under the card's `mmgpt.eval.<task>` metadata (`mmgpt eval --update-card`),
+    keeping the rest of the card and other tasks' results; written through a temporary file so an
+    interrupted update leaves the old card."""
+    text = readme.read_text(encoding="utf-8")
+    end = text.find("\n---\n", 4)
+    if not text.startswith("---\n") or end < 0:
+        raise ValueError(f"{readme}: no YAML front matter (--- ... ---) to put the results in")
+    meta = yaml.safe_load(text[4:end]) or {}
+    meta.setdefault("mmgpt", {}).setdefault("eval", {})[task] = results
+    staged = readme.with_name(readme.name + ".partial")
+    staged.write_text("---\n" + yaml.safe_dump(meta, sort_keys=False) + text[end + 1:], encoding="utf-8")
+    staged.replace(readme)

@@ -1,0 +1,320 @@
+"""`mmgpt eval --model DIR --task TASK ...`: a benchmark on local files in their original formats.
+
+Tasks (readers in mmgpt.eval.tasks, metrics in mmgpt.eval.metrics):
+  vqa           VQAv2 / OK-VQA (--questions, --annotations): VQA accuracy.
+  aokvqa        A-OKVQA (--data): multiple choice by likelihood, direct answer by generation.
+  ocrvqa        OCR-VQA dataset.json (--data, --split): exact match after normalisation.
+  coco_caption  Karpathy split / COCO captions json (--data): CIDEr, BLEU-4, METEOR.
+
+Prompts are zero-shot and rendered by `encode_prompt`, the training rendering: one `<image>`,
+the question as the instruction (captions: paper Table 3's first instruction, "Can you describe
+the image?"). Question tasks add a short-answer hint as the template's `### Input:` field
+(--answer-hint; "" leaves it out), since the training answers (e.g. A-OKVQA's "The answer is X.
+Because ...") are sentences while the benchmarks score a word or phrase. Predictions are the
+decoded greedy continuation, stripped and otherwise unchanged (the metrics normalise as their
+official scripts do). A-OKVQA multiple choice ranks each choice by the model's log-likelihood of
+the choice text, plus EOS, as the response to that same prompt (the EOS makes "red" and "red and
+white" differ); the direct answer is generated.
+
+Batches of --batch-size items run as left-padded rows (mmgpt.eval.batched). Sharding: RANK and
+WORLD_SIZE come from the environment (torchrun, the deepspeed launcher); rank r evaluates items
+i = r (mod world); with world > 1 the predictions are gathered through torch.distributed (nccl on
+CUDA, gloo on CPU) and rank 0 scores them and writes the report. An image that is missing,
+corrupt, over the pixel cap or outside --images is counted and skipped, never fatal; the metrics
+are over the items evaluated and the report lists the skipped ones.
+
+The JSON report (--output) holds the metrics, per-item predictions, the arguments and the
+model's ModelConfig, sha256 of the model's weight files (an export's manifest.json when there
+is one, else hashed here; base weights named by path in the config are not hashed) and timings.
+--update-card records the metrics in an export's README.md under `mmgpt.eval.<task>` (the
+manifest's hash of README.md then no longer matches; the weights' hashes do).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from mmgpt import model_card
+from mmgpt.data.conversation import Conversation, Round, encode_prompt, tokenize
+from mmgpt.data.images import Transform, clip_transform, load_image
+from mmgpt.eval import metrics
+from mmgpt.eval.batched import answer_logprobs, generate_batch
+from mmgpt.eval.tasks import EvalItem, read_aokvqa, read_captions, read_ocrvqa, read_vqa
+from mmgpt.export import sha256, versions
+from mmgpt.inference.chat import add_model_args
+from mmgpt.inference.model_dir import DTYPES, ModelSource, image_size_of, load_model, resolve_source
+from mmgpt.models.flamingo import Flamingo
+
+SHORT_ANSWER_HINT = "Answer the question using a single word or phrase."
+MANIFEST = "manifest.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+Record = dict[str, Any]  # one item's prediction, as the report lists it
+
+
+@dataclass(frozen=True)
+class Task:
+    """How a benchmark is read, prompted and scored."""
+
+    read: Callable[[argparse.Namespace], list[EvalItem]]
+    score: Callable[[list[Record], argparse.Namespace], dict[str, Any]]
+    max_new_tokens: int  # default decoding budget: a phrase for questions, a sentence for captions
+    hint: bool  # the short-answer hint applies
+    choices: bool = False  # also rank the item's choices by likelihood
+
+
+def _by_id(records: list[Record], key: str) -> dict[Any, Any]:
+    return {r["id"]: r[key] for r in records}
+
+
+def _aokvqa_records(records: list[Record]) -> dict[Any, dict[str, Any]]:
+    return {r["id"]: {"choices": r["choices"], "correct_choice_idx": r["correct_choice"],
+                      "direct_answers": r["answers"], "difficult_direct_answer": r["difficult"]} for r in records}
+
+
+def _score_aokvqa(records: list[Record], args: argparse.Namespace) -> dict[str, Any]:
+    targets = _aokvqa_records(records)
+    return {"mc_accuracy": metrics.aokvqa_mc_accuracy(_by_id(records, "choice_prediction"), targets),
+            "da_accuracy": metrics.aokvqa_da_mean(_by_id(records, "prediction"), targets)}
+
+
+def _score_ocrvqa(records: list[Record], args: argparse.Namespace) -> dict[str, Any]:
+    hits = [metrics.ocrvqa_exact_match(r["prediction"], r["answers"][0]) for r in records]
+    return {"exact_match": sum(hits) / len(hits)}
+
+
+def _need(args: argparse.Namespace, *names: str) -> list[Path]:
+    missing = [f"--{n}" for n in names if getattr(args, n) is None]
+    if missing:
+        raise ValueError(f"--task {args.task} needs {' and '.join(missing)}")
+    return [Path(getattr(args, n)) for n in names]
+
+
+TASKS: dict[str, Task] = {
+    "vqa": Task(read=lambda a: read_vqa(*_need(a, "questions", "annotations")),
+                score=lambda r, a: {"accuracy": metrics.vqa_accuracy_mean(_by_id(r, "prediction"),
+                                                                          _by_id(r, "answers"))},
+                max_new_tokens=10, hint=True),
+    "aokvqa": Task(read=lambda a: read_aokvqa(*_need(a, "data"), split=a.split or "val"),
+                   score=_score_aokvqa, max_new_tokens=10, hint=True, choices=True),
+    "ocrvqa": Task(read=lambda a: read_ocrvqa(*_need(a, "data"), split=a.split or "test"),
+                   score=_score_ocrvqa, max_new_tokens=16, hint=True),
+    "coco_caption": Task(read=lambda a: read_captions(*_need(a, "data"), split=a.split or "test"),
+                         score=lambda r, a: metrics.caption_scores(_by_id(r, "prediction"), _by_id(r, "answers"),
+                                                                   meteor=not a.no_meteor),
+                         max_new_tokens=30, hint=False),
+}
+
+
+class _ImageFiles(Dataset):
+    """(position, pixels or the reason the image is unusable) per item, for a DataLoader."""
+
+    def __init__(self, items: list[EvalItem], root: Path, transform: Transform):
+        self.items, self.root, self.transform = items, root, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | str]:
+        return i, load_image(self.root, self.items[i].image, self.transform)
+
+
+def _conversation(item: EvalItem, hint: str, response: str = "") -> Conversation:
+    return Conversation(rounds=[Round(item.question, response, input=hint)], images=[item.image])
+
+
+def _choice_ids(item: EvalItem, hint: str, prompt: list[int],
+                tokenizer: PreTrainedTokenizerBase) -> list[list[int] | None]:
+    """Each choice's training-tokenised response ids (EOS included) after `prompt`; None when the
+    choice cannot be a response (empty, or a token spanning the prompt boundary)."""
+    out: list[list[int] | None] = []
+    for choice in item.choices:
+        sample = tokenize(_conversation(item, hint, choice), tokenizer, max_length=1 << 30)
+        ok = not isinstance(sample, str) and sample.input_ids[:len(prompt)] == prompt
+        out.append(sample.input_ids[len(prompt):] if ok else None)
+    return out
+
+
+def _evaluate_batch(model: Flamingo, tokenizer: PreTrainedTokenizerBase, task: Task, items: list[EvalItem],
+                    pixels: torch.Tensor, hint: str, max_new_tokens: int, mode: str) -> list[Record]:
+    """Predictions for items whose images loaded (`pixels` [B, 3, H, W], one per item)."""
+    device = next(model.parameters()).device
+    latents = model.encode_images(pixels.to(device))
+    prompts = [encode_prompt(_conversation(item, hint), tokenizer) for item in items]
+    generated = generate_batch(model, tokenizer, prompts, latents, max_new_tokens, mode)
+    records = []
+    for item, new in zip(items, generated):
+        records.append({"id": item.id, "image": item.image, "question": item.question,
+                        "prediction": tokenizer.decode(new, skip_special_tokens=True).strip(),
+                        "answers": item.answers})
+    if task.choices:
+        rows, owners = [], []
+        for b, (item, prompt) in enumerate(zip(items, prompts)):
+            for k, answer in enumerate(_choice_ids(item, hint, prompt, tokenizer)):
+                if answer is not None:
+                    rows.append((prompt, answer))
+                    owners.append((b, k))
+        scores: list[list[float | None]] = [[None] * len(item.choices) for item in items]
+        values = answer_logprobs(model, tokenizer, rows, latents, [b for b, _ in owners], mode) if rows else []
+        for (b, k), value in zip(owners, values):
+            scores[b][k] = value
+        for item, record, row in zip(items, records, scores):  # an unscorable choice is never chosen
+            scored = [k for k, v in enumerate(row) if v is not None]
+            best = max(scored, key=row.__getitem__) if scored else None
+            record.update(choices=item.choices, choice_scores=row,
+                          choice_prediction=None if best is None else item.choices[best],
+                          correct_choice=item.correct_choice, difficult=item.difficult)
+    return records
+
+
+def model_hashes(source: ModelSource) -> dict[str, Any]:
+    """sha256 of the weight files that make this model: an export's manifest lists them (hashed at
+    export time); a training run's adapter is hashed here."""
+    manifest = source.path / MANIFEST
+    if manifest.is_file():
+        files = json.loads(manifest.read_text())["files"]
+        return {"from": MANIFEST, "files": {name: f["sha256"] for name, f in sorted(files.items())
+                                            if name.endswith(WEIGHT_SUFFIXES)}}
+    root = source.adapter_dir or source.path
+    return {"from": "hashed", "root": str(root.resolve()),
+            "files": {str(p.relative_to(root)): sha256(p) for p in sorted(root.rglob("*"))
+                      if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)}}
+
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as torchrun and the deepspeed launcher set them."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
+def _gather(payload: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [payload]
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, payload)
+    return gathered
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Run the evaluation on this rank's share; rank 0 returns the report (others None)."""
+    started = time.time()
+    task = TASKS[args.task]
+    rank, world, local_rank = _distributed()
+    device = args.device
+    if world > 1 and str(device).startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    items = task.read(args)[: args.limit]
+    source = resolve_source(args.model)
+    dtype_name = args.dtype or ("bf16" if str(device).startswith("cuda") else "fp32")
+    model, tokenizer = load_model(source, device=device, dtype=DTYPES[dtype_name])
+    loaded = time.time()
+    mode = source.model_config.media_attention
+    hint = args.answer_hint if task.hint else ""
+    max_new_tokens = args.max_new_tokens or task.max_new_tokens
+    shard = items[rank::world]
+    loader = DataLoader(_ImageFiles(shard, Path(args.images), clip_transform(image_size_of(source))),
+                        batch_size=args.batch_size, collate_fn=list, num_workers=args.workers)
+    records: list[Record] = []
+    skipped: list[Record] = []
+    with tqdm(total=len(shard), unit="item", desc=f"eval {args.task}", disable=rank != 0, file=sys.stderr) as bar:
+        for batch in loader:
+            good = [(i, px) for i, px in batch if not isinstance(px, str)]
+            skipped += [{"id": shard[i].id, "image": shard[i].image, "reason": px}
+                        for i, px in batch if isinstance(px, str)]
+            if good:
+                records += _evaluate_batch(model, tokenizer, task, [shard[i] for i, _ in good],
+                                           torch.stack([px for _, px in good]), hint, max_new_tokens, mode)
+            bar.update(len(batch))
+    finished = time.time()
+    parts = _gather((records, skipped), world)
+    if rank != 0:
+        return None
+    records = [r for part, _ in parts for r in part]
+    skipped = [s for _, part in parts for s in part]
+    if not records:
+        raise ValueError(f"nothing evaluated: all {len(skipped)} images were skipped "
+                         f"({dict(Counter(s['reason'] for s in skipped))})")
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    return {
+        "task": args.task, "metrics": task.score(records, args), "n": len(records),
+        "skipped": {"count": len(skipped), "reasons": dict(Counter(s["reason"] for s in skipped)), "items": skipped},
+        "prompt": {"hint": hint, "max_new_tokens": max_new_tokens, "decoding": "greedy"},
+        "config": {"args": config, "model": asdict(source.model_config), "source_kind": source.kind,
+                   "dtype": dtype_name, "world_size": world},
+        "model_hashes": model_hashes(source), "versions": versions(),
+        "timing": {"load_s": round(loaded - started, 3), "eval_s": round(finished - loaded, 3),
+                   "items_per_s": round(len(shard) / max(finished - loaded, 1e-9), 3),
+                   "finished": datetime.now(timezone.utc).isoformat()},
+        "predictions": records,
+    }
+
+
+def _card_results(report: dict[str, Any]) -> dict[str, Any]:
+    """The numbers a model card keeps: the metrics (not the caption scorer's notes) and the size."""
+    numbers = {k: round(v, 4) for k, v in report["metrics"].items() if isinstance(v, float)}
+    return {**numbers, "n": report["n"], "skipped": report["skipped"]["count"]}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("eval", help="evaluate a model on VQAv2/OK-VQA, A-OKVQA, OCR-VQA or COCO captions")
+    add_model_args(p)
+    p.add_argument("--task", required=True, choices=sorted(TASKS))
+    p.add_argument("--images", required=True, help="image root the files' image paths are relative to")
+    p.add_argument("--questions", help="vqa: VQAv2/OK-VQA questions json")
+    p.add_argument("--annotations", help="vqa: VQAv2/OK-VQA annotations json")
+    p.add_argument("--data", help="aokvqa / ocrvqa / coco_caption: the dataset file")
+    p.add_argument("--split", help="aokvqa: image folder split (default val); ocrvqa: train|val|test "
+                                   "(default test); Karpathy dataset_coco.json: split (default test)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward")
+    p.add_argument("--workers", type=int, default=2, help="image loading processes (0: in the main one)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 10 (vqa, aokvqa), 16 (ocrvqa), "
+                                                                    "30 (coco_caption)")
+    p.add_argument("--answer-hint", default=SHORT_ANSWER_HINT,
+                   help="`### Input:` of question prompts ('' leaves it out)")
+    p.add_argument("--no-meteor", action="store_true", help="coco_caption: skip METEOR (a ~10 s Java start)")
+    p.add_argument("--output", help="report JSON (default eval_<task>.json)")
+    p.add_argument("--update-card", action="store_true", help="record the metrics in the export's README.md")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    world = _distributed()[1]
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if str(args.device).startswith("cuda") else "gloo")
+    try:
+        report = evaluate(args)
+    except (FileNotFoundError, ValueError) as err:  # bad model dir, data file, record or arguments
+        print(f"mmgpt eval: error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+    if report is None:
+        return 0
+    output = Path(args.output or f"eval_{args.task}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2, default=str))
+    print(json.dumps({"task": args.task, "n": report["n"], "skipped": report["skipped"]["count"],
+                      "metrics": report["metrics"]}, default=str))
+    if args.update_card:
+        readme = Path(args.model) / "README.md"
+        if not readme.is_file():
+            print(f"mmgpt eval: error: --update-card: {readme} not found (only exports have a card)", file=sys.stderr)
+            return 1
+        model_card.update_eval(readme, args.task, _card_results(report))
+    return 0
