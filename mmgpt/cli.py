@@ -24,6 +24,7 @@ COMMANDS: tuple[str, ...] = (
     "mmgpt.commands.export",  # export
     "mmgpt.commands.chat",  # chat
     "mmgpt.commands.serve",  # serve
+    "mmgpt.commands.eval",  # eval
 )
 
 EXIT_USER_ERROR = 2

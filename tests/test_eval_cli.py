@@ -19,12 +19,14 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from test_export import make_base, run_command, save_run
+from test_export import make_base, save_run
 
 from mmgpt.data.conversation import Conversation, Round, encode_prompt, tokenize
 from mmgpt.data.images import clip_transform, load_image
 from mmgpt.data.packing import collate
-from mmgpt.eval import cli as eval_cli
+from mmgpt.cli import main
+from mmgpt.commands import eval as eval_cli
+from mmgpt.eval.cli import TASKS
 from mmgpt.eval.batched import answer_logprobs, generate_batch
 from mmgpt.eval.tasks import CAPTION_PROMPT, read_aokvqa, read_captions, read_ocrvqa, read_vqa
 from mmgpt.export import export
@@ -248,7 +250,7 @@ def eval_vqa(model_dir: Path, images: Path, questions: Path, annotations: Path, 
     argv = ["eval", "--model", str(model_dir), "--task", "vqa", "--images", str(images), "--questions",
             str(questions), "--annotations", str(annotations), "--output", str(output), "--batch-size", "4",
             "--workers", "0", *extra]
-    assert run_command(eval_cli, argv) == 0
+    assert main(argv) == 0
     return json.loads(output.read_text())
 
 
@@ -308,7 +310,7 @@ def test_eval_other_tasks_end_to_end(memorised, tmp_path, task, expected):
         pytest.skip("needs Java: the COCO caption evaluation's PTB tokenizer")
     argv = ["eval", "--model", str(memorised["run"]), "--task", task, "--images", str(memorised["images"]),
             "--output", str(tmp_path / "r.json"), "--workers", "0", *other_task_args(task, tmp_path)]
-    assert run_command(eval_cli, argv) == 0
+    assert main(argv) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["n"] == len(QA) and report["skipped"]["count"] == 0
     for name, at_least in expected.items():
@@ -325,14 +327,9 @@ def test_two_gloo_ranks_give_the_single_process_predictions(memorised, tmp_path)
     root, images = memorised["root"], memorised["images"]
     files = memorised_vqa(root, [a for _, a in QA])
     single = eval_vqa(memorised["run"], images, *files, tmp_path / "single.json")
-    main = tmp_path / "eval_main.py"
-    main.write_text("import argparse, sys\nfrom mmgpt.eval import cli\n"
-                    "parser = argparse.ArgumentParser(prog='mmgpt')\n"
-                    "cli.register(parser.add_subparsers(dest='command', required=True))\n"
-                    "args = parser.parse_args()\nsys.exit(args.func(args))\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "kernels"), os.environ.get("PYTHONPATH", "")])}
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(main),
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mmgpt.cli",
             "eval", "--model", str(memorised["run"]), "--task", "vqa", "--images", str(images),
             "--questions", str(files[0]), "--annotations", str(files[1]), "--output", str(tmp_path / "two.json"),
             "--batch-size", "2", "--workers", "0", "--device", "cpu"]
@@ -343,3 +340,7 @@ def test_two_gloo_ranks_give_the_single_process_predictions(memorised, tmp_path)
     key = lambda p: str(p["id"])  # noqa: E731
     assert sorted(two["predictions"], key=key) == sorted(single["predictions"], key=key)
     assert two["metrics"] == single["metrics"] and two["skipped"]["count"] == single["skipped"]["count"]
+
+
+def test_parser_task_names_are_the_tasks():
+    assert eval_cli.TASK_NAMES == tuple(sorted(TASKS))

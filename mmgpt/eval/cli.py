@@ -54,11 +54,9 @@ from mmgpt.eval import metrics
 from mmgpt.eval.batched import answer_logprobs, generate_batch
 from mmgpt.eval.tasks import EvalItem, read_aokvqa, read_captions, read_ocrvqa, read_vqa
 from mmgpt.export import sha256, versions
-from mmgpt.inference.chat import add_model_args
 from mmgpt.inference.model_dir import DTYPES, ModelSource, image_size_of, load_model, resolve_source
 from mmgpt.models.flamingo import Flamingo
 
-SHORT_ANSWER_HINT = "Answer the question using a single word or phrase."
 MANIFEST = "manifest.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -269,38 +267,13 @@ def _card_results(report: dict[str, Any]) -> dict[str, Any]:
     return {**numbers, "n": report["n"], "skipped": report["skipped"]["count"]}
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("eval", help="evaluate a model on VQAv2/OK-VQA, A-OKVQA, OCR-VQA or COCO captions")
-    add_model_args(p)
-    p.add_argument("--task", required=True, choices=sorted(TASKS))
-    p.add_argument("--images", required=True, help="image root the files' image paths are relative to")
-    p.add_argument("--questions", help="vqa: VQAv2/OK-VQA questions json")
-    p.add_argument("--annotations", help="vqa: VQAv2/OK-VQA annotations json")
-    p.add_argument("--data", help="aokvqa / ocrvqa / coco_caption: the dataset file")
-    p.add_argument("--split", help="aokvqa: image folder split (default val); ocrvqa: train|val|test "
-                                   "(default test); Karpathy dataset_coco.json: split (default test)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward")
-    p.add_argument("--workers", type=int, default=2, help="image loading processes (0: in the main one)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 10 (vqa, aokvqa), 16 (ocrvqa), "
-                                                                    "30 (coco_caption)")
-    p.add_argument("--answer-hint", default=SHORT_ANSWER_HINT,
-                   help="`### Input:` of question prompts ('' leaves it out)")
-    p.add_argument("--no-meteor", action="store_true", help="coco_caption: skip METEOR (a ~10 s Java start)")
-    p.add_argument("--output", help="report JSON (default eval_<task>.json)")
-    p.add_argument("--update-card", action="store_true", help="record the metrics in the export's README.md")
-    p.set_defaults(func=run)
-
-
 def run(args: argparse.Namespace) -> int:
+    """`mmgpt eval` (parser: mmgpt/commands/eval.py); user errors reach mmgpt/cli.py's one-line handler."""
     world = _distributed()[1]
     if world > 1:
         torch.distributed.init_process_group("nccl" if str(args.device).startswith("cuda") else "gloo")
     try:
         report = evaluate(args)
-    except (FileNotFoundError, ValueError) as err:  # bad model dir, data file, record or arguments
-        print(f"mmgpt eval: error: {err}", file=sys.stderr)
-        return 1
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()
