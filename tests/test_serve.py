@@ -19,6 +19,7 @@ from mmgpt.cli import build_parser, main
 from mmgpt.inference.chat import ChatSession
 from mmgpt.inference.generation import GenerationConfig
 from mmgpt.inference.model_dir import load_model, resolve_source
+from mmgpt.inference import serve as serve_mod
 from mmgpt.inference.serve import ChatService, make_server
 from mmgpt.models.builder import preset_image_size
 
