@@ -3,6 +3,7 @@ manifest check on resume, and the resume check that names a trainable parameter 
 not restore. (Real DeepSpeed files and planted pickles: tests/test_safe_resume.py.)"""
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -163,3 +164,52 @@ def test_checkpoint_without_manifest_warns_and_is_still_loaded_weights_only(tmp_
     with pytest.raises(CheckpointError, match=rf"part2.pt cannot be read \(.*\); refusing to resume; "
                                               rf"previous checkpoint: {tag_for(10)}"):
         verify(manager, tag_for(20), weights_only)
+
+
+class FailingEngine(FakeEngine):
+    def __init__(self, error: BaseException):
+        super().__init__()
+        self.error = error
+
+    def save_checkpoint(self, *args, **kwargs):
+        raise self.error
+
+
+@pytest.mark.parametrize("error, cause", [
+    (OSError(errno.ENOSPC, "No space left on device"), "no space left on the device"),
+    (OSError(errno.EACCES, "Permission denied"), "permission denied"),
+    (RuntimeError("[enforce fail at inline_container.cc] . unexpected pos 133376 vs 133264"), "unexpected pos"),
+])
+def test_a_failed_save_names_path_cause_and_latest(tmp_path, error, cause, caplog):
+    manager = CheckpointManager(tmp_path / "checkpoints", keep_last=3)
+    do_save(manager, 10)
+    with pytest.raises(CheckpointError) as err, caplog.at_level("ERROR", logger="mmgpt.train"):
+        do_save(manager, 20, FailingEngine(error))
+    message = str(err.value)
+    assert str(manager.root / tag_for(20)) in message and cause in message
+    assert f"checkpoints/latest still names {tag_for(10)}" in message and "\n" not in message
+    assert message in caplog.text  # in train.log too
+    assert manager.latest() == tag_for(10)
+
+
+def test_torchs_unexpected_pos_on_a_full_disk_says_no_space(tmp_path, monkeypatch):
+    import shutil
+
+    manager = CheckpointManager(tmp_path / "checkpoints", keep_last=3)
+    do_save(manager, 10)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1024, 1024))
+    with pytest.raises(CheckpointError, match=r"no space left on the device \(0 MiB free\)"):
+        do_save(manager, 20, FailingEngine(RuntimeError("unexpected pos 133376 vs 133264")))
+
+
+def test_order_log_is_truncated_to_the_resumed_step(tmp_path):
+    from mmgpt.train.loop import open_order_log
+
+    path = tmp_path / "data_order" / "rank_000.jsonl"
+    with open_order_log(path, 0) as log:
+        for step in range(1, 8):  # the killed run got to step 7; its checkpoint is step 5
+            log.write(json.dumps({"step": step, "samples": [step]}) + "\n")
+    with open_order_log(path, 5) as log:
+        log.write(json.dumps({"step": 6, "samples": [60]}) + "\n")
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6] and json.loads(path.read_text().splitlines()[-1])["samples"] == [60]

@@ -16,6 +16,7 @@ missing, truncated, altered or unlisted file, naming it and the previous checkpo
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -32,6 +33,7 @@ from torch import nn
 from mmgpt.run_layout import LATEST, CheckpointError, is_tag, read_latest, step_of, tag_for
 
 MANIFEST = "manifest.json"
+MIN_FREE_BYTES = 64 * 2**20  # below this after a failed write, the disk was the cause
 
 log = logging.getLogger("mmgpt.train")
 
@@ -197,6 +199,24 @@ def verify(manager: CheckpointManager, tag: str, load: Callable[[str], object]) 
                                   f"refusing to resume; {manager.fallback(tag)}") from err
 
 
+def save_failure(manager: CheckpointManager, tag: str, err: BaseException) -> CheckpointError:
+    """One line for a failed save: where, why (no space / permission, else the error) and what
+    `latest` still names; logged to train.log as well, since the run stops here."""
+    path = manager.root / tag
+    errno_ = getattr(err, "errno", None)
+    if errno_ == errno.ENOSPC or shutil.disk_usage(manager.root).free < MIN_FREE_BYTES:
+        cause = f"no space left on the device ({shutil.disk_usage(manager.root).free // 2**20} MiB free)"
+    elif errno_ in (errno.EACCES, errno.EPERM, errno.EROFS):
+        cause = f"permission denied ({os.strerror(errno_)})"
+    else:
+        cause = f"{type(err).__name__}: {' '.join(str(err).split())}"
+    latest = manager.latest()
+    still = f"checkpoints/latest still names {latest}" if latest else "no checkpoint has been committed yet"
+    message = f"saving checkpoint {path} failed: {cause}; {still}"
+    log.error("%s", message)
+    return CheckpointError(message)
+
+
 def save(manager: CheckpointManager, engine: SavingEngine, step: int, client_state: dict[str, Any], *,
          is_rank0: bool, barrier: Callable[[], None], adapter: nn.Module | None = None) -> str:
     """Collective save of step `step`; returns the tag. `latest` moves only after every rank is done
@@ -205,10 +225,13 @@ def save(manager: CheckpointManager, engine: SavingEngine, step: int, client_sta
     if is_rank0:
         manager.prepare(tag)
     barrier()
-    engine.save_checkpoint(str(manager.root), tag=tag, client_state=client_state, save_latest=False,
-                           exclude_frozen_parameters=True)
-    if is_rank0 and adapter is not None:
-        adapter.save_pretrained(str(manager.root / tag / "adapter"))
+    try:
+        engine.save_checkpoint(str(manager.root), tag=tag, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=True)
+        if is_rank0 and adapter is not None:
+            adapter.save_pretrained(str(manager.root / tag / "adapter"))
+    except (OSError, RuntimeError) as err:  # a full disk, a permission, torch's "unexpected pos"
+        raise save_failure(manager, tag, err) from err
     barrier()
     if is_rank0:
         write_manifest(manager.root / tag)

@@ -32,6 +32,7 @@ import functools
 import json
 import logging
 import math
+import os
 import pickle
 import time
 from pathlib import Path
@@ -133,8 +134,7 @@ class Trainer:
         self.accum = cfg.schedule.grad_accum
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         out = Path(cfg.output_dir)
-        (out / "data_order").mkdir(parents=True, exist_ok=True)
-        self._order_log = open(out / "data_order" / f"rank_{dist_info.rank:03d}.jsonl", "a", encoding="utf-8")
+        self._order_log = open_order_log(out / "data_order" / f"rank_{dist_info.rank:03d}.jsonl", step)
 
     def train(self, stop_at_step: int | None = None) -> str:
         """Train until total_steps, the end of the data, or stop_at_step; returns why it stopped."""
@@ -264,3 +264,21 @@ def restore(engine: Any, model: nn.Module, manager: ckpt.CheckpointManager, worl
             f"checkpoint {tag} was written by {client.get('world')} ranks; resume with the same "
             f"number of ranks ({world} now) so the data position maps exactly")
     return int(client["step"]), client["data"][rank], int(client.get("consecutive_nonfinite", 0))
+
+
+def open_order_log(path: Path, step: int):
+    """The per-rank log of which samples each step used, for appending from `step` on.
+
+    Lines of later steps (written after the checkpoint a resumed run starts from, so they are
+    about to be redone) are dropped first: the log lists every step once, as the run that
+    produced the weights saw it. Rewritten atomically, so a kill leaves the old or the new log.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file():
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        if len(kept) != len(lines):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            os.replace(tmp, path)
+    return open(path, "a", encoding="utf-8")
