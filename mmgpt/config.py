@@ -92,13 +92,47 @@ class ScheduleConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation during training on records held out of the mixture (mmgpt/train/eval.py).
+
+    `holdout`: per source, a count of usable records or a fraction (0 < f < 1; at least one record)
+    taken out before sampling and never trained on; None: no split, no evaluation. `every`: steps
+    between evaluations (None: only at the end; there is always one at the end). `enabled: false`
+    keeps the split, so the training data stay the same, but evaluates nothing. `samples`: held-out
+    prompts rank 0 decodes greedily at each evaluation, up to `max_new_tokens` each, for TensorBoard.
+    """
+
+    holdout: int | float | None = None
+    every: int | None = None
+    enabled: bool = True
+    samples: int = 4
+    max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        if isinstance(self.holdout, float) and not 0.0 < self.holdout < 1.0:
+            raise ConfigError(f"eval.holdout: a fraction must be in (0, 1), got {self.holdout} (a count is an integer)")
+        if isinstance(self.holdout, int) and self.holdout < 1:
+            raise ConfigError(f"eval.holdout must be a count >= 1, a fraction in (0, 1) or null, got {self.holdout}")
+        if self.every is not None and self.every < 1:
+            raise ConfigError(f"eval.every must be >= 1 or null (only at the end), got {self.every}")
+        if self.samples < 0 or self.max_new_tokens < 1:
+            raise ConfigError("eval.samples must be >= 0 and eval.max_new_tokens >= 1")
+
+    @property
+    def active(self) -> bool:
+        """Whether this run evaluates at all."""
+        return self.enabled and self.holdout is not None
+
+
+@dataclass
 class TrainConfig:
     """One training run. Activation checkpointing is `model.gradient_checkpointing` (non-reentrant).
 
     `peak_flops` is one device's peak (FLOP/s) for the MFU estimate; None takes the accelerator's
     known bf16 peak, or on CPU the nominal `cpu_peak_flops` (an assumption, logged as such).
     `data_workers`: 1 reads, decodes, tokenises and packs in a background process per rank, two
-    accumulation windows ahead; 0 does it in the training process, between steps.
+    accumulation windows ahead; 0 does it in the training process, between steps. `eval`: the
+    validation split and evaluation during training (EvalConfig).
     """
 
     mixture: str
@@ -114,6 +148,7 @@ class TrainConfig:
     peak_flops: float | None = None
     cpu_peak_flops: float = 1e12
     data_workers: int = 1
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         for name in ("save_every", "keep_last", "log_every", "max_consecutive_nonfinite"):

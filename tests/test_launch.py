@@ -1,7 +1,8 @@
 """Real-launcher training tests on CPU (2 ranks, gloo, ZeRO-2 bf16), sharing one set of runs:
 
   demo     `bash launch/demo.sh` (deepspeed --num_gpus 2), 8 steps, NaN injected at step 3, data
-           packed in-process (data_workers 0)
+           packed in-process (data_workers 0), held-out eval every 3 steps and at the end
+  noeval   as demo, with eval disabled (the same held-out split): must train bitwise the same
   resume   same config with a background data worker per rank (data_workers 1): --stop-at-step 5,
            then --resume auto to step 8
   nodes    launch/multi_node.sh --no-ssh twice (node_rank 0 and 1, one rank each, 127.0.0.1)
@@ -32,6 +33,7 @@ from mmgpt.train import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS, STOP, NAN_STEP = 8, 5, 3
+EVAL_EVERY = 3
 TIMEOUT = 900
 RANK1_SHARD = "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
 
@@ -103,7 +105,7 @@ def deepspeed_cmd(config: Path, *args: str, port: int) -> list[str]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("launch")
-    out = {name: root / name for name in ("demo", "resume", "nodes", "offload", "nonfin", "planted")}
+    out = {name: root / name for name in ("demo", "noeval", "resume", "nodes", "offload", "nonfin", "planted")}
     mixture = write_sample(out["demo"] / "data", records=200, max_length=512)  # what demo.sh would write
     hostfile = root / "hostfile"
     hostfile.write_text("# two 'nodes' on loopback\nnode0 slots=1\nnode1 slots=1\n")
@@ -115,11 +117,15 @@ def runs(tmp_path_factory) -> dict[str, Path]:
                               max_consecutive_nonfinite=2,
                               model={"preset": "tiny", "gradient_checkpointing": True})
     planted_cfg = train_config(root / "planted.yaml", mixture, out["planted"])
+    demo_eval = yaml.safe_load((REPO / "configs" / "demo_tiny.yaml").read_text())["eval"]
+    noeval_cfg = train_config(root / "noeval.yaml", mixture, out["noeval"], data_workers=0,
+                              eval={**demo_eval, "enabled": False})
     nodes_port = str(free_port())
     procs = {
         "demo": start(["bash", "launch/demo.sh", str(out["demo"]), "--max-steps", str(STEPS), "--set", "save_every=4",
-                       "--set", "data_workers=0"],
+                       "--set", "data_workers=0", "--set", f"eval.every={EVAL_EVERY}"],
                       root / "demo.log", MASTER_PORT=str(free_port())),
+        "noeval": start(deepspeed_cmd(noeval_cfg, port=free_port()), root / "noeval.log"),
         "offload": start(deepspeed_cmd(offload_cfg, port=free_port()), root / "offload.log"),
         "resume1": start(deepspeed_cmd(resume_cfg, "--stop-at-step", str(STOP), port=free_port()), root / "resume1.log"),
         "node0": start(["bash", "launch/multi_node.sh", "--no-ssh", str(nodes_cfg), str(hostfile), "1"],
@@ -196,6 +202,45 @@ def test_demo_trains_and_reports(runs):
     assert all(0.5 < e <= 1.0 for e in values["throughput/packing_efficiency"].values())
 
 
+def test_demo_evaluates_held_out_data_in_tensorboard(runs):
+    """eval/loss (per source, language and VL) every EVAL_EVERY steps and at the end, sample
+    generations as text (images once), the held-out counts in data_report.json."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    expect_success(runs, "demo")
+    demo = runs["demo"]
+    report = json.loads((demo / "data_report.json").read_text())["sources"]
+    held = [name for name, src in report.items() if src["held_out"] > 0]
+    assert held == list(report)  # at least one record of every source
+    values = scalars(demo)
+    evals = {*range(EVAL_EVERY, STEPS + 1, EVAL_EVERY), STEPS}
+    per_source = [tag for tag in values if tag.startswith("eval/loss/")]  # sources with a held-out sample that loads
+    assert len(per_source) > len(held) // 2 and {tag.removeprefix("eval/loss/") for tag in per_source} <= set(held)
+    for tag in ("eval/loss", "eval/loss_language", "eval/loss_vl", "eval/time_s", *per_source):
+        assert set(values.get(tag, {})) == evals, tag
+    assert values["eval/loss"][STEPS] < values["eval/loss"][EVAL_EVERY], values["eval/loss"]
+    assert any(tag.startswith("eval/answer_tokens/") for tag in values)
+    acc = EventAccumulator(str(demo / "tensorboard"), size_guidance={"tensors": 0, "images": 0})
+    acc.Reload()
+    texts = [tag for tag in acc.Tags()["tensors"] if tag.startswith("eval/sample_")]
+    assert len(texts) == 4 and all(len(acc.Tensors(tag)) == len(evals) for tag in texts)
+    images = [tag for tag in acc.Tags()["images"] if tag.startswith("eval/sample_")]
+    assert images and all(len(acc.Images(tag)) == 1 for tag in images)
+    assert "eval at step 8: loss" in (demo / "train.log").read_text()
+
+
+def test_eval_does_not_perturb_training(runs):
+    """Eval on (demo, every 3 steps) vs off (noeval): bitwise the same losses, data and weights."""
+    expect_success(runs, "demo", "noeval")
+    with_eval, without = scalars(runs["demo"]), scalars(runs["noeval"])
+    assert not any(tag.startswith("eval/") for tag in without)
+    for tag in ("train/loss", "train/grad_norm", "train/lr"):
+        assert with_eval[tag] == without[tag], tag
+    assert data_order(runs["demo"]) == data_order(runs["noeval"])
+    on, off = adapter(runs["demo"]), adapter(runs["noeval"])
+    assert on.keys() == off.keys() and all(torch.equal(on[name], off[name]) for name in on)
+
+
 def test_nonfinite_step_is_skipped_without_update(runs):
     expect_success(runs, "demo")
     values = scalars(runs["demo"])
@@ -248,6 +293,9 @@ def test_resume_equals_uninterrupted(runs):
     for step in loss_full:
         assert loss_resumed[step] == pytest.approx(loss_full[step], rel=1e-4), step
     assert set(scalars(runs["resume"])["throughput/data_wait_s"]) == set(range(1, STEPS + 1))
+    eval_full, eval_resumed = scalars(runs["demo"])["eval/loss"], scalars(runs["resume"])["eval/loss"]
+    assert set(eval_resumed) == {STOP, STEPS}  # every 20 steps in demo_tiny.yaml: at the end of each job
+    assert eval_resumed[STEPS] == pytest.approx(eval_full[STEPS], rel=1e-4)
     report = json.loads((runs["resume"] / "data_report.json").read_text())  # counted in the workers
     assert sum(src["kept"] for src in report["sources"].values()) > 0
 

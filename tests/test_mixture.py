@@ -325,3 +325,28 @@ def test_mixture_files_are_typed_like_every_config(tmp_path, change, message):
     path.write_text(yaml.safe_dump({"sources": [{"name": "d", "type": "dolly", "path": "d.jsonl"}], **change}))
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: .*{message}"):
         MixtureConfig.load(path)
+
+
+def _origins(mix: Mixture) -> list[str]:
+    return [mix.conversation(i).origin for i in range(len(mix))]
+
+
+@pytest.mark.parametrize("holdout, expected", [(3, {"dolly": 3, "a": 3, "b": 3}), (0.2, {"dolly": 6, "a": 4, "b": 2}),
+                                               (0.01, {"dolly": 1, "a": 1, "b": 1})])
+def test_holdout_is_seeded_stable_and_never_in_the_epoch(small_dataset, tiny_tokenizer, holdout, expected):
+    """The same records are held out whatever `sample:` and the ratio select, none of them is
+    trained on, and the data report records how many."""
+    held = None
+    for samples, ratio in [((None, None, None), None), ((12, 7, 100), 1.0), ((5, None, 2), 0.5), ((None, 3, 4), 2.0)]:
+        mix = Mixture(config(small_dataset, ratio=ratio, samples=samples), tiny_tokenizer, holdout=holdout)
+        view = mix.holdout()
+        assert held is None or _origins(view) == held
+        held = _origins(view)
+        assert not set(held) & set(_origins(mix))
+        assert Counter(view.conversation(i).source for i in range(len(view))) == expected
+        assert {k: v["held_out"] for k, v in mix.report.to_dict()["sources"].items()} == expected
+        assert all(view.load(i).index == i for i in range(len(view)))
+        assert sum(r.kept for r in mix.report.sources.values()) == 0  # loading held-out data is not training's
+    assert held != _origins(Mixture(config(small_dataset, seed=7), tiny_tokenizer, holdout=holdout).holdout())
+    without = Mixture(config(small_dataset, samples=(12, 7, 100)), tiny_tokenizer)
+    assert len(without.holdout()) == 0 and without.report.to_dict()["sources"]["a"]["held_out"] == 0

@@ -10,9 +10,16 @@ a start index. Tokenisation and image decoding happen lazily in `load(i)`. Bad r
 a run under on_error="skip": they are counted per source and reason in `report`. A source FILE
 that does not parse at all always stops construction (DataError): training without one of its
 sources, silently, is worse than not starting.
+
+A validation split (`holdout`, per source) is taken out of the usable records BEFORE sampling: a
+record is held out when a seeded hash of its identity (source name, origin) ranks among the
+source's lowest, so the same records are held out whatever `sample:`, the ratio, the world size or
+a resume select, and none of them is ever in the epoch. `holdout()` serves them as an epoch of their own.
 """
 from __future__ import annotations
 
+import copy
+import hashlib
 import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -127,13 +134,15 @@ class MixtureConfig:
 
 @dataclass
 class SourceReport:
-    """Per source: `read` records seen in the file (good or bad); `selected` usable records in the
-    epoch (after sampling and the ratio); `kept` selected samples that loaded fine; `dropped` by
+    """Per source: `read` records seen in the file (good or bad); `held_out` usable records taken out
+    for validation (never trained on); `selected` usable records in the epoch (after the holdout,
+    sampling and the ratio); `kept` selected samples that loaded fine; `dropped` by
     reason, each record once: at construction, before sampling, whatever needs no decoding or
     tokenising (parse, fields, empty response, image path, missing image; the same in every
     process that builds the mixture), else at its first load (corrupt image, too long, ...)."""
 
     read: int = 0
+    held_out: int = 0
     selected: int = 0
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
@@ -157,6 +166,7 @@ class DataReport:
             "sources": {
                 name: {
                     "read": r.read,
+                    "held_out": r.held_out,
                     "selected": r.selected,
                     "kept": r.kept,
                     "dropped": dict(sorted(r.dropped.items())),
@@ -196,11 +206,13 @@ class Mixture:
 
     `max_images`: the packer's max_images_per_row (None: no limit); a record with more images could
     never be packed, so it is dropped here (`too_many_images`) instead of stopping training.
+    `holdout`: per source, a count of usable records or a fraction of them (at least one) held out
+    for validation (`holdout()`); None holds out nothing.
     """
 
     def __init__(
         self, cfg: MixtureConfig, tokenizer: PreTrainedTokenizerBase, image_size: int | None = None,
-        max_images: int | None = None,
+        max_images: int | None = None, holdout: int | float | None = None,
     ):
         if image_size is not None and cfg.image_size is not None and image_size != cfg.image_size:
             raise ConfigError(f"mixture image_size {cfg.image_size} differs from the model's CLIP input "
@@ -212,11 +224,16 @@ class Mixture:
         self.report = DataReport()
         self._conversations: list[list[Conversation]] = []
         self._loaded: set[int] = set()
+        self._held_out: list[tuple[int, int]] = []
         selected: list[tuple[int, int]] = []
         for s, src in enumerate(cfg.sources):
             convs = self._usable(src, self._read(src))
             self._conversations.append(convs)
-            selected += [(s, c) for c in self._sample(src, len(convs))]
+            held = self._hold_out(src, convs, holdout)
+            self.report.sources[src.name].held_out = len(held)
+            self._held_out += [(s, c) for c in sorted(held)]
+            train = [c for c in range(len(convs)) if c not in held]
+            selected += [(s, train[j]) for j in self._sample(src, len(train))]
         selected = self._balance(selected)
         for s, _ in selected:
             self.report.sources[cfg.sources[s].name].selected += 1
@@ -283,6 +300,30 @@ class Mixture:
         """The message for an unusable image (naming the cap that refused it, if one did)."""
         cap = f" > max_image_pixels={self.cfg.max_image_pixels}" if reason == IMAGE_TOO_LARGE else ""
         return self._error(f"{conv.origin}: image {rel!r} under {src.image_root}: {reason}{cap}")
+
+    def _hold_out(self, src: SourceConfig, convs: list[Conversation], holdout: int | float | None) -> set[int]:
+        """Indices into the usable `convs` of the held-out records: the lowest seeded hashes of
+        (source, origin, occurrence of that origin), so membership depends on the seed and the
+        usable records alone, never on `sample:`, the ratio or the world size."""
+        if holdout is None or not convs:
+            return set()
+        count = holdout if isinstance(holdout, int) else max(1, round(holdout * len(convs)))
+        seen: Counter = Counter()
+        keys = []
+        for c, conv in enumerate(convs):
+            seen[conv.origin] += 1
+            identity = f"{self.cfg.seed}:holdout:{src.name}:{conv.origin}:{seen[conv.origin]}"
+            keys.append((hashlib.blake2b(identity.encode("utf-8", "surrogatepass"), digest_size=8).digest(), c))
+        return {c for _, c in sorted(keys)[:count]}
+
+    def holdout(self) -> "Mixture":
+        """The held-out records as an epoch of their own (source by source, in file order), with a
+        report of their own, so that loading them never counts toward the training report."""
+        view = copy.copy(self)  # shares the parsed records, tokenizer and transform
+        view._order, view._held_out, view._loaded = list(self._held_out), [], set()
+        view.report = DataReport({src.name: SourceReport(selected=self.report.sources[src.name].held_out)
+                                  for src in self.cfg.sources})
+        return view
 
     def _sample(self, src: SourceConfig, available: int) -> list[int]:
         if src.sample is None or src.sample >= available:

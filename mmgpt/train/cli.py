@@ -142,6 +142,7 @@ def prepare(cfg, ds: dict[str, Any], mixture_cfg, info, resume: bool):
     from mmgpt.train import engine as eng
     from mmgpt.train.checkpoint import CheckpointManager
     from mmgpt.train.data import BatchLoader, RankStream, count_batches
+    from mmgpt.train.eval import Evaluator
     from mmgpt.train.ds_config import fill_optimizer
     from mmgpt.train.loop import Trainer, restore
     from mmgpt.train.monitor import Monitor, device_peak_flops
@@ -150,7 +151,8 @@ def prepare(cfg, ds: dict[str, Any], mixture_cfg, info, resume: bool):
     manager = CheckpointManager(out / "checkpoints", cfg.keep_last)
     model, tokenizer = build_model(cfg.model, device=info.device, dtype=eng.model_dtype(ds))
     image_size = preset_image_size(cfg.model.preset)
-    mixture = Mixture(mixture_cfg, tokenizer, image_size, max_images=cfg.packing.max_images_per_row)
+    mixture = Mixture(mixture_cfg, tokenizer, image_size, max_images=cfg.packing.max_images_per_row,
+                      holdout=cfg.eval.holdout)
     image_token_id = model.image_token_id
 
     per_epoch = eng.all_reduce_min(
@@ -184,7 +186,15 @@ def prepare(cfg, ds: dict[str, Any], mixture_cfg, info, resume: bool):
              cfg.data_workers, peak_source)
     monitor = Monitor(out, enabled=info.is_rank0, total_steps=total, world=info.world, peak_flops=peak,
                       log_every=cfg.log_every)
-    return Trainer(cfg, engine, model, loader, info, monitor, manager, total, step, nonfinite)
+    evaluator = None
+    if cfg.eval.active:
+        holdout = mixture.holdout()
+        when = f"every {cfg.eval.every} steps and at the end" if cfg.eval.every else "at the end"
+        log.info("eval: %d held-out samples (%s), %s", len(holdout),
+                 ", ".join(f"{name} {r.held_out}" for name, r in mixture.report.sources.items()), when)
+        evaluator = Evaluator(cfg.eval, model, tokenizer, holdout, cfg.packing, image_size,
+                              cfg.model.media_attention, info, monitor.writer)
+    return Trainer(cfg, engine, model, loader, info, monitor, manager, total, step, nonfinite, evaluator)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -223,16 +223,19 @@ def count_batches(mixture: Mixture, packing: PackingConfig, image_token_id: int,
     return sum(1 for _ in Packer(packing, image_token_id, (1, 1)).pack(lengths_only()))
 
 
+_LOAD_TIME = ("kept", "dropped", "dropped_at_load", "errors")  # a source report's per-shard entries
+
+
 def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
     """One DataReport dict from every rank's. What the mixture found while being built (read,
-    selected, drops before sampling) is the same on all ranks and counted once; what happened at
-    load time (kept, drops found by loading, errors) is summed over the shards."""
+    held out, selected, drops before sampling) is the same on all ranks and counted once; what
+    happened at load time (kept, drops found by loading, errors) is summed over the shards."""
     merged = {"sources": {}}
     for report in reports:
         for name, src in report["sources"].items():
             if name not in merged["sources"]:
                 built = Counter(src["dropped"]) - Counter(src["dropped_at_load"])
-                merged["sources"][name] = {"read": src["read"], "selected": src["selected"], "kept": 0,
+                merged["sources"][name] = {**{k: v for k, v in src.items() if k not in _LOAD_TIME}, "kept": 0,
                                            "dropped": built, "dropped_at_load": Counter(), "errors": []}
             into = merged["sources"][name]
             into["kept"] += src["kept"]

@@ -49,6 +49,7 @@ from mmgpt.perf import StepShape, step_flops
 from mmgpt.train import checkpoint as ckpt
 from mmgpt.train.data import BatchLoader
 from mmgpt.train.engine import DistInfo, WeightsOnlyCheckpointEngine, all_gather, all_reduce_sum
+from mmgpt.train.eval import Evaluator
 from mmgpt.train.monitor import Monitor, StepMetrics
 
 log = logging.getLogger("mmgpt.train")
@@ -116,11 +117,12 @@ class WindowStats:
 
 
 class Trainer:
-    """Runs optimizer steps on a DeepSpeed engine; owns step count, data position and saving."""
+    """Runs optimizer steps on a DeepSpeed engine; owns step count, data position and saving.
+    `evaluator` (optional) evaluates on the held-out data between steps and at the end."""
 
     def __init__(self, cfg: TrainConfig, engine: Any, model: nn.Module, stream: BatchLoader, dist_info: DistInfo,
                  monitor: Monitor, manager: ckpt.CheckpointManager, total_steps: int, step: int = 0,
-                 consecutive_nonfinite: int = 0):
+                 consecutive_nonfinite: int = 0, evaluator: Evaluator | None = None):
         self.cfg = cfg
         self.engine = engine
         self.model = model
@@ -131,6 +133,7 @@ class Trainer:
         self.total_steps = total_steps
         self.step = step
         self.consecutive_nonfinite = consecutive_nonfinite
+        self.evaluator = evaluator
         self.accum = cfg.schedule.grad_accum
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         out = Path(cfg.output_dir)
@@ -144,10 +147,14 @@ class Trainer:
             if self.train_step() is None:
                 reason = "data exhausted"
                 break
+            if self.evaluator is not None and self.evaluator.due(self.step):
+                self.evaluator.run(self.step)
             if self.step % self.cfg.save_every == 0 and self.step < last:
                 self.save()
         if self.step < self.total_steps and reason == "finished":
             reason = "stopped by --stop-at-step"
+        if self.evaluator is not None:
+            self.evaluator.finish(self.step)
         if self.manager.latest() != ckpt.tag_for(self.step):  # e.g. resumed a run that had finished
             self.save()
         self._order_log.close()
