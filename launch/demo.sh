@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The README demo: write the bundled sample data, then train the `tiny` preset on it with 2 CPU
-# ranks through the real `deepspeed` launcher (ZeRO-2, bf16). A few minutes on a laptop (the
-# very first DeepSpeed start also compiles a small communication op, once).
+# The README demo: write the bundled sample data, then train the `demo` preset (tiny, random) on it
+# with 2 CPU ranks through the real `deepspeed` launcher (ZeRO-2, bf16): one epoch, ~76 steps,
+# under a minute of training on 2 cores, the loss falling from ~8.0 to ~2.3 (the very first
+# DeepSpeed start also compiles a small communication op, once).
 #
 #   bash launch/demo.sh OUT_DIR
 #
@@ -30,3 +31,5 @@ echo "TensorBoard logs: $OUT/tensorboard   (tensorboard --logdir $OUT/tensorboar
 echo "Checkpoints:      $OUT/checkpoints   (latest: $(cat "$OUT/checkpoints/latest"))"
 echo "Adapter (peft):   $OUT/adapter"
 echo "Training log:     $OUT/train.log"
+IMAGES=("$OUT"/data/coco/images/train2017/*.jpg)
+echo "Chat with it:     mmgpt chat --model $OUT --image ${IMAGES[0]} --prompt \"Can you describe the image?\""

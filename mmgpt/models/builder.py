@@ -4,6 +4,9 @@ Random presets are initialised from `cfg.seed` (torch.manual_seed before constru
 construction order), so every process that rebuilds a config — each DeepSpeed rank, export, chat
 — gets bit-identical frozen weights. Presets:
   tiny   seconds on a CPU: ViT 32px/8 x 64w x 2L, LLaMA 64h x 4L on the bundled 1003-token tokenizer, n=2.
+  demo   tiny with a 10x larger random LM head (std 0.2): what `launch/demo.sh` trains. With LLaMA's
+         std 0.02 a unit-RMS final hidden state gives logits of std 0.16 whatever LoRA does, so the
+         frozen head caps how peaked a prediction can get and the loss barely moves (6.9 -> 6.8).
   small  CPU benchmarks: ViT 224px/16 x 384w x 6L, LLaMA 1024h x 4L with the 32003-entry LLaMA
          vocabulary (the tiny tokenizer's ids are a subset), perceiver depth 2, n=2.
   9b     OpenFlamingo-9B: ViT-L/14 (224px) + LLaMA-7B (32003 vocab), perceiver depth 6, n=4.
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -48,15 +51,19 @@ class Preset:
     xattn_heads: int = 8
     xattn_dim_head: int = 64
     tokenizer_dir: Path | None = None  # bundled tokenizer used when no tokenizer/llama path is given
+    lm_head_std: float | None = None  # random LM head init (None: LLaMA's initializer_range, 0.02)
 
+
+TINY = Preset(
+    vision=VisionSpec(image_size=32, patch_size=8, width=64, layers=2, head_width=32, output_dim=32),
+    llama=dict(hidden_size=64, intermediate_size=172, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=4, max_position_embeddings=512, vocab_size=TINY_VOCAB),
+    cross_attn_every_n_layers=2, perceiver_depth=2, perceiver_heads=2, perceiver_dim_head=16,
+    num_latents=4, xattn_heads=2, xattn_dim_head=16, tokenizer_dir=TINY_TOKENIZER_DIR)
 
 PRESETS: dict[str, Preset] = {
-    "tiny": Preset(
-        vision=VisionSpec(image_size=32, patch_size=8, width=64, layers=2, head_width=32, output_dim=32),
-        llama=dict(hidden_size=64, intermediate_size=172, num_hidden_layers=4, num_attention_heads=4,
-                   num_key_value_heads=4, max_position_embeddings=512, vocab_size=TINY_VOCAB),
-        cross_attn_every_n_layers=2, perceiver_depth=2, perceiver_heads=2, perceiver_dim_head=16,
-        num_latents=4, xattn_heads=2, xattn_dim_head=16, tokenizer_dir=TINY_TOKENIZER_DIR),
+    "tiny": TINY,
+    "demo": replace(TINY, lm_head_std=0.2),
     "small": Preset(
         vision=VisionSpec(image_size=224, patch_size=16, width=384, layers=6, head_width=64, output_dim=384),
         llama=dict(hidden_size=1024, intermediate_size=2752, num_hidden_layers=4, num_attention_heads=16,
@@ -126,7 +133,11 @@ def _build_llama(cfg: ModelConfig, preset: Preset, tokenizer: PreTrainedTokenize
                          f"vocabulary of {preset.llama['vocab_size']}")
     config = LlamaConfig(**preset.llama, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1,
                          eos_token_id=2, pad_token_id=None)
-    return LlamaForCausalLM(config)
+    llama = LlamaForCausalLM(config)
+    if preset.lm_head_std is not None:  # rescaled, not redrawn: the random stream after it is tiny's
+        with torch.no_grad():
+            llama.lm_head.weight.mul_(preset.lm_head_std / config.initializer_range)
+    return llama
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

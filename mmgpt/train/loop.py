@@ -50,7 +50,7 @@ from mmgpt.train import checkpoint as ckpt
 from mmgpt.train.data import BatchLoader
 from mmgpt.train.engine import DistInfo, WeightsOnlyCheckpointEngine, all_gather, all_reduce_sum
 from mmgpt.train.eval import Evaluator
-from mmgpt.train.monitor import Monitor, StepMetrics
+from mmgpt.train.monitor import Monitor, StepMetrics, gate_values
 
 log = logging.getLogger("mmgpt.train")
 
@@ -82,19 +82,21 @@ def gradient_anchor(params: list[Tensor]) -> Tensor:
 
 
 DEVICE_SUMS = ("loss_sum", "language_loss_sum", "language_supervised", "vl_loss_sum", "vl_supervised")
-HOST_SUMS = ("supervised", "tokens", "samples", "capacity", "flops", "data_wait")
+HOST_SUMS = ("supervised", "tokens", "samples", "images", "capacity", "flops", "data_wait", "epoch_samples")
 
 
 class WindowStats:
     """Local sums over one accumulation window: what the host knows (counts, FLOPs, seconds waited
-    for data) as numbers, the losses as one device tensor, so no micro-batch syncs; `totals` sums
-    both over ranks in one collective and reads them back once."""
+    for data) as numbers, the losses (by kind and by mixture source) as one device tensor, so no
+    micro-batch syncs; `totals` sums both over ranks in one collective and reads them back once."""
 
-    def __init__(self, device: torch.device, preset: str, data_wait: float):
+    def __init__(self, device: torch.device, preset: str, data_wait: float, sources: list[str]):
         self.preset = preset
+        self.sources = sources
+        self._source_index = {name: i for i, name in enumerate(sources)}
         self.host = dict.fromkeys(HOST_SUMS, 0.0)
         self.host["data_wait"] = data_wait
-        self.losses = torch.zeros(len(DEVICE_SUMS), dtype=torch.float64, device=device)
+        self.losses = torch.zeros(len(DEVICE_SUMS) + 2 * len(sources), dtype=torch.float64, device=device)
 
     def add(self, batch: PackedBatch, out: LossOutput, is_vl: Tensor) -> None:
         """`batch` on the host (its shape is read there), `out` and `is_vl` on the device."""
@@ -103,17 +105,41 @@ class WindowStats:
         h["supervised"] += batch.num_supervised
         h["tokens"] += batch.num_tokens
         h["samples"] += batch.num_samples
+        h["images"] += batch.images.shape[0]
         h["capacity"] += batch.num_rows * batch.row_tokens
         per_sample = torch.stack([out.sample_loss_sum.double(), out.sample_count.double()], dim=1)
         by_kind = per_sample.new_zeros(2, 2).index_add_(0, is_vl.long(), per_sample)  # [language, vl]
-        self.losses += torch.cat([out.loss_sum.detach().double().reshape(1), by_kind.flatten()])
+        source = torch.tensor([self._source_index[s] for s in batch.sources], dtype=torch.long,
+                              device=per_sample.device)
+        by_source = per_sample.new_zeros(len(self.sources), 2).index_add_(0, source, per_sample)
+        self.losses += torch.cat([out.loss_sum.detach().double().reshape(1), by_kind.flatten(), by_source.flatten()])
 
-    def totals(self) -> dict[str, float]:
-        """Every sum over all ranks (a collective; the step's one device-to-host read)."""
+    def totals(self, epoch_samples: float) -> dict[str, Any]:
+        """Every sum over all ranks (a collective; the step's one device-to-host read), with the
+        per-source sums as `source_loss_sum` / `source_supervised` dicts. `epoch_samples`: this
+        rank's part of `epoch_progress` (samples of the epoch consumed, plus whole epochs done)."""
+        self.host["epoch_samples"] = epoch_samples
         host = torch.tensor(list(self.host.values()), dtype=torch.float64, device=self.losses.device)
-        packed = torch.cat([self.losses, host])
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
-        return dict(zip(DEVICE_SUMS + HOST_SUMS, packed.tolist()))
+        values = torch.cat([self.losses, host])
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values = values.tolist()
+        kinds, by_source = len(DEVICE_SUMS), values[len(DEVICE_SUMS):len(self.losses)]
+        totals = dict(zip(DEVICE_SUMS + HOST_SUMS, values[:kinds] + values[len(self.losses):]))
+        totals["source_loss_sum"] = dict(zip(self.sources, by_source[0::2]))
+        totals["source_supervised"] = {name: int(n) for name, n in zip(self.sources, by_source[1::2])}
+        return totals
+
+
+def epoch_samples(position: dict[str, Any], rank: int, world: int, epoch_len: int) -> float:
+    """This rank's consumed samples in epoch units x epoch_len: its shard (positions rank,
+    rank + world, ...) of every finished epoch, plus its positions below the packer's next_index
+    that are no longer buffered. Summed over ranks and divided by epoch_len: epochs done (1.0 at
+    the end of the first). Dropped records count as consumed: they are behind the position too."""
+    def shard(n: int) -> int:  # positions rank, rank + world, ... below n
+        return max(0, (n - rank + world - 1) // world)
+
+    packer = position["packer"]
+    return position["epoch"] * shard(epoch_len) + shard(packer["next_index"]) - len(packer["buffer"])
 
 
 class Trainer:
@@ -136,6 +162,7 @@ class Trainer:
         self.evaluator = evaluator
         self.accum = cfg.schedule.grad_accum
         self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.monitor.log_config(cfg.to_dict(), step)
         out = Path(cfg.output_dir)
         self._order_log = open_order_log(out / "data_order" / f"rank_{dist_info.rank:03d}.jsonl", step)
 
@@ -171,7 +198,9 @@ class Trainer:
             log.info("data exhausted at step %d (a rank had fewer than %d batches left)", self.step, self.accum)
             return None
         scale = global_loss_scale(int(global_supervised), self.dist.world, self.accum)
-        stats = WindowStats(self.dist.device, self.cfg.model.preset, data_wait)
+        mixture = self.stream.stream.mixture
+        stats = WindowStats(self.dist.device, self.cfg.model.preset, data_wait,
+                            [src.name for src in mixture.cfg.sources])
         lr = self.engine.get_lr()[0]
         for batch in window:
             anchor = gradient_anchor(self.trainable)
@@ -186,13 +215,14 @@ class Trainer:
         sample_ids = [i for b in window for i in b.sample_ids]
         self._order_log.write(json.dumps({"step": self.step, "samples": sample_ids}) + "\n")
         self._order_log.flush()
-        totals = stats.totals()
+        totals = stats.totals(epoch_samples(self.stream.state(), self.dist.rank, self.dist.world, len(mixture)))
         grad_norm = self.engine.get_global_grad_norm() if applied else None
         metrics = StepMetrics(step=self.step, lr=lr, grad_norm=_finite_or_none(grad_norm),
                               step_time=time.perf_counter() - start, skipped=not applied,
                               data_wait=totals.pop("data_wait") / self.dist.world,
+                              epoch=totals.pop("epoch_samples") / len(mixture),
                               **{k: (int(v) if k in _COUNTS else v) for k, v in totals.items()})
-        self.monitor.log_step(metrics)
+        self.monitor.log_step(metrics, gate_values(self.model) if self.monitor.enabled else None)
         self._track_nonfinite(applied, sample_ids)
         return metrics
 
@@ -221,7 +251,7 @@ class Trainer:
         return tag
 
 
-_COUNTS = {"supervised", "language_supervised", "vl_supervised", "tokens", "samples", "capacity"}
+_COUNTS = {"supervised", "language_supervised", "vl_supervised", "tokens", "samples", "images", "capacity"}
 
 
 def _finite_or_none(value: float | None) -> float | None:

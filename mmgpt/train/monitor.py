@@ -4,6 +4,10 @@ Every number here is GLOBAL (summed over ranks and the accumulation window by th
 curves do not depend on how the global batch was split. MFU = achieved FLOP/s / (peak x world);
 the peak is the accelerator's bf16 dense peak, or a configured value; on CPU it is a nominal
 configured number, so CPU MFU only compares runs on the same machine.
+
+The events live in OUT/tensorboard (the model card reads them there), so `tensorboard --logdir`
+on the folder holding several output dirs lists each run by its output dir (`demo/tensorboard`);
+the config text is titled with that name too.
 """
 from __future__ import annotations
 
@@ -11,10 +15,13 @@ import logging
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
+from torch import nn
 
 from mmgpt.perf import peak_bf16_flops
 
@@ -60,10 +67,39 @@ class StepMetrics:
     step_time: float
     skipped: bool  # non-finite loss: no update
     data_wait: float  # seconds the step waited for its window, mean over ranks (a data-bound run)
+    images: int = 0
+    epoch: float = 0.0  # epochs done: whole ones + the fraction of this epoch's samples consumed
+    source_loss_sum: dict[str, float] = field(default_factory=dict)  # by mixture source name
+    source_supervised: dict[str, int] = field(default_factory=dict)
 
     @property
     def loss(self) -> float:
         return self.loss_sum / max(self.supervised, 1)
+
+
+def gate_values(model: nn.Module) -> dict[str, float]:
+    """tanh(attn_gate) and tanh(ff_gate) of each gated cross-attention block, tagged by the LLaMA
+    layer it precedes (the checkpoint key `layers.{i}.gated_cross_attn_layer`); one device read.
+    0 means the block is an identity: OpenFlamingo's init, which LoRA training leaves frozen."""
+    layers = [(i, layer.gated_cross_attn_layer) for i, layer in enumerate(model.language_model.model.layers)
+              if layer.gated_cross_attn_layer is not None]
+    if not layers:
+        return {}
+    values = torch.stack([torch.cat([b.attn_gate, b.ff_gate]) for _, b in layers]).detach().float().tanh().tolist()
+    return {f"gates/layer_{i:02d}/{kind}": v for (i, _), pair in zip(layers, values)
+            for kind, v in zip(("attn", "ff"), pair)}
+
+
+def flat_hparams(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`a.b: value` pairs of a nested config; values the HParams plugin cannot hold become text."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_hparams(value, f"{name}."))
+        else:
+            out[name] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return out
 
 
 def progress_bar(step: int, total: int, elapsed: float, width: int = 24) -> str:
@@ -98,6 +134,19 @@ class Monitor:
 
             out_dir = Path(out_dir)
             self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+        self.run_name = Path(out_dir).resolve().name
+
+    def log_config(self, config: dict[str, Any], step: int) -> None:
+        """The resolved config, once per start: as YAML text and as HParams (in this run's own
+        event file, not the per-call sub-run `SummaryWriter.add_hparams` would create)."""
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        text = yaml.safe_dump(config, sort_keys=False)
+        self.writer.add_text("config", f"run **{self.run_name}**\n\n```yaml\n{text}```", step)
+        for summary in hparams(flat_hparams(config), {"train/loss": None}):
+            self.writer.file_writer.add_summary(summary, step)
 
     def scalars(self, m: StepMetrics) -> dict[str, float]:
         """The TensorBoard tags and values of one step."""
@@ -109,6 +158,8 @@ class Monitor:
             "throughput/tokens_per_s": m.tokens / m.step_time,
             "throughput/supervised_tokens_per_s": m.supervised / m.step_time,
             "throughput/samples_per_s": m.samples / m.step_time,
+            "throughput/images_per_s": m.images / m.step_time,
+            "train/epoch": m.epoch,
             "throughput/packing_efficiency": m.tokens / m.capacity if m.capacity else 1.0,
             "memory/peak_gib": peak_memory_gib(),
         }
@@ -120,17 +171,22 @@ class Monitor:
             values["train/loss_language"] = m.language_loss_sum / m.language_supervised
         if m.vl_supervised and not m.skipped:
             values["train/loss_vl"] = m.vl_loss_sum / m.vl_supervised
+        if not m.skipped:
+            for name, count in m.source_supervised.items():
+                if count:
+                    values[f"loss_by_source/{name}"] = m.source_loss_sum[name] / count
         if self.peak_flops:
             values["throughput/mfu"] = m.flops / m.step_time / (self.peak_flops * self.world)
         return values
 
-    def log_step(self, m: StepMetrics) -> None:
+    def log_step(self, m: StepMetrics, gates: dict[str, float] | None = None) -> None:
+        """Write one step's scalars (plus `gate_values`, read by the caller on rank 0)."""
         self.skipped_total += int(m.skipped)
         if not self.enabled:
             return
         if self._first_step is None:
             self._first_step, self._start = m.step - 1, time.monotonic() - m.step_time
-        values = self.scalars(m)
+        values = {**self.scalars(m), **(gates or {})}
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, m.step)
         if m.skipped or m.step % self.log_every == 0 or m.step == self.total_steps:
