@@ -128,6 +128,7 @@ def test_two_rank_training_counts_the_same_drops(datasets, tmp_path):
                 "deepspeed": str(REPO / "ds_configs" / "zero2.json"), "save_every": 100})
     cfg["packing"].update({"max_tokens": 256, "buffer_size": 8})
     cfg["schedule"].update({"grad_accum": 1, "warmup_steps": 1, "epochs": 1})
+    cfg.pop("eval", None)  # no held-out split: every kept record trains
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
