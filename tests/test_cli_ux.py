@@ -84,17 +84,23 @@ def _write_bad_inputs(tmp: Path) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(USER_ERRORS))
-def test_user_errors_are_one_line(tmp_path, name):
+def test_user_errors_are_one_line(tmp_path, name, monkeypatch, capsys):
+    """Through `mmgpt.cli.main` in this process: the entry point's own code path (the subprocess
+    tests around this one cover the real executable)."""
+    from mmgpt.cli import main
+
     _write_bad_inputs(tmp_path)
+    monkeypatch.chdir(tmp_path)
     argv = [arg.replace("{tmp}", str(tmp_path)) for arg in USER_ERRORS[name]]
-    result = mmgpt(*argv, cwd=tmp_path)
-    assert result.returncode == 2, (name, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr, (name, result.stderr[-2000:])
-    lines = result.stderr.strip().splitlines()
+    code = main(argv)
+    stderr = capsys.readouterr().err
+    assert code == 2, (name, stderr[-2000:])
+    assert "Traceback" not in stderr, (name, stderr[-2000:])
+    lines = stderr.strip().splitlines()
     command = " ".join(argv[:2]) if argv[0] in ("data", "bench") else argv[0]
-    assert lines and all(line.startswith(f"mmgpt {command}: error: ") for line in lines), (name, result.stderr)
+    assert lines and all(line.startswith(f"mmgpt {command}: error: ") for line in lines), (name, stderr)
     expected_lines = 2 if name == "chat missing model and image" else 1  # every problem, one line each
-    assert len(lines) == expected_lines, (name, result.stderr)
+    assert len(lines) == expected_lines, (name, stderr)
 
 
 def test_debug_shows_the_traceback():
