@@ -22,9 +22,8 @@ from transformers import PreTrainedTokenizerBase, TextStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from mmgpt.data.conversation import Conversation, Round, encode_prompt
-from mmgpt.data.images import clip_transform, open_rgb
-from mmgpt.data.conversation import encode_prompt
 from mmgpt.commands.chat import generation_config_from_args
+from mmgpt.data.images import clip_transform, open_rgb
 from mmgpt.inference.generation import GenerationConfig, generate
 from mmgpt.inference.model_dir import DTYPES, image_size_of, load_model, resolve_source
 from mmgpt.models.builder import ModelConfig, build_model, preset_image_size
