@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from mmgpt.data.conversation import Conversation, Round, encode_prompt
-from mmgpt.inference.generation import (GenerationConfig, LanguageModelStepper, filter_for_sampling,
-                                        generate, process_logits, special_token_ids)
+from mmgpt.inference.generation import (GenerationConfig, LanguageModelStepper, generate, logits_processors,
+                                        sampling_warpers, special_token_ids)
 from mmgpt.media import MEDIA_ATTENTION_MODES, MediaLayout
 from mmgpt.models.builder import ModelConfig, build_model, preset_image_size
 from mmgpt.models.flamingo import MediaContext
@@ -100,14 +100,14 @@ def test_beam_search_two_steps_matches_brute_force(model_tok):
     ids = torch.tensor([prompt(tok)])
     cfg = GenerationConfig(max_new_tokens=2, num_beams=beams)
     stepper = LanguageModelStepper(model, latents, image_id, use_cache=False)
-    lp1 = process_logits(stepper.start(ids), ids, cfg, banned).log_softmax(-1)[0]
+    lp1 = logits_processors(cfg, banned)(ids, stepper.start(ids)).log_softmax(-1)[0]
     firsts = lp1.topk(beams).indices
     assert not set(firsts.tolist()) & eos
     best, best_seq = -float("inf"), None
     for first in firsts.tolist():
         seq = torch.cat([ids, torch.tensor([[first]])], 1)
-        lp2 = process_logits(LanguageModelStepper(model, latents, image_id, use_cache=False).start(seq),
-                             seq, cfg, banned).log_softmax(-1)[0]
+        lp2 = logits_processors(cfg, banned)(
+            seq, LanguageModelStepper(model, latents, image_id, use_cache=False).start(seq)).log_softmax(-1)[0]
         lp2[list(eos)] = -float("inf")  # an EOS second token is a 1-token hypothesis, scored apart
         score, second = lp2.max(0)
         if lp1[first] + score > best:
@@ -134,11 +134,11 @@ def test_sampling_is_seeded_and_top_k_one_is_greedy(model_tok):
 def test_filters_match_direct_definitions():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 50, generator=gen)
-    kept = torch.isfinite(filter_for_sampling(logits, GenerationConfig(top_k=5, temperature=0.7)))
+    kept = torch.isfinite(sampling_warpers(GenerationConfig(top_k=5, temperature=0.7))(None, logits))
     for row in range(3):
         assert set(kept[row].nonzero().flatten().tolist()) == set(logits[row].topk(5).indices.tolist())
     p = 0.6
-    kept = torch.isfinite(filter_for_sampling(logits, GenerationConfig(top_p=p)))
+    kept = torch.isfinite(sampling_warpers(GenerationConfig(top_p=p))(None, logits))
     for row in range(3):
         probs = logits[row].double().softmax(-1)
         order = probs.argsort(descending=True).tolist()
@@ -154,7 +154,7 @@ def test_filters_match_direct_definitions():
 def test_repetition_penalty_and_banned_tokens():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
     history = torch.tensor([[0, 1, 1]])
-    out = process_logits(logits, history, GenerationConfig(repetition_penalty=2.0), banned=[3])
+    out = logits_processors(GenerationConfig(repetition_penalty=2.0), banned=[3])(history, logits)
     assert out.tolist() == [[1.0, -2.0, 0.5, float("-inf")]]
     assert logits.tolist() == [[2.0, -1.0, 0.5, 3.0]], "input must not be modified"
 
@@ -197,3 +197,17 @@ def test_text_only_prompt_generates(model_tok):
 def test_invalid_configs_are_rejected(bad):
     with pytest.raises(ValueError):
         GenerationConfig(**bad)
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(num_beams=2)])
+def test_max_new_tokens_bounds_the_answer(model_tok, extra):
+    """transformers' MaxLengthCriteria (greedy) / the beam loop stop at max_new_tokens: a short
+    budget gives a prefix of the longer greedy answer (greedy) and never more tokens."""
+    model, tok = model_tok
+    latents = model.encode_images(image(0))
+    long = generate(model, tok, prompt(tok), latents, GenerationConfig(max_new_tokens=12, **extra))
+    assert len(long) > 3
+    short = generate(model, tok, prompt(tok), latents, GenerationConfig(max_new_tokens=3, **extra))
+    assert len(short) == 3
+    if not extra:
+        assert short == long[:3]

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from mmgpt.inference.generation import GenerationConfig, process_logits, special_token_ids
+from mmgpt.inference.generation import GenerationConfig, logits_processors, special_token_ids
 from mmgpt.media import row_layout
 from mmgpt.models.flamingo import Flamingo, MediaContext
 
@@ -63,7 +63,7 @@ def generate_batch(model: Flamingo, tokenizer: PreTrainedTokenizerBase, prompts:
     device = next(model.parameters()).device
     image_token_id, eos, banned = special_token_ids(tokenizer)
     pad_id = tokenizer.pad_token_id
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens)
+    processors = logits_processors(GenerationConfig(max_new_tokens=max_new_tokens), banned)
     ids, mask, positions = left_pad(prompts, pad_id, device)
     counts, offsets = _image_counts(ids, image_token_id, latents, None)
     out = model.lm_forward(ids, _media(ids, latents, image_token_id, mode, offsets), attention_mask=mask,
@@ -74,7 +74,7 @@ def generate_batch(model: Flamingo, tokenizer: PreTrainedTokenizerBase, prompts:
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     generated: list[list[int]] = [[] for _ in prompts]
     for step in range(max_new_tokens):
-        tokens = process_logits(logits, ids, cfg, banned).argmax(dim=-1)
+        tokens = processors(ids, logits).argmax(dim=-1)
         done |= torch.isin(tokens, eos_ids)
         for b in (~done).nonzero().flatten().tolist():
             generated[b].append(int(tokens[b]))

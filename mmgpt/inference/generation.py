@@ -9,13 +9,19 @@ without images skips the cross-attention blocks, as the original chat does.
 
 The loop is written here rather than driving `transformers` `generate()`: the media context of a
 step depends on that step's tokens, which `generate()` can only be told through a model-specific
-`prepare_inputs_for_generation` hook on a class we do not own.
+`prepare_inputs_for_generation` hook on a class we do not own. Everything else is transformers':
+its logits processors and warpers (repetition penalty, suppressed tokens, temperature, top-k,
+top-p), its stopping criteria (max length, EOS) and its streamers.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 from transformers import Cache, PreTrainedTokenizerBase
+from transformers.generation import (EosTokenCriteria, LogitsProcessorList, MaxLengthCriteria,
+                                     RepetitionPenaltyLogitsProcessor, StoppingCriteriaList,
+                                     SuppressTokensLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+                                     TopPLogitsWarper)
 from transformers.generation.streamers import BaseStreamer
 
 from mmgpt.media import row_layout
@@ -77,33 +83,28 @@ class LanguageModelStepper:
             self.cache.reorder_cache(rows)
 
 
-def process_logits(logits: Tensor, history: Tensor, cfg: GenerationConfig, banned: list[int]) -> Tensor:
-    """Repetition penalty over `history` [B, L] and banned tokens, on logits [B, V] (a new tensor)."""
-    scores = logits.clone()
+def logits_processors(cfg: GenerationConfig, banned: list[int]) -> LogitsProcessorList:
+    """transformers' processors, as `generate()` applies them: repetition penalty (CTRL-style, over
+    prompt and generated tokens), then the banned tokens suppressed."""
+    processors = LogitsProcessorList()
     if cfg.repetition_penalty != 1.0:
-        seen = scores.gather(1, history)
-        seen = torch.where(seen > 0, seen / cfg.repetition_penalty, seen * cfg.repetition_penalty)
-        scores.scatter_(1, history, seen)
+        processors.append(RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty))
     if banned:
-        scores[:, banned] = float("-inf")
-    return scores
+        processors.append(SuppressTokensLogitsProcessor(banned))
+    return processors
 
 
-def filter_for_sampling(scores: Tensor, cfg: GenerationConfig) -> Tensor:
-    """Temperature, then top-k, then nucleus (top-p): removed tokens get -inf. The most likely
-    token always survives, so top_k=1 (or a tiny top_p) reduces sampling to greedy."""
-    scores = scores / cfg.temperature
-    if cfg.top_k > 0 and cfg.top_k < scores.shape[-1]:
-        kth = scores.topk(cfg.top_k, dim=-1).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
+def sampling_warpers(cfg: GenerationConfig) -> LogitsProcessorList:
+    """transformers' sampling warpers in `generate()`'s order: temperature, top-k, nucleus (top-p).
+    Each keeps the most likely token, so top_k=1 (or a tiny top_p) reduces sampling to greedy."""
+    warpers = LogitsProcessorList()
+    if cfg.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(cfg.temperature))
+    if 0 < cfg.top_k:
+        warpers.append(TopKLogitsWarper(cfg.top_k))
     if cfg.top_p < 1.0:
-        sorted_scores, order = scores.sort(dim=-1, descending=True)
-        probs = sorted_scores.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs  # probability of strictly better tokens
-        drop_sorted = mass_before >= cfg.top_p
-        drop = drop_sorted.scatter(1, order, drop_sorted)
-        scores = scores.masked_fill(drop, float("-inf"))
-    return scores
+        warpers.append(TopPLogitsWarper(cfg.top_p))
+    return warpers
 
 
 def _greedy_or_sample(stepper: LanguageModelStepper, ids: Tensor, cfg: GenerationConfig,
@@ -113,21 +114,25 @@ def _greedy_or_sample(stepper: LanguageModelStepper, ids: Tensor, cfg: Generatio
         generator.manual_seed(cfg.seed)
     else:
         generator.seed()
+    processors, warpers = logits_processors(cfg, banned), sampling_warpers(cfg)
+    stopping = StoppingCriteriaList([MaxLengthCriteria(ids.shape[1] + cfg.max_new_tokens),
+                                     EosTokenCriteria(sorted(eos))])
     logits = stepper.start(ids)
     out: list[int] = []
-    for _ in range(cfg.max_new_tokens):
-        scores = process_logits(logits, stepper.ids, cfg, banned)
+    while True:
+        scores = processors(stepper.ids, logits)
         if cfg.do_sample:
-            probs = filter_for_sampling(scores, cfg).softmax(dim=-1).cpu()
-            token = int(torch.multinomial(probs, 1, generator=generator)[0, 0])
+            probs = warpers(stepper.ids, scores).softmax(dim=-1).cpu()
+            token = torch.multinomial(probs, 1, generator=generator)[:, 0].to(ids.device)
         else:
-            token = int(scores.argmax(dim=-1)[0])
-        if token in eos:
+            token = scores.argmax(dim=-1)
+        if int(token[0]) not in eos:  # the answer excludes EOS
+            out.append(int(token[0]))
+            if streamer is not None:
+                streamer.put(token.cpu())
+        if bool(stopping(torch.cat([stepper.ids, token[:, None]], dim=1), scores).all()):
             break
-        out.append(token)
-        if streamer is not None:
-            streamer.put(torch.tensor([token]))
-        logits = stepper.extend(torch.tensor([token], device=ids.device))
+        logits = stepper.extend(token)
     return out
 
 
@@ -136,14 +141,17 @@ def _beam_search(stepper: LanguageModelStepper, ids: Tensor, cfg: GenerationConf
     """Standard beam search: `num_beams` live beams; a beam ending in EOS among the top
     `num_beams` candidates becomes a finished hypothesis scored sum(log p) / length**length_penalty.
     Stops when `num_beams` hypotheses are finished and no live beam can beat the worst of them
-    at its current length (transformers' default heuristic)."""
+    at its current length (transformers' default heuristic). Written here because transformers 5
+    keeps beam search inside `generate()` (no standalone beam scorer), which cannot carry the media
+    state; the logits go through transformers' processors all the same."""
     beams = cfg.num_beams
+    processors = logits_processors(cfg, banned)
     logits = stepper.start(ids)
     scores = torch.zeros(1, device=logits.device)  # one live beam until the first expansion
     seqs: list[list[int]] = [[]]
     finished: list[tuple[float, list[int]]] = []
     for step in range(1, cfg.max_new_tokens + 1):
-        logp = process_logits(logits, stepper.ids, cfg, banned).log_softmax(dim=-1)
+        logp = processors(stepper.ids, logits).log_softmax(dim=-1)
         vocab = logp.shape[-1]
         cand = (scores[:, None] + logp).flatten()
         top = cand.topk(min(2 * beams, int(torch.isfinite(cand).sum())))
