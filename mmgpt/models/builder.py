@@ -26,6 +26,7 @@ from mmgpt.models import checkpoints
 from mmgpt.models.flamingo import Flamingo, add_cross_attention, checkpoint_every
 from mmgpt.models.lora import apply_lora
 from mmgpt.models.perceiver import PerceiverResampler
+from mmgpt.models.preset_names import PRESET_NAMES
 from mmgpt.contracts import IMAGE
 from mmgpt.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
 from mmgpt.models.vision import VIT_L_14, VisionEncoder, VisionSpec
@@ -75,6 +76,8 @@ PRESETS: dict[str, Preset] = {
                    num_key_value_heads=32, max_position_embeddings=2048, vocab_size=LLAMA_VOCAB),
         cross_attn_every_n_layers=4),
 }
+if tuple(PRESETS) != PRESET_NAMES:  # the parsers' help lists PRESET_NAMES without importing this module
+    raise RuntimeError(f"mmgpt/models/preset_names.py lists {PRESET_NAMES}, builder.PRESETS has {tuple(PRESETS)}")
 
 
 @dataclass
