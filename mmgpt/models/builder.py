@@ -116,8 +116,14 @@ def preset_image_size(preset: str) -> int:
     return get_preset(preset).vision.image_size
 
 
+def tokenizer_path(cfg: ModelConfig) -> str | Path | None:
+    """The tokenizer directory a run of `cfg` loads: model.tokenizer_path, else llama_path, else the
+    preset's bundled one (None: the preset has none, e.g. 9b without a LLaMA directory)."""
+    return cfg.tokenizer_path or cfg.llama_path or get_preset(cfg.preset).tokenizer_dir
+
+
 def _load_tokenizer(cfg: ModelConfig, preset: Preset) -> PreTrainedTokenizerBase | None:
-    path = cfg.tokenizer_path or cfg.llama_path or preset.tokenizer_dir
+    path = tokenizer_path(cfg)
     return load_tokenizer(path) if path is not None else None
 
 
