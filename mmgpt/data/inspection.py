@@ -4,13 +4,10 @@ Per source: records read / usable / held out / selected / kept / dropped by reas
 saying why fewer were selected than read (drops, the eval holdout, `sample:`, the language:VL
 ratio); token lengths (min, median, p95, max and a power-of-two histogram); the supervised-token
 fraction; a few rendered examples with the supervised spans wrapped in [[ ]] so a human can check
-the masks by eye. Given the run's packing and batch settings, `estimate_epoch` packs the epoch
-with the training code's own planner (mmgpt/train/data.py `plan_rank`, what sizes the LR
-schedule) and reports packed rows and optimizer steps per epoch.
+the masks by eye; the rows/steps estimate of a run (mmgpt/train/inspect_data.py) when given.
 """
 from __future__ import annotations
 
-import math
 import statistics
 import sys
 import time
@@ -146,47 +143,6 @@ def selection_notes(stats: dict[str, Any], sample: int | None, ratio: float | No
         notes.append(f"{stats['selected'] - stats['kept']} selected record(s) dropped at load "
                      f"({_count(stats['dropped_at_load'])})")
     return notes
-
-
-def estimate_epoch(mixture: Mixture, packing: Any, grad_accum: int, image_token_id: int, world: int,
-                   epochs: int = 1, max_steps: int | None = None,
-                   progress: Callable[[int, int], Progress] | None = None) -> dict[str, Any]:
-    """Packed rows and optimizer steps of one epoch with the run's packing (a PackingConfig) and
-    batch settings, from the training code's own planner, rank by rank as training shards
-    (positions rank, rank + world, ...). `progress(rank, total)` makes a Progress per rank."""
-    from mmgpt.train.data import plan_rank, steps_per_epoch
-
-    plans = []
-    for rank in range(world):
-        shard = len(range(rank, len(mixture), world))
-        bar = progress(rank, shard) if progress is not None else None
-        plans.append(plan_rank(mixture, packing, image_token_id, rank, world,
-                               progress=bar.update if bar is not None else None))
-    batches = [p.batches for p in plans]
-    per_epoch = steps_per_epoch(batches, grad_accum)
-    rows = sum(p.rows for p in plans)
-    rows_per_step = packing.rows_per_batch * grad_accum * world
-    return {
-        "world_size": world,
-        "max_tokens": packing.max_tokens,
-        "max_images_per_row": packing.max_images_per_row,
-        "buffer_size": packing.buffer_size,
-        "rows_per_batch": packing.rows_per_batch,
-        "grad_accum": grad_accum,
-        "rows_per_epoch": rows,
-        "samples_per_epoch": sum(p.samples for p in plans),
-        "micro_batches_per_rank": batches,
-        "rows_per_step": rows_per_step,
-        "steps_per_epoch": per_epoch,
-        "epochs": epochs,
-        "max_steps": max_steps,
-        "total_steps": max_steps or per_epoch * epochs,
-        "formula": (f"steps/epoch = min over {world} rank(s) of micro-batches per rank {min(batches)} "
-                    f"// grad_accum {grad_accum} = {per_epoch}; micro-batch = rows_per_batch "
-                    f"{packing.rows_per_batch} row(s) of {packing.max_tokens} tokens; a step = "
-                    f"rows_per_batch {packing.rows_per_batch} x grad_accum {grad_accum} x world {world} "
-                    f"= {rows_per_step} rows"),
-    }
 
 
 def format_estimate(est: dict[str, Any]) -> list[str]:
