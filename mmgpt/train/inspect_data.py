@@ -73,6 +73,11 @@ def _tokenizer_dir(args: argparse.Namespace, train_cfg) -> Path:
     from mmgpt.tokenizer import TINY_TOKENIZER_DIR
 
     if args.tokenizer is not None:
+        if train_cfg is not None:
+            from mmgpt.models.builder import tokenizer_path
+
+            print(f"note: tokenising with --tokenizer {args.tokenizer}, not the run's "
+                  f"({tokenizer_path(train_cfg.model)})", file=sys.stderr)
         return args.tokenizer
     if train_cfg is None:
         return TINY_TOKENIZER_DIR
