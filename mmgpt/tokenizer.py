@@ -8,6 +8,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from mmgpt.configfile import ConfigError
 from mmgpt.contracts import ENDOFCHUNK, IMAGE, PAD
 
 TINY_TOKENIZER_DIR = Path(__file__).resolve().parent / "resources" / "tiny_tokenizer"
@@ -18,7 +19,11 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer directory not found: {path}")
-    tok = AutoTokenizer.from_pretrained(str(path))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as err:  # a directory without (usable) tokenizer files
+        message = " ".join(str(err).split())[:300] or type(err).__name__
+        raise ConfigError(f"cannot load a tokenizer from {path}: {message}") from err
     tok.add_special_tokens({"additional_special_tokens": [ENDOFCHUNK, IMAGE]})
     tok.add_special_tokens({"pad_token": PAD})
     probe = tok("Hello world", add_special_tokens=False)["input_ids"]

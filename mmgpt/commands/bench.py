@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from mmgpt.commands import lazy
+from mmgpt.models.preset_names import preset_help
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -12,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = benches.add_parser("packing", help="batch-1 vs padded vs packed training throughput")
     p.add_argument("--json", help="write the results to this JSON file")
-    p.add_argument("--preset", default="small", help="model preset (tiny, small, 9b)")
+    p.add_argument("--preset", default="small", help=f"model preset ({preset_help()})")
     p.add_argument("--device", default="cpu", help="torch device")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="model dtype")
     p.add_argument("--samples", type=int, default=2000, help="samples packed for the efficiency")
@@ -31,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     t = benches.add_parser("train", help="the real DeepSpeed training step: time, tokens/s, MFU, data wait, ops")
     t.add_argument("--json", help="write the results to this JSON file")
-    t.add_argument("--preset", default="small", help="model preset (tiny, small, 9b)")
+    t.add_argument("--preset", default="small", help=f"model preset ({preset_help()})")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
     t.add_argument("--steps", type=int, default=5, help="timed optimizer steps")
     t.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")

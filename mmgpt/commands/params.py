@@ -5,11 +5,13 @@ import argparse
 from pathlib import Path
 
 from mmgpt.commands import lazy
+from mmgpt.models.preset_names import preset_help
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("params", help="count parameters of a preset (no weights loaded)")
-    parser.add_argument("--preset", default="9b", help="tiny | small | 9b")
+    # no `choices`: an unknown name is the builder's one-line error (and its traceback under --debug)
+    parser.add_argument("--preset", default="9b", help=preset_help())
     # no `choices`: the names live in mmgpt.models.lora, which imports peft (checked when building)
     parser.add_argument("--lora", default="default", help="LoRA targets: default | paper | none")
     parser.add_argument("--json", type=Path, default=None, help="also write the counts to this JSON file")

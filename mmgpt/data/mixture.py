@@ -134,7 +134,9 @@ class MixtureConfig:
 
 @dataclass
 class SourceReport:
-    """Per source: `read` records seen in the file (good or bad); `held_out` usable records taken out
+    """Per source: `read` records seen in the file (good or bad); `usable` conversations that passed
+    every check made at construction (what the holdout, `sample:` and the ratio choose from; a
+    reader may make several conversations of one record); `held_out` usable records taken out
     for validation (never trained on); `selected` usable records in the epoch (after the holdout,
     sampling and the ratio); `kept` selected samples that loaded fine; `dropped` by
     reason, each record once: at construction, before sampling, whatever needs no decoding or
@@ -142,6 +144,7 @@ class SourceReport:
     process that builds the mixture), else at its first load (corrupt image, too long, ...)."""
 
     read: int = 0
+    usable: int = 0
     held_out: int = 0
     selected: int = 0
     kept: int = 0
@@ -166,6 +169,7 @@ class DataReport:
             "sources": {
                 name: {
                     "read": r.read,
+                    "usable": r.usable,
                     "held_out": r.held_out,
                     "selected": r.selected,
                     "kept": r.kept,
@@ -229,6 +233,7 @@ class Mixture:
         for s, src in enumerate(cfg.sources):
             convs = self._usable(src, self._read(src))
             self._conversations.append(convs)
+            self.report.sources[src.name].usable = len(convs)
             held = self._hold_out(src, convs, holdout)
             self.report.sources[src.name].held_out = len(held)
             self._held_out += [(s, c) for c in sorted(held)]

@@ -26,6 +26,7 @@ from mmgpt.models import checkpoints
 from mmgpt.models.flamingo import Flamingo, add_cross_attention, checkpoint_every
 from mmgpt.models.lora import apply_lora
 from mmgpt.models.perceiver import PerceiverResampler
+from mmgpt.models.preset_names import PRESET_NAMES
 from mmgpt.contracts import IMAGE
 from mmgpt.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
 from mmgpt.models.vision import VIT_L_14, VisionEncoder, VisionSpec
@@ -75,6 +76,8 @@ PRESETS: dict[str, Preset] = {
                    num_key_value_heads=32, max_position_embeddings=2048, vocab_size=LLAMA_VOCAB),
         cross_attn_every_n_layers=4),
 }
+if tuple(PRESETS) != PRESET_NAMES:  # the parsers' help lists PRESET_NAMES without importing this module
+    raise RuntimeError(f"mmgpt/models/preset_names.py lists {PRESET_NAMES}, builder.PRESETS has {tuple(PRESETS)}")
 
 
 @dataclass
@@ -113,8 +116,14 @@ def preset_image_size(preset: str) -> int:
     return get_preset(preset).vision.image_size
 
 
+def tokenizer_path(cfg: ModelConfig) -> str | Path | None:
+    """The tokenizer directory a run of `cfg` loads: model.tokenizer_path, else llama_path, else the
+    preset's bundled one (None: the preset has none, e.g. 9b without a LLaMA directory)."""
+    return cfg.tokenizer_path or cfg.llama_path or get_preset(cfg.preset).tokenizer_dir
+
+
 def _load_tokenizer(cfg: ModelConfig, preset: Preset) -> PreTrainedTokenizerBase | None:
-    path = cfg.tokenizer_path or cfg.llama_path or preset.tokenizer_dir
+    path = tokenizer_path(cfg)
     return load_tokenizer(path) if path is not None else None
 
 

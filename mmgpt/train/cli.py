@@ -141,7 +141,7 @@ def prepare(cfg, ds: dict[str, Any], mixture_cfg, info, resume: bool):
     from mmgpt.models.builder import build_model, preset_image_size
     from mmgpt.train import engine as eng
     from mmgpt.train.checkpoint import CheckpointManager
-    from mmgpt.train.data import BatchLoader, RankStream, count_batches
+    from mmgpt.train.data import BatchLoader, RankStream, count_batches, steps_per_epoch
     from mmgpt.train.eval import Evaluator
     from mmgpt.train.ds_config import fill_optimizer
     from mmgpt.train.loop import Trainer, restore
@@ -155,9 +155,9 @@ def prepare(cfg, ds: dict[str, Any], mixture_cfg, info, resume: bool):
                       holdout=cfg.eval.holdout)
     image_token_id = model.image_token_id
 
-    per_epoch = eng.all_reduce_min(
+    per_epoch = steps_per_epoch([eng.all_reduce_min(
         count_batches(mixture, cfg.packing, image_token_id, info.rank, info.world), info.device
-    ) // cfg.schedule.grad_accum
+    )], cfg.schedule.grad_accum)
     total = cfg.schedule.max_steps or per_epoch * cfg.schedule.epochs
     if total < 1:
         raise ConfigError(f"{cfg.mixture}: not enough data for one step ({per_epoch} per epoch with "

@@ -16,7 +16,7 @@ import dataclasses
 import multiprocessing
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
@@ -204,14 +204,29 @@ class BatchLoader:
         self._items = None
 
 
-def count_batches(mixture: Mixture, packing: PackingConfig, image_token_id: int, rank: int, world: int) -> int:
-    """PackedBatches this rank will get from one epoch, from token lengths alone (no image decoding).
+@dataclass
+class RankPlan:
+    """What one rank's epoch packs into, from token lengths alone: PackedBatches (micro-batches),
+    rows and samples."""
 
-    Used to size the LR schedule before training; a sample whose image later fails to load makes
-    the real count a little smaller, and the loop then simply ends at the real end of the data.
+    batches: int
+    rows: int
+    samples: int
+
+
+def plan_rank(mixture: Mixture, packing: PackingConfig, image_token_id: int, rank: int, world: int,
+              progress: Callable[[int], None] | None = None) -> RankPlan:
+    """This rank's epoch packed by the real Packer from token lengths alone (no image decoding).
+
+    Used to size the LR schedule before training (`count_batches`) and by `mmgpt data inspect`
+    for its estimate; a sample whose image later fails to load makes the real count a little
+    smaller, and the loop then simply ends at the real end of the data. `progress(n)` is called
+    with the number of this rank's positions tokenised so far.
     """
     def lengths_only() -> Iterator[TokenizedSample]:
-        for i in range(rank, len(mixture), world):
+        for n, i in enumerate(range(rank, len(mixture), world), 1):
+            if progress is not None:
+                progress(n)
             sample = tokenize(mixture.conversation(i), mixture.tokenizer, mixture.cfg.max_length)
             if isinstance(sample, str):
                 continue
@@ -220,7 +235,23 @@ def count_batches(mixture: Mixture, packing: PackingConfig, image_token_id: int,
             sample.index = i
             yield sample
 
-    return sum(1 for _ in Packer(packing, image_token_id, (1, 1)).pack(lengths_only()))
+    plan = RankPlan(0, 0, 0)
+    for batch in Packer(packing, image_token_id, (1, 1)).pack(lengths_only()):
+        plan.batches += 1
+        plan.rows += batch.num_rows
+        plan.samples += len(batch.seqlens)
+    return plan
+
+
+def count_batches(mixture: Mixture, packing: PackingConfig, image_token_id: int, rank: int, world: int) -> int:
+    """PackedBatches this rank will get from one epoch (`plan_rank`): what sizes the LR schedule."""
+    return plan_rank(mixture, packing, image_token_id, rank, world).batches
+
+
+def steps_per_epoch(batches_per_rank: list[int], grad_accum: int) -> int:
+    """Optimizer steps of one epoch: every rank steps together, so the rank with the fewest
+    micro-batches decides (all_reduce_min in training), `grad_accum` micro-batches a step."""
+    return min(batches_per_rank) // grad_accum
 
 
 _LOAD_TIME = ("kept", "dropped", "dropped_at_load", "errors")  # a source report's per-shard entries
