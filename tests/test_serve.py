@@ -123,13 +123,21 @@ def test_binds_loopback_by_default(app):
     assert (args.host, args.share) == ("127.0.0.1", False)
     demo, url = app
     assert url.startswith("http://127.0.0.1:") and demo.server_name == "127.0.0.1" and not demo.share
-    try:
-        address = socket.gethostbyname(socket.gethostname())
-    except OSError:
-        address = "127.0.0.1"
-    if not address.startswith("127."):  # the port answers on loopback only
+    address = outward_address()
+    if address is not None:  # the port answers on loopback only, not on the machine's own address
         with pytest.raises(OSError):
             socket.create_connection((address, demo.server_port), timeout=5).close()
+
+
+def outward_address() -> str | None:
+    """This machine's non-loopback IPv4 address (the route's source; no packet is sent), if any."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
 
 
 def test_multi_round_image_chat_streams_the_local_answers(app, loaded, tmp_path):
