@@ -54,7 +54,7 @@ MAX_UPLOAD = "20mb"  # gradio refuses bigger uploads before they reach us
 MAX_QUEUE = 32  # requests waiting for the model; more are told the queue is full
 MAX_SESSIONS = 512  # conversations gradio keeps (its state_session_capacity)
 SESSION_TTL_S = 2 * 3600  # a conversation untouched this long is forgotten
-EXAMPLES = ["What is in the image?", "Describe the image in detail.", "What colour is it?",
+EXAMPLES = ["What is in the image?", "Describe the image in detail.", "Tell me more.",
             "What is unusual about this image?"]
 CSS = "#chatbot .message { white-space: pre-wrap; }"
 
@@ -77,12 +77,13 @@ class SnapshotStreamer(BaseStreamer):
     """The answer so far after every generated token, for a consumer thread to iterate.
 
     transformers' TextIteratorStreamer holds text back until a word ends; this one shows every
-    token (only an incomplete UTF-8 sequence waits for its next byte). `cancel()` makes the next
+    token (only a possibly incomplete UTF-8 sequence at the end waits for the next token). `cancel()` makes the next
     `put` raise Cancelled, which ends the generation."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.tokens: list[int] = []
+        self.shown = ""
         self.queue: queue.Queue[str | None] = queue.Queue()
         self.cancelled = threading.Event()
 
@@ -90,9 +91,11 @@ class SnapshotStreamer(BaseStreamer):
         if self.cancelled.is_set():
             raise Cancelled
         self.tokens.extend(int(t) for t in value.reshape(-1).tolist())
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):
-            self.queue.put(text.lstrip())
+        # A trailing U+FFFD may be a character whose next bytes are still to come: held back.
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True).rstrip("\ufffd").lstrip()
+        if text != self.shown:
+            self.shown = text
+            self.queue.put(text)
 
     def end(self) -> None:
         self.queue.put(None)
@@ -222,7 +225,7 @@ def build_demo(new_session: Callable[[], ChatSession], defaults: GenerationConfi
         with gr.Row():
             with gr.Column(scale=1):
                 image = gr.Image(type="filepath", image_mode=None, sources=["upload"], label="Image",
-                                 elem_id="image")
+                                 elem_id="image", height=260)
                 with gr.Accordion("Generation", open=True):
                     controls = [gr.Slider(value=getattr(defaults, name), elem_id=name, **kw)
                                 for name, kw in sliders.items()]
@@ -243,8 +246,9 @@ def build_demo(new_session: Callable[[], ChatSession], defaults: GenerationConfi
                      outputs=[textbox, chatbot, state], concurrency_id="model", api_name="send")
         clear_button.click(clear, outputs=[state, chatbot, image, textbox], cancels=[chat],
                            concurrency_limit=None, api_name="clear")
-        image.clear(clear, outputs=[state, chatbot, image, textbox], cancels=[chat], concurrency_limit=None,
-                    api_visibility="private")
+        for also_clears in (image.clear, chatbot.clear):  # the image's x and the chat's own bin
+            also_clears(clear, outputs=[state, chatbot, image, textbox], cancels=[chat], concurrency_limit=None,
+                        api_visibility="private")
     demo.queue(default_concurrency_limit=1, max_size=MAX_QUEUE)
     return demo
 
