@@ -21,7 +21,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from test_serve import DEFAULTS, SIZE, launched, loaded, picture, run_dir  # noqa: F401 (fixtures)
+from PIL import Image, ImageDraw
+from test_serve import DEFAULTS, SIZE, launched, loaded, run_dir  # noqa: F401 (fixtures)
 
 from mmgpt.inference.chat import ChatSession
 
@@ -30,7 +31,7 @@ DOCS_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "web_demo.pn
 CHROMIUM = Path("/usr/bin/chromium")
 TOKEN_DELAY_S = 0.25
 PLAN = {"typed": "What is in the image?", "example": "Tell me more.", "afterSlider": "Is it big?",
-        "sliderValue": 2, "afterClear": "Hello?"}
+        "sliderValue": 2, "afterClear": "Hello?", "refused": "And now?"}
 
 _missing = [why for ok, why in (
     (CHROMIUM.exists(), f"{CHROMIUM} is missing"),
@@ -39,6 +40,15 @@ _missing = [why for ok, why in (
 ) if not ok]
 pytestmark = pytest.mark.skipif(
     bool(_missing), reason="needs a browser: run tests/browser/install.sh (" + "; ".join(_missing) + ")")
+
+
+def scene() -> Image.Image:
+    """A picture big enough to make out in the screenshot: a sky, a sun, a hill."""
+    img = Image.new("RGB", (224, 224), (120, 180, 235))
+    draw = ImageDraw.Draw(img)
+    draw.ellipse((150, 24, 194, 68), fill=(250, 210, 40))
+    draw.polygon([(0, 224), (0, 150), (90, 110), (224, 170), (224, 224)], fill=(60, 140, 70))
+    return img
 
 
 class SleepyStreamer:
@@ -79,7 +89,7 @@ def drive_page(url: str, image: Path, screenshot: Path) -> dict:
 def expected_rounds(loaded) -> tuple[list[list[str]], list[str]]:  # noqa: F811
     """The local session's answers for PLAN: (the image conversation, the one after Clear)."""
     local = ChatSession(*loaded, SIZE, DEFAULTS)
-    local.set_image(picture())
+    local.set_image(scene())
     qa = [[q, local.ask(q)] for q in (PLAN["typed"], PLAN["example"])]
     local.generation = replace(DEFAULTS, max_new_tokens=PLAN["sliderValue"])
     qa.append([PLAN["afterSlider"], local.ask(PLAN["afterSlider"])])
@@ -89,14 +99,14 @@ def expected_rounds(loaded) -> tuple[list[list[str]], list[str]]:  # noqa: F811
 
 def test_demo_in_a_headless_browser(slow_app, loaded, tmp_path):  # noqa: F811
     image = tmp_path / "picture.png"
-    picture().save(image)
+    scene().save(image)
     screenshot = tmp_path / "web_demo.png"
     got = drive_page(slow_app, image, screenshot)
     qa, after_clear = expected_rounds(loaded)
 
     # The slider had teeth: the third answer under the default max_new_tokens would differ.
     unchanged = ChatSession(*loaded, SIZE, DEFAULTS)
-    unchanged.set_image(picture())
+    unchanged.set_image(scene())
     for q, _ in qa:
         unchanged_answer = unchanged.ask(q)
     assert unchanged_answer != qa[2][1]
@@ -127,6 +137,12 @@ def test_demo_in_a_headless_browser(slow_app, loaded, tmp_path):  # noqa: F811
     assert got["afterClear"] == {"shown": [], "imageShown": 0, "message": ""}
     assert got["rounds"][3]["shown"] == [{"role": "user", "text": after_clear[0]},
                                          {"role": "bot", "text": after_clear[1]}]
+
+    # num_beams 2 with do_sample: a visible error, and the conversation as it was.
+    refused = got["refused"]
+    assert (refused["numBeams"], refused["doSample"]) == ("2", True)
+    assert len(refused["toasts"]) == 1 and "not both" in refused["toasts"][0], refused["toasts"]
+    assert refused["shown"] == got["rounds"][3]["shown"]
 
     png = screenshot.read_bytes()
     assert len(png) > 10_000 and png.startswith(b"\x89PNG\r\n\x1a\n")

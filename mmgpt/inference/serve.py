@@ -56,7 +56,7 @@ MAX_SESSIONS = 512  # conversations gradio keeps (its state_session_capacity)
 SESSION_TTL_S = 2 * 3600  # a conversation untouched this long is forgotten
 EXAMPLES = ["What is in the image?", "Describe the image in detail.", "Tell me more.",
             "What is unusual about this image?"]
-CSS = "#chatbot .message { white-space: pre-wrap; }"
+CSS = "#chatbot .message { white-space: pre-wrap; } #chatbot img { max-height: 160px; width: auto; }"
 
 
 def import_gradio():
@@ -231,7 +231,7 @@ def build_demo(new_session: Callable[[], ChatSession], defaults: GenerationConfi
                                 for name, kw in sliders.items()]
                     do_sample = gr.Checkbox(value=defaults.do_sample, label="do_sample", elem_id="do_sample")
             with gr.Column(scale=2):
-                chatbot = gr.Chatbot(label="MultiModal-GPT", elem_id="chatbot", height=460,
+                chatbot = gr.Chatbot(label="MultiModal-GPT", elem_id="chatbot", height=580,
                                      render_markdown=False, feedback_options=None, buttons=["copy"])
                 with gr.Row():
                     textbox = gr.Textbox(show_label=False, placeholder="Ask something about the image",

@@ -2,9 +2,10 @@
 // tests/test_serve_browser.py: upload an image through the file input, ask two questions (the first
 // typed, the second by clicking an example prompt; each sent with a click on Send) while a
 // MutationObserver records the answer text as it streams in, move the max_new_tokens slider with
-// the keyboard, ask a third question, screenshot, click Clear and wait for the chat to empty.
+// the keyboard, ask a third question, screenshot, click Clear and wait for the chat to empty, ask
+// once more, then ask for beam search with sampling and read the error the page shows.
 // Usage: node demo_e2e.js URL IMAGE_PATH SCREENSHOT_PATH PLAN_JSON
-//   PLAN_JSON: {"typed": question, "example": question, "afterSlider": question, "sliderValue": n}
+//   PLAN_JSON: {"typed", "example", "afterSlider", "afterClear", "refused": questions, "sliderValue": n}
 // Prints one JSON object on stdout: what the page showed over time, every request it made, errors.
 'use strict';
 const { chromium } = require('playwright-core');
@@ -98,6 +99,9 @@ async function main() {
       await page.click('#message textarea');
       await page.keyboard.type(plan.afterSlider);
     });
+    // The screenshot shows the conversation from its start (the image): the chat scrolled to the top.
+    await page.evaluate(() => { document.querySelector('#chatbot [role=log]').scrollTop = 0; });
+    await page.waitForTimeout(200);
     await page.screenshot({ path: screenshotPath, fullPage: true });
 
     await page.click('#clear');
@@ -113,6 +117,23 @@ async function main() {
       await page.click('#message textarea');
       await page.keyboard.type(plan.afterClear);
     });
+
+    // Beam search with sampling is refused with a visible error; the conversation is kept.
+    const beams = page.locator('#num_beams input[type=range]');
+    await beams.focus();
+    await page.keyboard.press('Home');
+    await page.keyboard.press('ArrowRight');
+    await page.click('#do_sample input[type=checkbox]');
+    await page.click('#message textarea');
+    await page.keyboard.type(plan.refused);
+    await page.click('#send');
+    await page.waitForSelector('.toast-item');
+    out.refused = {
+      toasts: await page.$$eval('.toast-item', els => els.map(e => e.textContent.trim())),
+      shown: await page.evaluate(shownMessages),
+      numBeams: await beams.inputValue(),
+      doSample: await page.isChecked('#do_sample input[type=checkbox]'),
+    };
   } finally {
     await browser.close();
   }
