@@ -237,3 +237,25 @@ def test_serve_without_gradio_is_one_line(monkeypatch, capsys):
     with pytest.raises(PreflightError, match=r"pip install -e '\.\[demo\]'"):
         serve_mod.import_gradio()
 
+
+
+def test_streamer_shows_each_token_and_cancel_stops_generation(loaded):
+    """The page's streamer: the text so far after every token (a prefix of the answer), and
+    generation ends at the next token once its request is cancelled (Clear, a closed tab)."""
+    session = new_session(loaded, max_new_tokens=12)
+    streamer = serve_mod.SnapshotStreamer(session.tokenizer)
+    answer = session.ask("What is in the image?", streamer=streamer)
+    shown = list(streamer)
+    assert shown[-1] == answer and all(answer.startswith(text) for text in shown) and len(shown) > 1
+
+    class CancelledAfterOne(serve_mod.SnapshotStreamer):
+        def put(self, value):
+            super().put(value)
+            self.cancel()
+            self.steps = getattr(self, "steps", 0) + 1
+
+    session = new_session(loaded, max_new_tokens=12)
+    streamer = CancelledAfterOne(session.tokenizer)
+    with pytest.raises(serve_mod.Cancelled):
+        session.ask("What is in the image?", streamer=streamer)
+    assert streamer.steps == 1 and session.history() == []  # nothing half-answered is remembered
