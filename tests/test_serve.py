@@ -7,6 +7,7 @@ The page itself is driven in a headless browser by tests/test_serve_browser.py."
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 import pytest
@@ -196,21 +197,28 @@ def test_bad_settings_and_messages_are_refused_visibly(app, tmp_path):
 
 
 def test_concurrent_clients_queue_instead_of_interleaving(app, loaded, tmp_path):
-    first, second = client(app[1]), client(app[1])
-    upload(first, picture(), tmp_path, "a.png")
-    upload(second, picture((200, 40, 40)), tmp_path, "b.png")
+    """Two users chat at the same time, each about their own image: each gets exactly its local
+    session's answers, and the model answers one question at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    colours = [(30, 90, 200), (200, 40, 40)]
+    users = [client(app[1]) for _ in colours]
+    for n, (c, colour) in enumerate(zip(users, colours)):
+        upload(c, picture(colour), tmp_path, f"user{n}.png")
     questions = ["What is in the image?", "Is it big?"]
+    start = threading.Barrier(len(users))
+
+    def converse(c) -> list:
+        start.wait()
+        return [rounds(c.predict(q, *settings(max_new_tokens=12), api_name="/send")[1])[-2:] for q in questions]
+
     RecordingSession.log.clear()
-    jobs = [(c.submit(q, *settings(max_new_tokens=12), api_name="/send"), c, q)
-            for q in questions for c in (first, second)]
-    results = {}
-    for job, c, q in jobs:
-        results.setdefault(id(c), []).append(rounds(job.result()[1])[-2:])
-    for c, colour in ((first, (30, 90, 200)), (second, (200, 40, 40))):
-        expected = local_answers(loaded, picture(colour), questions, max_new_tokens=12)
-        assert results[id(c)] == [as_messages([qa]) for qa in expected]
-    kinds = [kind for kind, _ in RecordingSession.log]
-    assert kinds == ["start", "end"] * 4  # one answer at a time
+    with ThreadPoolExecutor(len(users)) as pool:
+        got = list(pool.map(converse, users))
+    for colour, answers in zip(colours, got):
+        assert answers == [as_messages([qa]) for qa in local_answers(loaded, picture(colour), questions,
+                                                                      max_new_tokens=12)]
+    assert [kind for kind, _ in RecordingSession.log] == ["start", "end"] * 4  # one answer at a time
 
 
 def test_serve_command_reports_a_busy_port(run_dir, capsys):
