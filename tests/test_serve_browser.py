@@ -29,7 +29,7 @@ from mmgpt.inference.chat import ChatSession
 BROWSER_DIR = Path(__file__).parent / "browser"
 DOCS_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "web_demo.png"
 CHROMIUM = Path("/usr/bin/chromium")
-TOKEN_DELAY_S = 0.25
+TOKEN_DELAY_S = 0.1
 PLAN = {"typed": "What is in the image?", "example": "Tell me more.", "afterSlider": "Is it big?",
         "sliderValue": 2, "afterClear": "Hello?", "refused": "And now?"}
 
@@ -102,6 +102,7 @@ def test_demo_in_a_headless_browser(slow_app, loaded, tmp_path):  # noqa: F811
     scene().save(image)
     screenshot = tmp_path / "web_demo.png"
     got = drive_page(slow_app, image, screenshot)
+    print("browser timings (ms):", got["timings"])
     qa, after_clear = expected_rounds(loaded)
 
     # The slider had teeth: the third answer under the default max_new_tokens would differ.

@@ -26,9 +26,12 @@ function shownMessages() {
 async function main() {
   const [url, imagePath, screenshotPath, planJson] = process.argv.slice(2);
   const plan = JSON.parse(planJson);
-  const out = { pageErrors: [], consoleErrors: [], requests: [], failedRequests: [], rounds: [] };
+  const out = { pageErrors: [], consoleErrors: [], requests: [], failedRequests: [], rounds: [], timings: {} };
+  const t0 = Date.now();
+  const mark = name => { out.timings[name] = Date.now() - t0; };
   const browser = await chromium.launch({ executablePath: CHROMIUM, args: ARGS, headless: true, timeout: STEP_MS });
   try {
+    mark('launched');
     const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
     page.setDefaultTimeout(STEP_MS);
     page.on('pageerror', err => out.pageErrors.push(String(err)));
@@ -40,6 +43,7 @@ async function main() {
     await page.goto(url, { waitUntil: 'load' });
     await page.waitForSelector('#send');
     out.title = await page.title();
+    mark('loaded');
 
     // Every text the last bot bubble shows, in order, recorded on each change of the chat's DOM.
     await page.evaluate(() => {
@@ -59,6 +63,7 @@ async function main() {
     await page.setInputFiles('#image input[type=file]', imagePath);
     await page.waitForSelector('#chatbot [data-testid=user] img');
     out.afterUpload = await page.evaluate(shownMessages);
+    mark('uploaded');
 
     const ask = async (question, fill) => {
       const bots = await page.locator('#chatbot [data-testid=bot]').count();
@@ -70,7 +75,7 @@ async function main() {
       await page.waitForFunction(n => document.querySelectorAll('#chatbot [data-testid=bot]').length === n + 1 &&
         document.querySelector('#message textarea').value === '' &&
         document.querySelector('#chatbot [data-testid=status-tracker]').classList.contains('hide'), bots);
-      await page.waitForTimeout(300);  // a late update would change what is recorded below
+      await page.waitForTimeout(100);  // a late update would change what is recorded below
       out.rounds.push({
         question,
         typed: out.messageBefore,
@@ -78,6 +83,7 @@ async function main() {
         streamed: await page.evaluate(n => window.botTexts.filter(e => e.n === n).map(e => e.text), bots + 1),
         errors: await page.$$eval('.toast-item', els => els.map(e => e.textContent.trim())),
       });
+      mark(`round ${out.rounds.length}`);
     };
 
     await ask(plan.typed, async () => {
@@ -128,6 +134,7 @@ async function main() {
     await page.keyboard.type(plan.refused);
     await page.click('#send');
     await page.waitForSelector('.toast-item');
+    mark('refused');
     out.refused = {
       toasts: await page.$$eval('.toast-item', els => els.map(e => e.textContent.trim())),
       shown: await page.evaluate(shownMessages),
