@@ -6,9 +6,12 @@ loopback default, and the one-line errors of the command (busy port, gradio not 
 The page itself is driven in a headless browser by tests/test_serve_browser.py."""
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -73,17 +76,58 @@ def launched(make_session) -> tuple:
     return demo, serve_mod.launch(demo, port=0, block=False)
 
 
+OFF_LOOPBACK: list = []  # every address or name this process tried to reach beyond loopback
+
+
+def is_loopback(host) -> bool:
+    if host in (None, "", "localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(str(host).split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+@contextlib.contextmanager
+def recording_off_loopback():
+    """Record (and still make) every connection and name lookup that leaves loopback."""
+    real_connect, real_connect_ex, real_getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
+
+    def check(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM \
+                and not is_loopback(address[0]):
+            OFF_LOOPBACK.append(address)
+
+    def getaddrinfo(host, *args, **kwargs):
+        if not is_loopback(host):
+            OFF_LOOPBACK.append(host)
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", lambda self, a: (check(self, a), real_connect(self, a))[1])
+        mp.setattr(socket.socket, "connect_ex", lambda self, a: (check(self, a), real_connect_ex(self, a))[1])
+        mp.setattr(socket, "getaddrinfo", getaddrinfo)
+        yield
+
+
 @pytest.fixture(scope="module")
 def app(loaded):
-    demo, url = launched(lambda: new_session(loaded, RecordingSession))
-    yield demo, url
-    demo.close()
+    with recording_off_loopback():
+        demo, url = launched(lambda: new_session(loaded, RecordingSession))
+        yield demo, url
+        demo.close()
 
 
 def client(url: str):
+    """A gradio_client for `url`. huggingface_hub (which builds its headers) would otherwise ask
+    huggingface.co for a registry of coding agents: the test's client, not the demo, so it alone
+    is told it is offline."""
+    import huggingface_hub.constants
     from gradio_client import Client
 
-    return Client(url, verbose=False, analytics_enabled=False, download_files=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        return Client(url, verbose=False, analytics_enabled=False, download_files=False)
 
 
 def picture(colour=(30, 90, 200)) -> Image.Image:
@@ -126,8 +170,21 @@ def test_binds_loopback_by_default(app):
     assert url.startswith("http://127.0.0.1:") and demo.server_name == "127.0.0.1" and not demo.share
     address = outward_address()
     if address is not None:  # the port answers on loopback only, not on the machine's own address
+        recorded = len(OFF_LOOPBACK)
         with pytest.raises(OSError):
             socket.create_connection((address, demo.server_port), timeout=5).close()
+        del OFF_LOOPBACK[recorded:]  # this test's own attempt, not the demo's
+
+
+def test_no_file_outside_the_upload_cache_is_served(app):
+    import urllib.error
+    import urllib.request
+
+    url = app[1]
+    for path in (Path(__file__).resolve(), Path("/etc/passwd")):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{url}gradio_api/file={path}", timeout=30)
+        assert refused.value.code in (403, 404)
 
 
 def outward_address() -> str | None:
@@ -267,3 +324,10 @@ def test_streamer_shows_each_token_and_cancel_stops_generation(loaded):
     with pytest.raises(serve_mod.Cancelled):
         session.ask("What is in the image?", streamer=streamer)
     assert streamer.steps == 1 and session.history() == []  # nothing half-answered is remembered
+
+
+def test_the_server_side_reached_nothing_beyond_loopback(app):
+    """Everything above (launch, uploads, chats, the CLI's own launch) looked up no name and opened
+    no connection off the machine: no analytics, version check or share server (the page's own
+    requests are checked in tests/test_serve_browser.py)."""
+    assert OFF_LOOPBACK == [], OFF_LOOPBACK

@@ -5,8 +5,8 @@ template, so a conversation has its image from the start; it is shown in the cha
 questions over several rounds and watch the answers stream in, tune decoding with the sliders
 (max_new_tokens, num_beams, temperature, top_k, top_p, repetition_penalty, do_sample; their
 defaults are the command line's), click an example prompt, Clear. `build_demo` makes the app
-without launching it (tests drive it with gradio_client and a headless browser); `run` is the
-command.
+without launching it (to drive it with gradio_client or a browser); `launch` serves it; `run` is
+the command.
 
 One model serves every browser; each browser's conversation is its own `ChatSession` in a
 `gr.State` (server-side; the history shown is rebuilt from it, never taken from the client).
@@ -16,14 +16,17 @@ and a lock keeps a cancelled generation's last step from overlapping the next on
 
 Bounded: binds 127.0.0.1 unless `--host` says otherwise (the demo has no authentication) and
 opens no share link unless `--share`; no request leaves the machine (analytics off, the default
-theme's fonts ship with gradio, no SSR node server, no MCP server). What gradio itself provides:
-the upload size cap (`max_file_size`), the queue's length cap (`max_size`: more users get "queue
-full"), a cap on kept sessions (`state_session_capacity`) and their lifetime (State
-`time_to_live`), unguessable upload paths, CORS checks. What this module adds: a message
-length cap (MAX_MESSAGE_CHARS, checked on the server as well as by the text box), the pixel cap
-checked from the image header before decoding (`open_rgb`; gradio's `type="pil"` would decode
-first, so uploads arrive as file paths), decoding settings validated by `GenerationConfig` and
-refused with a visible error, and generation that stops when its request is cancelled (Clear).
+theme's fonts ship with gradio, no SSR node server, no MCP server, no footer links). What gradio
+itself provides: the upload size cap (`max_file_size`), the queue's length cap (`max_size`: more
+users are told the queue is full), a cap on kept sessions (`state_session_capacity`) and their
+lifetime (State `time_to_live`), slider values within their ranges, no file served from outside
+its upload cache, and its CORS checks (`strict_cors`). What it does not: the session id is made
+up by the page, and nothing is capped per client (the stdlib server this replaced did both).
+What this module adds: a message length cap (MAX_MESSAGE_CHARS, checked on the server as well as
+by the text box), the pixel cap checked from the image header before decoding (`open_rgb`;
+gradio's `type="pil"` would decode first, so uploads arrive as file paths), decoding settings
+validated by `GenerationConfig` and refused with a visible error, and generation that stops when
+its request is cancelled (Clear).
 """
 from __future__ import annotations
 
@@ -262,13 +265,14 @@ def launch(demo: "gr.Blocks", host: str = "127.0.0.1", port: int | None = 7860, 
         with socket.socket() as probe:  # gradio itself would scan 7860-7959
             probe.bind((host, 0))
             port = probe.getsockname()[1]
-    _, url, _ = demo.launch(
+    _, url, share_url = demo.launch(
         server_name=host, server_port=port, share=share, prevent_thread_lock=True,
         max_file_size=MAX_UPLOAD, state_session_capacity=MAX_SESSIONS, show_error=False, quiet=True,
         ssr_mode=False, mcp_server=False, pwa=False, enable_monitoring=False, inbrowser=False,
         theme=gr.themes.Default(), css=CSS, footer_links=[], run_history=False)
     if block:
-        print(f"mmgpt demo on {url} (Ctrl-C to stop)", flush=True)
+        public = f", public link {share_url} (through gradio's servers)" if share_url else ""
+        print(f"mmgpt demo on {url}{public} (Ctrl-C to stop)", flush=True)
         try:
             demo.block_thread()
         finally:
