@@ -80,8 +80,8 @@ class SnapshotStreamer(BaseStreamer):
     """The answer so far after every generated token, for a consumer thread to iterate.
 
     transformers' TextIteratorStreamer holds text back until a word ends; this one shows every
-    token (only a possibly incomplete UTF-8 sequence at the end waits for the next token). `cancel()` makes the next
-    `put` raise Cancelled, which ends the generation."""
+    token (only a possibly incomplete UTF-8 sequence at the end waits for the next token).
+    `cancel()` makes the next `put` raise Cancelled, which ends the generation."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
