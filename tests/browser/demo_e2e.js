@@ -106,8 +106,16 @@ async function main() {
       await page.keyboard.type(plan.afterSlider);
     });
     // The screenshot shows the conversation from its start (the image): the chat scrolled to the top.
-    await page.evaluate(() => { document.querySelector('#chatbot [role=log]').scrollTop = 0; });
-    await page.waitForTimeout(200);
+    // (gradio scrolls the chat to its end after a render: scroll up until it stays there)
+    for (let tries = 0; tries < 20; tries++) {
+      const atTop = await page.evaluate(async () => {
+        const log = document.querySelector('#chatbot [role=log]');
+        log.scrollTop = 0;
+        await new Promise(resolve => setTimeout(resolve, 250));
+        return log.scrollTop === 0;
+      });
+      if (atTop) break;
+    }
     await page.screenshot({ path: screenshotPath, fullPage: true });
 
     await page.click('#clear');
