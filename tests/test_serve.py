@@ -249,6 +249,11 @@ def test_bad_settings_and_messages_are_refused_visibly(app, tmp_path):
     bomb = pixel_bomb_png(tmp_path / "bomb.png")
     with pytest.raises(AppError, match="image_too_large"):
         c.predict(handle_file(str(bomb)), api_name="/upload")
+    import httpx  # past gradio_client, which checks the size itself: the server refuses it too
+
+    big = b"\x89PNG\r\n\x1a\n" + bytes(21 * 2**20)  # over the 20 MB upload cap
+    refused = httpx.post(f"{app[1]}gradio_api/upload", files={"files": ("big.png", big, "image/png")}, timeout=60)
+    assert refused.status_code == 413, refused.text
     _, history = c.predict("Still there?", *settings(), api_name="/send")  # the demo keeps serving
     assert [role for role, _ in texts(history)] == ["user", "assistant"]
 

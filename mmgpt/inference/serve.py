@@ -154,13 +154,17 @@ def build_demo(new_session: Callable[[], ChatSession], defaults: GenerationConfi
     gr = import_gradio()
     model_lock = threading.Lock()  # the queue serialises requests; this also covers a cancelled tail
 
+    def refused(message: str) -> Exception:
+        """The error the page shows; the user's mistake, so no traceback in the server's log."""
+        return gr.Error(message, print_exception=False)
+
     def start(image_path: str | None) -> tuple[Conversation, list]:
         conv = Conversation(new_session())
         if image_path is not None:
             try:
                 image = load_upload(image_path)
             except ValueError as err:
-                raise gr.Error(str(err)) from err
+                raise refused(str(err)) from err
             with model_lock:
                 conv.session.set_image(image)
             conv.image_path = image_path
@@ -169,13 +173,13 @@ def build_demo(new_session: Callable[[], ChatSession], defaults: GenerationConfi
     def respond(message: str, conv: Conversation | None, *settings):
         message = (message or "").strip()
         if not message:
-            raise gr.Error("type a question first")
+            raise refused("type a question first")
         if len(message) > MAX_MESSAGE_CHARS:
-            raise gr.Error(f"the message is over {MAX_MESSAGE_CHARS} characters")
+            raise refused(f"the message is over {MAX_MESSAGE_CHARS} characters")
         try:
             config = generation_settings(defaults, *settings)
         except ValueError as err:
-            raise gr.Error(f"invalid decoding settings: {err}") from err
+            raise refused(f"invalid decoding settings: {err}") from err
         if conv is None:
             conv = Conversation(new_session())
         session = conv.session
@@ -202,7 +206,7 @@ def build_demo(new_session: Callable[[], ChatSession], defaults: GenerationConfi
         finally:
             streamer.cancel()  # a no-op once generation has ended; stops it when the request went
         if isinstance(outcome.get("error"), ValueError):  # the question itself (too long)
-            raise gr.Error(str(outcome["error"]))
+            raise refused(str(outcome["error"]))
         if "error" in outcome:
             raise outcome["error"]
         yield "", messages(conv), conv
