@@ -34,7 +34,9 @@ setup(
         # mmgpt.eval's caption metrics: the COCO caption evaluation (PTB tokenizer, BLEU, METEOR,
         # CIDEr; needs Java). A ~100 MB download, so only for those who evaluate captions.
         "eval": ["pycocoevalcap>=1.2,<2", "pycocotools>=2.0.2"],
-        "dev": ["pytest>=8", "pycocoevalcap>=1.2,<2", "pycocotools>=2.0.2"],
+        # `mmgpt serve`, the web demo (gradio_client, which its tests drive it with, comes along).
+        "demo": ["gradio>=6,<7"],
+        "dev": ["pytest>=8", "pycocoevalcap>=1.2,<2", "pycocotools>=2.0.2", "gradio>=6,<7"],
         "flash": ["flash-attn>=2.7"],
     },
     entry_points={"console_scripts": ["mmgpt=mmgpt.cli:main"]},

@@ -15,7 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
     [str(REPO), str(REPO / "kernels"), os.environ.get("PYTHONPATH", "")])}
-HEAVY = ("torch", "transformers", "deepspeed", "peft")
+HEAVY = ("torch", "transformers", "deepspeed", "peft", "gradio")
 
 
 def mmgpt(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:

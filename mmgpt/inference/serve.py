@@ -1,288 +1,300 @@
-"""`mmgpt serve`: the paper's web demo (upload an image, chat over several rounds, clear history).
+"""`mmgpt serve`: the paper's web demo on gradio (`pip install -e '.[demo]'`).
 
-Standard library only (http.server): the demo adds no dependency. One page (GET /) and a JSON API:
-  POST /api/chat   {"session"?: str, "message": str, "image"?: data-URL or base64}
-                   -> {"session", "answer", "history": [[question, answer], ...]}
-                   An image starts a new conversation with that image (images sit in the prompt
-                   header in the training template, so a conversation has its image from the start).
-  POST /api/clear  {"session": str} -> {"session", "history": []}
-  GET  /api/health -> {"ok": true}
-Binds 127.0.0.1 unless told otherwise: the demo has no authentication. One model serves every
-session, so generation is serialised by a lock. Bounded against hostile clients: session ids are
-issued by the server (unguessable; an id it did not issue is refused), each client address holds
-at most MAX_SESSIONS_PER_CLIENT conversations (its own oldest goes first) in a pool of
-MAX_SESSIONS, a request needs an honest Content-Length within MAX_REQUEST_BYTES, sockets time out
-(slow clients cannot pin threads), and at most MAX_CONNECTIONS are served at once (others get 503).
+Upload an image (it starts a new conversation: images sit in the prompt header of the training
+template, so a conversation has its image from the start; it is shown in the chat history), ask
+questions over several rounds and watch the answers stream in, tune decoding with the sliders
+(max_new_tokens, num_beams, temperature, top_k, top_p, repetition_penalty, do_sample; their
+defaults are the command line's), click an example prompt, Clear. `build_demo` makes the app
+without launching it (to drive it with gradio_client or a browser); `launch` serves it; `run` is
+the command.
+
+One model serves every browser; each browser's conversation is its own `ChatSession` in a
+`gr.State` (server-side; the history shown is rebuilt from it, never taken from the client).
+Everything that runs the model (image encoding, generation) shares one queue slot
+(`concurrency_id="model"`, limit 1), so concurrent users wait their turn instead of interleaving,
+and a lock keeps a cancelled generation's last step from overlapping the next one's.
+
+Bounded: binds 127.0.0.1 unless `--host` says otherwise (the demo has no authentication) and
+opens no share link unless `--share`; no request leaves the machine (analytics off, the default
+theme's fonts ship with gradio, no SSR node server, no MCP server, no footer links). What gradio
+itself provides: the upload size cap (`max_file_size`), the queue's length cap (`max_size`: more
+users are told the queue is full), a cap on kept sessions (`state_session_capacity`) and their
+lifetime (State `time_to_live`), slider values within their ranges, no file served from outside
+its upload cache, and its CORS checks (`strict_cors`). What it does not: the session id is made
+up by the page, and nothing is capped per client (the stdlib server this replaced did both).
+What this module adds: a message length cap (MAX_MESSAGE_CHARS, checked on the server as well as
+by the text box), the pixel cap checked from the image header before decoding (`open_rgb`;
+gradio's `type="pil"` would decode first, so uploads arrive as file paths), decoding settings
+validated by `GenerationConfig` and refused with a visible error, and generation that stops when
+its request is cancelled (Clear).
 """
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
-import io
-import json
+import os
+import queue
+import socket
 import sys
-import secrets
 import threading
-from collections import OrderedDict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from PIL import Image
+from transformers.generation.streamers import BaseStreamer
 
 from mmgpt.data.images import open_rgb
 from mmgpt.inference.chat import ChatSession
+from mmgpt.inference.generation_config import GenerationConfig
+from mmgpt.commands.serve import INSTALL_HINT
+from mmgpt.preflight import require
 
-MAX_REQUEST_BYTES = 32 * 1024 * 1024
-MAX_SESSIONS = 64  # conversations kept in all; the least recently used of a full pool goes
-MAX_SESSIONS_PER_CLIENT = 4  # per client address: a client past it loses its OWN oldest one
+if TYPE_CHECKING:
+    import gradio as gr
+
+TITLE = "MultiModal-GPT demo"
 MAX_MESSAGE_CHARS = 4000
-MAX_CONNECTIONS = 32  # requests served at once; more are answered 503 at once
-SOCKET_TIMEOUT_S = 30.0
+MAX_UPLOAD = "20mb"  # gradio refuses bigger uploads before they reach us
+MAX_QUEUE = 32  # requests waiting for the model; more are told the queue is full
+MAX_SESSIONS = 512  # conversations gradio keeps (its state_session_capacity)
+SESSION_TTL_S = 2 * 3600  # a conversation untouched this long is forgotten
+EXAMPLES = ["What is in the image?", "Describe the image in detail.", "Tell me more.",
+            "What is unusual about this image?"]
+CSS = "#chatbot .message { white-space: pre-wrap; } #chatbot img { max-height: 160px; width: auto; }"
 
 
-class RequestError(Exception):
-    """A client mistake: answered with HTTP 400 (or `status`) and the message."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
-
-
-def decode_image(data: str) -> Image.Image:
-    """A data URL (`data:image/png;base64,...`) or bare base64 -> RGB image."""
-    payload = data.split(",", 1)[1] if data.startswith("data:") else data
+def import_gradio():
+    """gradio, with its analytics (and version check) off; a one-line user error if missing."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     try:
-        raw = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise RequestError(f"image is not valid base64: {err}") from err
-    image = open_rgb(io.BytesIO(raw))  # the pixel cap is checked before anything is decoded
+        import gradio
+    except ImportError as err:
+        require([f"{INSTALL_HINT} ({err})"])
+    return gradio
+
+
+class Cancelled(Exception):
+    """Raised inside generation when its request has gone (Clear, a closed tab)."""
+
+
+class SnapshotStreamer(BaseStreamer):
+    """The answer so far after every generated token, for a consumer thread to iterate.
+
+    transformers' TextIteratorStreamer holds text back until a word ends; this one shows every
+    token (only a possibly incomplete UTF-8 sequence at the end waits for the next token).
+    `cancel()` makes the next `put` raise Cancelled, which ends the generation."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.shown = ""
+        self.queue: queue.Queue[str | None] = queue.Queue()
+        self.cancelled = threading.Event()
+
+    def put(self, value) -> None:
+        if self.cancelled.is_set():
+            raise Cancelled
+        self.tokens.extend(int(t) for t in value.reshape(-1).tolist())
+        # A trailing U+FFFD may be a character whose next bytes are still to come: held back.
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True).rstrip("\ufffd").lstrip()
+        if text != self.shown:
+            self.shown = text
+            self.queue.put(text)
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def __iter__(self) -> Iterator[str]:
+        while (text := self.queue.get()) is not None:
+            yield text
+
+
+def load_upload(path: str) -> Image.Image:
+    """An uploaded image as RGB; the pixel cap is checked from the header before decoding."""
+    image = open_rgb(path)
     if isinstance(image, str):
-        raise RequestError(f"image could not be decoded: {image}")
+        raise ValueError(f"the image was refused: {image}")
     return image
 
 
-class ChatService:
-    """Sessions by server-issued id, each a ChatSession made by `new_session`, owned by the client
-    address that opened it; the model is used under a lock."""
+@dataclass
+class Conversation:
+    """One browser's conversation: its session and the uploaded image's file (for the history)."""
 
-    def __init__(self, new_session: Callable[[], ChatSession]):
-        self.new_session = new_session
-        self.sessions: OrderedDict[str, tuple[str, ChatSession]] = OrderedDict()  # id -> (client, session)
-        self.lock = threading.Lock()
+    session: ChatSession
+    image_path: str | None = None
 
-    def _session(self, session_id: Any, client: str) -> tuple[str, ChatSession]:
-        if session_id is not None:
-            owner, session = self.sessions.get(session_id, (None, None)) if isinstance(session_id, str) \
-                else (None, None)
-            if session is None or owner != client:
-                raise RequestError("unknown or expired session: start a new conversation (omit 'session')", 404)
-            self.sessions.move_to_end(session_id)
-            return session_id, session
-        mine = [sid for sid, (owner, _) in self.sessions.items() if owner == client]
-        if len(mine) >= MAX_SESSIONS_PER_CLIENT:
-            del self.sessions[mine[0]]
-        elif len(self.sessions) >= MAX_SESSIONS:
-            self.sessions.popitem(last=False)
-        session_id = secrets.token_urlsafe(32)
-        self.sessions[session_id] = (client, self.new_session())
-        return session_id, self.sessions[session_id][1]
 
-    def chat(self, request: dict[str, Any], client: str = "local") -> dict[str, Any]:
-        message = request.get("message")
-        if not isinstance(message, str) or not message.strip():
-            raise RequestError("'message' must be a non-empty string")
+def messages(conv: Conversation | None) -> list[dict[str, Any]]:
+    """The chat history in gradio's message format, rebuilt from the server's own state."""
+    if conv is None:
+        return []
+    shown: list[dict[str, Any]] = []
+    if conv.image_path is not None:
+        shown.append({"role": "user", "content": {"path": conv.image_path}})
+    for question, answer in conv.session.history():
+        shown += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return shown
+
+
+def generation_settings(defaults: GenerationConfig, max_new_tokens, num_beams, temperature, top_k, top_p,
+                        repetition_penalty, do_sample) -> GenerationConfig:
+    """The sliders' values over the command line's config (its seed, length_penalty); an invalid
+    combination (beam search with sampling, ...) raises ValueError."""
+    return replace(defaults, max_new_tokens=int(max_new_tokens), num_beams=int(num_beams),
+                   temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                   repetition_penalty=float(repetition_penalty), do_sample=bool(do_sample))
+
+
+def build_demo(new_session: Callable[[], ChatSession], defaults: GenerationConfig) -> "gr.Blocks":
+    """The demo app (queued, not launched: see `launch`). `new_session` makes a fresh conversation
+    on the shared model; `defaults` are the sliders' initial values."""
+    gr = import_gradio()
+    model_lock = threading.Lock()  # the queue serialises requests; this also covers a cancelled tail
+
+    def refused(message: str) -> Exception:
+        """The error the page shows; the user's mistake, so no traceback in the server's log."""
+        return gr.Error(message, print_exception=False)
+
+    def start(image_path: str | None) -> tuple[Conversation, list]:
+        conv = Conversation(new_session())
+        if image_path is not None:
+            try:
+                image = load_upload(image_path)
+            except ValueError as err:
+                raise refused(str(err)) from err
+            with model_lock:
+                conv.session.set_image(image)
+            conv.image_path = image_path
+        return conv, messages(conv)
+
+    def respond(message: str, conv: Conversation | None, *settings):
+        message = (message or "").strip()
+        if not message:
+            raise refused("type a question first")
         if len(message) > MAX_MESSAGE_CHARS:
-            raise RequestError(f"'message' is over {MAX_MESSAGE_CHARS} characters")
-        image = decode_image(request["image"]) if request.get("image") else None
-        with self.lock:
-            session_id, session = self._session(request.get("session"), client)
-            if image is not None:
-                session.set_image(image)
-            try:
-                answer = session.ask(message)
-            except ValueError as err:  # the question itself (too long)
-                raise RequestError(str(err)) from err
-            return {"session": session_id, "answer": answer, "history": session.history()}
-
-    def clear(self, request: dict[str, Any], client: str = "local") -> dict[str, Any]:
-        with self.lock:
-            session_id, session = self._session(request.get("session"), client)
-            session.clear()
-            return {"session": session_id, "history": []}
-
-
-def make_handler(service: ChatService, timeout: float = SOCKET_TIMEOUT_S) -> type[BaseHTTPRequestHandler]:
-    routes: dict[str, Callable[..., dict[str, Any]]] = {"/api/chat": service.chat, "/api/clear": service.clear}
-
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "mmgpt-demo"
-        protocol_version = "HTTP/1.0"  # one request per connection: nothing idles on a socket
-
-        def _send(self, status: int, body: bytes, content_type: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _json(self, status: int, obj: dict[str, Any]) -> None:
-            self._send(status, json.dumps(obj).encode(), "application/json")
-
-        def do_GET(self) -> None:
-            if self.path in ("/", "/index.html"):
-                self._send(200, PAGE.encode(), "text/html; charset=utf-8")
-            elif self.path == "/api/health":
-                self._json(200, {"ok": True})
-            else:
-                self._json(404, {"error": f"no such page: {self.path}"})
-
-        def do_POST(self) -> None:
-            route = routes.get(self.path)
-            if route is None:
-                self._json(404, {"error": f"no such endpoint: {self.path}"})
-                return
-            raw_length = self.headers.get("Content-Length")
-            if raw_length is None:
-                self._json(411, {"error": "a Content-Length header is required"})
-                return
-            if not raw_length.strip().isdigit():
-                self._json(400, {"error": f"bad Content-Length {raw_length!r}"})
-                return
-            length = int(raw_length)
-            if length > MAX_REQUEST_BYTES:
-                self._json(413, {"error": f"request over {MAX_REQUEST_BYTES} bytes"})
-                return
-            try:
-                body = self.rfile.read(length)
-            except TimeoutError:
-                self._json(408, {"error": f"the request body did not arrive within {self.timeout} s"})
-                return
-            try:
-                if len(body) != length:
-                    raise RequestError("the request body is shorter than its Content-Length")
-                request = json.loads(body or b"{}")
-                if not isinstance(request, dict):
-                    raise RequestError("the request body must be a JSON object")
-                self._json(200, route(request, client=self.client_address[0]))
-            except json.JSONDecodeError as err:
-                self._json(400, {"error": f"request body is not JSON: {err}"})
-            except RequestError as err:
-                self._json(err.status, {"error": str(err)})
-            except Exception as err:  # a failed generation answers 500; the demo keeps serving
-                self._json(500, {"error": f"{type(err).__name__}: {err}"})
-
-    Handler.timeout = timeout  # socket timeout: a client that stalls mid-request is dropped
-    return Handler
-
-
-class BoundedServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer with at most `max_connections` requests in flight: beyond that a
-    connection is answered 503 at once instead of getting a thread."""
-
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], max_connections: int):
-        super().__init__(address, handler)
-        self.slots = threading.BoundedSemaphore(max_connections)
-
-    def process_request(self, request, client_address) -> None:
-        if not self.slots.acquire(blocking=False):
-            try:
-                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
-            finally:
-                self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
-
-    def process_request_thread(self, request, client_address) -> None:
+            raise refused(f"the message is over {MAX_MESSAGE_CHARS} characters")
         try:
-            super().process_request_thread(request, client_address)
+            config = generation_settings(defaults, *settings)
+        except ValueError as err:
+            raise refused(f"invalid decoding settings: {err}") from err
+        if conv is None:
+            conv = Conversation(new_session())
+        session = conv.session
+        session.generation = config
+        streamer = SnapshotStreamer(session.tokenizer)
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                with model_lock:
+                    outcome["answer"] = session.ask(message, streamer=streamer)
+            except Exception as err:  # noqa: BLE001 - handed to the request (Cancelled included)
+                outcome["error"] = err
+                streamer.end()
+
+        shown = messages(conv) + [{"role": "user", "content": message}]
+        thread = threading.Thread(target=work, daemon=True, name="mmgpt-generate")
+        thread.start()
+        try:
+            yield "", shown + [{"role": "assistant", "content": ""}], conv
+            for partial in streamer:
+                yield "", shown + [{"role": "assistant", "content": partial}], conv
+            thread.join()
         finally:
-            self.slots.release()
+            streamer.cancel()  # a no-op once generation has ended; stops it when the request went
+        if isinstance(outcome.get("error"), ValueError):  # the question itself (too long)
+            raise refused(str(outcome["error"]))
+        if "error" in outcome:
+            raise outcome["error"]
+        yield "", messages(conv), conv
+
+    def clear() -> tuple[None, list, None, str]:
+        return None, [], None, ""
+
+    sliders = dict(
+        max_new_tokens=dict(minimum=1, maximum=max(512, defaults.max_new_tokens), step=1, label="max_new_tokens"),
+        num_beams=dict(minimum=1, maximum=max(8, defaults.num_beams), step=1, label="num_beams"),
+        temperature=dict(minimum=min(0.05, defaults.temperature), maximum=max(2.0, defaults.temperature),
+                         step=0.05, label="temperature"),
+        top_k=dict(minimum=0, maximum=max(100, defaults.top_k), step=1, label="top_k (0: off)"),
+        top_p=dict(minimum=min(0.05, defaults.top_p), maximum=1.0, step=0.01, label="top_p (1: off)"),
+        repetition_penalty=dict(minimum=min(1.0, defaults.repetition_penalty),
+                                maximum=max(2.0, defaults.repetition_penalty), step=0.05,
+                                label="repetition_penalty (1: off)"),
+    )
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        gr.Markdown(f"# {TITLE}\nUpload an image (it starts a new conversation), then ask questions "
+                    "over several rounds. One model serves everyone: requests wait their turn.")
+        state = gr.State(None, time_to_live=SESSION_TTL_S)
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = gr.Image(type="filepath", image_mode=None, sources=["upload"], label="Image",
+                                 elem_id="image", height=260)
+                with gr.Accordion("Generation", open=True):
+                    controls = [gr.Slider(value=getattr(defaults, name), elem_id=name, **kw)
+                                for name, kw in sliders.items()]
+                    do_sample = gr.Checkbox(value=defaults.do_sample, label="do_sample", elem_id="do_sample")
+            with gr.Column(scale=2):
+                chatbot = gr.Chatbot(label="MultiModal-GPT", elem_id="chatbot", height=580,
+                                     render_markdown=False, feedback_options=None, buttons=["copy"])
+                with gr.Row():
+                    textbox = gr.Textbox(show_label=False, placeholder="Ask something about the image",
+                                         max_length=MAX_MESSAGE_CHARS, scale=4, elem_id="message")
+                    send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                clear_button = gr.Button("Clear", elem_id="clear")
+                gr.Examples(examples=[[e] for e in EXAMPLES], inputs=[textbox], label="Example prompts")
+
+        image.upload(start, inputs=[image], outputs=[state, chatbot], concurrency_id="model",
+                     api_name="upload")
+        chat = gr.on([send.click, textbox.submit], respond, inputs=[textbox, state, *controls, do_sample],
+                     outputs=[textbox, chatbot, state], concurrency_id="model", api_name="send")
+        clear_button.click(clear, outputs=[state, chatbot, image, textbox], cancels=[chat],
+                           concurrency_limit=None, api_name="clear")
+        for also_clears in (image.clear, chatbot.clear):  # the image's x and the chat's own bin
+            also_clears(clear, outputs=[state, chatbot, image, textbox], cancels=[chat], concurrency_limit=None,
+                        api_visibility="private")
+    demo.queue(default_concurrency_limit=1, max_size=MAX_QUEUE)
+    return demo
 
 
-def make_server(service: ChatService, host: str = "127.0.0.1", port: int = 7860, *,
-                timeout: float = SOCKET_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS) -> BoundedServer:
-    """The demo server (not started); port 0 picks a free port (`server.server_address`)."""
-    return BoundedServer((host, port), make_handler(service, timeout), max_connections)
+def launch(demo: "gr.Blocks", host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
+           block: bool = True) -> str:
+    """Serve `demo` on host:port (port None or 0: a free one); returns the local URL. With
+    `block=False` the server runs in a background thread (`demo.close()` stops it)."""
+    gr = import_gradio()
+    if not port:
+        with socket.socket() as probe:  # gradio itself would scan 7860-7959
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+    _, url, share_url = demo.launch(
+        server_name=host, server_port=port, share=share, prevent_thread_lock=True,
+        max_file_size=MAX_UPLOAD, state_session_capacity=MAX_SESSIONS, show_error=False, quiet=True,
+        ssr_mode=False, mcp_server=False, pwa=False, enable_monitoring=False, inbrowser=False,
+        theme=gr.themes.Default(), css=CSS, footer_links=[], run_history=False)
+    if block:
+        public = f", public link {share_url} (through gradio's servers)" if share_url else ""
+        print(f"mmgpt demo on {url}{public} (Ctrl-C to stop)", flush=True)
+        try:
+            demo.block_thread()
+        finally:
+            demo.close()
+    return url
 
 
 def run(args: argparse.Namespace) -> int:
     """`mmgpt serve` (parser and path checks: mmgpt/commands/serve.py)."""
+    import_gradio()  # before the model loads: a missing extra is one line at once
+    from mmgpt.commands.chat import generation_config_from_args
     from mmgpt.inference.chat import session_factory_from_args
 
-    service = ChatService(session_factory_from_args(args))  # bad model dir: one line from mmgpt/cli.py
+    new_session = session_factory_from_args(args)  # bad model dir: one line from mmgpt/cli.py
+    demo = build_demo(new_session, generation_config_from_args(args))
     try:
-        server = make_server(service, args.host, args.port)
+        launch(demo, args.host, args.port, args.share)
     except OSError as err:  # port in use, unknown address
         print(f"mmgpt serve: error: {err}", file=sys.stderr)
         return 2
-    host, port = server.server_address[:2]
-    print(f"mmgpt demo on http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
     return 0
-
-
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>MultiModal-GPT demo</title>
-<style>
-body{font-family:sans-serif;max-width:780px;margin:2em auto;padding:0 1em}
-#log{border:1px solid #ccc;min-height:240px;padding:.5em;overflow-y:auto;max-height:60vh}
-.user{color:#124;margin:.4em 0}.bot{color:#241;margin:.4em 0 1em;white-space:pre-wrap}
-#preview{max-width:224px;display:block;margin:.5em 0}textarea{width:100%;box-sizing:border-box}
-#err{color:#a00}
-</style></head><body>
-<h1>MultiModal-GPT</h1>
-<p>Upload an image (optional: it starts a new conversation), then ask questions over several rounds.</p>
-<input type="file" id="file" accept="image/*"><img id="preview" alt="">
-<div id="log"></div>
-<textarea id="msg" rows="3" placeholder="Ask something about the image"></textarea>
-<button id="send">Send</button> <button id="clear">Clear history</button> <span id="err"></span>
-<script>
-let session = null, pendingImage = null;
-const $ = id => document.getElementById(id);
-$('file').onchange = () => {
-  const f = $('file').files[0]; if (!f) return;
-  const r = new FileReader();
-  r.onload = () => { pendingImage = r.result; $('preview').src = r.result; };
-  r.readAsDataURL(f);
-};
-function show(history) {
-  const log = $('log'); log.textContent = '';
-  for (const [q, a] of history) {
-    const u = document.createElement('div'); u.className = 'user'; u.textContent = 'You: ' + q;
-    const b = document.createElement('div'); b.className = 'bot'; b.textContent = 'MMGPT: ' + a;
-    log.append(u, b);
-  }
-  log.scrollTop = log.scrollHeight;
-}
-async function post(path, body) {
-  const res = await fetch(path, {method: 'POST', headers: {'Content-Type': 'application/json'},
-                                 body: JSON.stringify(body)});
-  const data = await res.json();
-  if (!res.ok) throw new Error(data.error || res.statusText);
-  return data;
-}
-$('send').onclick = async () => {
-  const message = $('msg').value.trim(); if (!message) return;
-  $('send').disabled = true; $('err').textContent = '';
-  try {
-    const body = {session, message};
-    if (pendingImage) body.image = pendingImage;
-    const data = await post('/api/chat', body);
-    session = data.session; pendingImage = null; $('msg').value = ''; show(data.history);
-  } catch (e) { $('err').textContent = e.message; }
-  $('send').disabled = false;
-};
-$('clear').onclick = async () => {
-  if (session) await post('/api/clear', {session});
-  show([]); $('preview').src = ''; pendingImage = null; $('file').value = '';
-};
-</script></body></html>
-"""
