@@ -18,8 +18,9 @@ loop by ONE masked SDPA per call, shared by every layer of the forward:
                     ~300-token samples: ~7 rows of the longest sample instead of one 4096^2).
   segment_mask_plan cross-attention: one row, query token t may attend key s iff their segment ids
                     agree; queries of id -1 get exact zeros.
-The mask is bool, one byte per element; a plan is refused (None: callers keep the per-segment path)
-above `MAX_MASK_ELEMENTS` (64 Mi elements, 64 MiB: a single 8192-token sample).
+The mask is bool (one byte per element) plus its additive form in the activations' dtype (4 bytes
+in fp32); a plan is refused (None: callers keep the per-segment path) above `MAX_MASK_ELEMENTS`
+(16 Mi elements, 80 MiB with the fp32 copy: a single 4096-token sample; 0 turns plans off).
 """
 from __future__ import annotations
 
@@ -235,12 +236,14 @@ class MaskedPlan:
 
 
 def causal_rows_plan(seqlens: Sequence[int], device: torch.device | str = "cpu",
-                     max_mask_elements: int = MAX_MASK_ELEMENTS) -> MaskedPlan | None:
+                     max_mask_elements: int | None = None) -> MaskedPlan | None:
     """Plan of causal self-attention inside each segment of host lengths `seqlens`; None when
-    the mask would exceed `max_mask_elements` (or there is no token).
+    the mask would exceed `max_mask_elements` (default: `MAX_MASK_ELEMENTS`, read at call time;
+    0 turns plans off) or there is no token.
 
     Built from host ints only (the packer's lengths): index tensors and a [R, W] segment / position
-    grid are made on the host and copied over, the mask is compared out on `device`."""
+    grid are made on the host and copied over in one (pinned on CUDA, so asynchronous) copy; the
+    mask is compared out on `device`."""
     lens = [int(n) for n in seqlens]
     width = max(lens, default=0)
     if width == 0:
@@ -256,7 +259,8 @@ def causal_rows_plan(seqlens: Sequence[int], device: torch.device | str = "cpu",
         else:
             rows.append([seg])
             room.append(width - lens[seg])
-    if len(rows) * width * width > max_mask_elements:
+    limit = MAX_MASK_ELEMENTS if max_mask_elements is None else max_mask_elements
+    if len(rows) * width * width > limit:
         return None
     starts = [0]
     for n in lens:
@@ -276,11 +280,15 @@ def causal_rows_plan(seqlens: Sequence[int], device: torch.device | str = "cpu",
         gather.extend([0] * pad)
         seg_id.extend([-1] * pad)
         pos.extend(range(pad))
-    grid = torch.tensor([seg_id, pos], dtype=torch.long).view(2, len(rows), width).to(device)
+    host = torch.tensor(seg_id + pos + gather + scatter, dtype=torch.long)
+    device = torch.device(device)
+    if device.type == "cuda":  # a copy from pageable memory would wait for the stream: pin it
+        host = host.pin_memory()
+    values = host.to(device, non_blocking=True)
+    grid = values[: 2 * len(seg_id)].view(2, len(rows), width)
     seg_grid, pos_grid = grid[0], grid[1]
     mask = (seg_grid[:, :, None] == seg_grid[:, None, :]) & (pos_grid[:, None, :] <= pos_grid[:, :, None])
-    index = torch.tensor(gather + scatter, dtype=torch.long).to(device)
-    gather_index, scatter_index = index[: len(gather)], index[len(gather):]
+    gather_index, scatter_index = values[2 * len(seg_id):].split([len(gather), len(scatter)])
     return MaskedPlan(mask=mask[:, None], gather_q=gather_index, gather_k=gather_index,
                       scatter_q=scatter_index)
 

@@ -15,6 +15,11 @@ indices are written to the JSON so that another revision can rebuild the same ro
 `--preset 9b-layout` is the tiny preset's widths with OpenFlamingo-9B's depth (32 LLaMA layers, a
 cross-attention block before every 4th): the 9B's op count on a CPU (ops per layer do not depend
 on widths).
+
+`--compare` also runs the sdpa backend's per-segment path (masked plans off,
+`mmgpt_kernels.varlen.MAX_MASK_ELEMENTS = 0`) on the same model and row, and times the two paths
+interleaved (A B B A ...), reporting the minimum and median of each: on a shared machine a
+drifting load then biases neither.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import json
 import statistics
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -59,20 +65,37 @@ def row_samples(model, side: int, max_tokens: int, seed: int, pool: int):
     return samples, list(body[len(body) // 2]), len(rows)
 
 
-def count_step(step, repeats: int = 3) -> dict[str, Any]:
-    """Profile one call of `step` (forward + backward) after a warm-up; then time `repeats` more."""
+def count_ops(step) -> dict[str, Any]:
+    """Profile one call of `step` (forward + backward) after a warm-up."""
     step()  # warm-up: lazy initialisation, oneDNN primitives
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         step()
     names = Counter(e.name for e in prof.events() if e.name.startswith("aten::"))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
     return {"aten_ops": sum(names.values()), "sdpa_calls": names[SDPA_OP],
-            "top_ops": dict(names.most_common(20)),
-            "step_time_s": statistics.median(times), "step_times_s": times}
+            "top_ops": dict(names.most_common(20))}
+
+
+def _timed(step) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+@contextmanager
+def masked_plans(enabled: bool):
+    """The sdpa backend with (the default) or without its masked plans (the per-segment path)."""
+    from mmgpt_kernels import varlen
+
+    saved = varlen.MAX_MASK_ELEMENTS
+    varlen.MAX_MASK_ELEMENTS = saved if enabled else 0
+    try:
+        yield
+    finally:
+        varlen.MAX_MASK_ELEMENTS = saved
+
+
+def _time_summary(times: list[float]) -> dict[str, Any]:
+    return {"step_time_s": statistics.median(times), "step_time_min_s": min(times), "step_times_s": times}
 
 
 def run_ops_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -97,7 +120,19 @@ def run_ops_bench(args: argparse.Namespace) -> dict[str, Any]:
         model.zero_grad(set_to_none=True)
         packed_loss(model, model.lm_head, batch).loss_sum.backward()
 
-    counts = count_step(step, args.repeats)
+    variants = {"masked": True, "per_segment": False} if args.compare else {"masked": True}
+    counts = {}
+    for name, enabled in variants.items():
+        with masked_plans(enabled):
+            counts[name] = count_ops(step)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants)
+    for i in range(args.repeats):  # interleaved, the order flipped every round
+        for name in order if i % 2 == 0 else order[::-1]:
+            with masked_plans(variants[name]):
+                times[name].append(_timed(step))
+    for name in variants:
+        counts[name].update(_time_summary(times[name]))
     config = model.language_model.config
     return {
         "preset": args.preset,
@@ -118,7 +153,8 @@ def run_ops_bench(args: argparse.Namespace) -> dict[str, Any]:
         "row_sample_lengths": [len(s) for s in members],
         "row_sample_is_vl": [bool(s.images) for s in members],
         "packed_rows_in_stream": num_rows,
-        **counts,
+        **counts["masked"],
+        **({"per_segment": counts["per_segment"]} if args.compare else {}),
     }
 
 
@@ -132,8 +168,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"{r['preset']} ({r['layers']} layers, {r['cross_attention_layers']} cross-attention): "
               f"row of {r['row_tokens']} tokens, {r['row_samples']} samples, {r['row_images']} images; "
               f"ckpt {r['gradient_checkpointing']}, backend {r['attn_backend']}")
-        print(f"  {r['aten_ops']} aten ops per forward+backward ({r['sdpa_calls']} SDPA), "
-              f"step {r['step_time_s']:.3f} s (median of {len(r['step_times_s'])})")
+        for label, c in (("", r), ("per-segment path: ", r.get("per_segment"))):
+            if c is not None:
+                print(f"  {label}{c['aten_ops']} aten ops per forward+backward ({c['sdpa_calls']} SDPA), "
+                      f"step {c['step_time_s']:.3f} s median, {c['step_time_min_s']:.3f} s min "
+                      f"of {len(c['step_times_s'])}")
         for op, n in r["top_ops"].items():
             print(f"    {n:7d}  {op}")
     if args.json:

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
-from mmgpt_kernels.varlen import (MAX_MASK_ELEMENTS, MaskedPlan, masked_attention, resolve_backend,
-                                  segment_mask_plan, varlen_attention)
+from mmgpt_kernels import varlen
+from mmgpt_kernels.varlen import (MaskedPlan, masked_attention, resolve_backend, segment_mask_plan,
+                                  varlen_attention)
 from torch import Tensor, nn
 
 from mmgpt.media import MediaLayout
@@ -64,7 +65,7 @@ class MediaContext:
         its image among all M x num_latents latents, none (exact zeros) without one. Built from
         device tensors once per forward, at the first layer that asks; None above the mask limit."""
         keys = self.latents.shape[0] * self.num_latents
-        if self.layout.num_tokens * keys > MAX_MASK_ELEMENTS:
+        if self.layout.num_tokens * keys > varlen.MAX_MASK_ELEMENTS:  # read now: 0 turns plans off
             return None
         image_of_key = torch.arange(keys, device=self.latents.device) // self.num_latents
         return segment_mask_plan(self.layout.media_index.to(self.latents.device), image_of_key)
