@@ -157,8 +157,11 @@ class Flamingo(nn.Module):
         context = None if media is None else MediaContext(self.encode_images(images), media)
         llama = self.language_model.model
         hidden = llama.embed_tokens(input_ids[None])
+        config = llama.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        probe = hidden.new_empty(0, config.num_attention_heads, head_dim)  # what self-attention resolves on
         plan = None
-        if self.attention_backends(hidden.dtype, hidden.device)["self_attention"] == "sdpa":
+        if resolve_backend(config.mmgpt_attn_backend, probe) == "sdpa":
             plan = causal_rows_plan(seqlens, hidden.device)  # None: over the mask limit
         positions = position_ids[None]
         rope = llama.rotary_emb(hidden, position_ids=positions)
