@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmgpt_kernels import (BACKENDS, available_backends, resolve_backend, usable_backends,
+from mmgpt_kernels import (BACKENDS, MaskedPlan, available_backends, causal_rows_plan,
+                           masked_attention, resolve_backend, segment_mask_plan, usable_backends,
                            varlen_attention)
 from mmgpt_kernels.microbench import time_backends
 from mmgpt_kernels.reference import reference_varlen_attention
@@ -88,6 +89,80 @@ def test_matches_float64_reference(backend: str, dtype: torch.dtype, scenario: s
     ref_grads = torch.autograd.grad(ref, leaves, grad_out)
     for name, got, want in zip("qkv", grads, ref_grads):
         torch.testing.assert_close(got.double(), want, atol=gtol, rtol=gtol, msg=f"d{name}")
+
+
+def _segment_ids(lens: list[int], keyless: list[bool], device: torch.device) -> torch.Tensor:
+    """Segment number of every token; -1 for a segment marked keyless."""
+    ids = [(-1 if dead else i) for i, (n, dead) in enumerate(zip(lens, keyless)) for _ in range(n)]
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def _plan(lens_q: list[int], lens_k: list[int], causal: bool, total_k: int,
+          device: torch.device) -> MaskedPlan:
+    """The masked plan of these segments: packed causal rows, or one segment-id mask (keys past
+    the last segment get an id no query has)."""
+    if causal:
+        return causal_rows_plan(lens_q, device)
+    seg_q = _segment_ids(lens_q, [n == 0 for n in lens_k], device)
+    seg_k = _segment_ids(lens_k, [False] * len(lens_k), device)
+    seg_k = torch.cat([seg_k, seg_k.new_full((total_k - seg_k.numel(),), -2)])
+    return segment_mask_plan(seg_q, seg_k)
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_masked_plan_matches_float64_reference(dtype: torch.dtype, scenario: str) -> None:
+    """One masked SDPA per call (the sdpa backend's packed path) == the per-segment reference."""
+    lens_q, lens_k, causal, hq, hkv = SCENARIOS[scenario]
+    q, k, v, cu_q, cu_k = _inputs(lens_q, lens_k, hq, hkv, HEAD_DIM, dtype, torch.device("cpu"))
+    plan = _plan(lens_q, lens_k, causal, k.shape[0], q.device)
+    out = varlen_attention(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, scale=0.3,
+                           backend="sdpa", plan=plan)
+    assert out.dtype == dtype and out.shape == q.shape
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference_varlen_attention(*leaves, cu_q, cu_k, causal=causal, scale=0.3)
+    atol, gtol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.double(), ref.detach(), atol=atol, rtol=atol)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out.to(dtype))
+    for name, got, want in zip("qkv", grads, torch.autograd.grad(ref, leaves, grad_out)):
+        torch.testing.assert_close(got.double(), want, atol=gtol, rtol=gtol, msg=f"d{name}")
+
+
+def test_masked_plan_keyless_queries_and_padding_are_exact_zeros() -> None:
+    lens_q, lens_k = [3, 5, 4], [0, 8, 0]
+    q, k, v, cu_q, cu_k = _inputs(lens_q, lens_k, 4, 4, HEAD_DIM, torch.float32, torch.device("cpu"))
+    out = masked_attention(q, k, v, _plan(lens_q, lens_k, False, 8, q.device))
+    keyless = torch.cat([torch.arange(0, 3), torch.arange(8, 12)])
+    assert torch.equal(out[keyless], torch.zeros_like(out[keyless])) and out[3:8].abs().sum() > 0
+    (grad_q,) = torch.autograd.grad(out.sum(), (q,))
+    assert torch.equal(grad_q[keyless], torch.zeros_like(grad_q[keyless]))
+    # causal rows: padding slots gather token 0 but never reach a real query
+    lens = [9, 2, 3]
+    q, k, v, cu, _ = _inputs(lens, lens, 2, 2, HEAD_DIM, torch.float64, torch.device("cpu"))
+    out = masked_attention(q, k, v, causal_rows_plan(lens))
+    grads = torch.autograd.grad(out[9:].sum(), (q, k, v))  # segment 0 (token 0) does not see it
+    assert all(torch.equal(g[:9], torch.zeros_like(g[:9])) for g in grads)
+
+
+def test_causal_rows_plan_packs_segments_into_rows_of_the_longest() -> None:
+    plan = causal_rows_plan([7, 1, 12, 3, 0, 5])
+    assert plan.mask.shape == (3, 1, 12, 12)  # rows {12}, {7, 5}, {3, 1}: first-fit decreasing
+    assert plan.gather_q.shape == (36,) and sorted(plan.scatter_q.tolist()) == plan.scatter_q.unique().tolist()
+    assert plan.mask.sum(-1).min() >= 1  # no empty softmax row, padding included
+    assert causal_rows_plan([12, 12], max_mask_elements=2 * 12 * 12 - 1) is None  # over the limit
+    assert causal_rows_plan([0, 0]) is None
+
+
+def test_masked_attention_heads_first_equals_token_major() -> None:
+    lens = [5, 16, 9]
+    q, k, v, cu, _ = _inputs(lens, lens, 8, 2, HEAD_DIM, torch.float64, torch.device("cpu"))
+    plan = causal_rows_plan(lens)
+    token_major = masked_attention(q, k, v, plan, scale=0.3)
+    heads_first = masked_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), plan, scale=0.3,
+                                   heads_first=True)
+    assert heads_first.shape == (1, *q.shape)
+    torch.testing.assert_close(heads_first[0], token_major, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend,dtype", _cases())

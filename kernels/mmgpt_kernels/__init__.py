@@ -1,6 +1,8 @@
 """mmgpt_kernels: packed (varlen) attention with a portable path and CUDA fused backends."""
-from mmgpt_kernels.varlen import (BACKENDS, available_backends, resolve_backend, usable_backends,
-                                  varlen_attention)
+from mmgpt_kernels.varlen import (BACKENDS, MaskedPlan, available_backends,
+                                  causal_rows_plan, masked_attention, resolve_backend,
+                                  segment_mask_plan, usable_backends, varlen_attention)
 
-__all__ = ["BACKENDS", "available_backends", "resolve_backend", "usable_backends",
+__all__ = ["BACKENDS", "MaskedPlan", "available_backends", "causal_rows_plan",
+           "masked_attention", "resolve_backend", "segment_mask_plan", "usable_backends",
            "varlen_attention"]

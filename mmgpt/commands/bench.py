@@ -30,6 +30,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sample and weight seed")
     p.set_defaults(func=lazy("mmgpt.benchmarks.packing:run"))
 
+    o = benches.add_parser("ops", help="aten ops (and time) of one packed row's forward+backward, op histogram")
+    o.add_argument("--json", help="write the results to this JSON file")
+    o.add_argument("--preset", nargs="+", default=["tiny"],
+                   help="model presets (tiny, small, 9b-layout: tiny widths at the 9B's depth, ...)")
+    o.add_argument("--max-tokens", type=int, default=4096, help="packed row capacity")
+    o.add_argument("--samples", type=int, default=400, help="synthetic samples packed (the middle row is measured)")
+    o.add_argument("--attn-backend", default="auto", help="mmgpt_kernels backend")
+    o.add_argument("--gradient-checkpointing", type=int, nargs="?", const=1, default=0, metavar="K",
+                   help="checkpoint every K-th layer (bare flag: every layer; 0: off)")
+    o.add_argument("--repeats", type=int, default=3, help="timed steps after the profiled one")
+    o.add_argument("--compare", action="store_true",
+                   help="also the sdpa backend's per-segment path (masked plans off), timed interleaved")
+    o.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    o.add_argument("--seed", type=int, default=0, help="sample and weight seed")
+    o.set_defaults(func=lazy("mmgpt.benchmarks.ops:run"))
+
     t = benches.add_parser("train", help="the real DeepSpeed training step: time, tokens/s, MFU, data wait, ops")
     t.add_argument("--json", help="write the results to this JSON file")
     t.add_argument("--preset", default="small", help=f"model preset ({preset_help()})")

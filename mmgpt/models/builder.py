@@ -150,13 +150,14 @@ def _build_llama(cfg: ModelConfig, preset: Preset, tokenizer: PreTrainedTokenize
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                meta: bool = False) -> tuple[Flamingo, PreTrainedTokenizerBase | None]:
+                meta: bool = False, preset: Preset | None = None) -> tuple[Flamingo, PreTrainedTokenizerBase | None]:
     """Assemble (and load) the model; everything but LoRA is frozen.
 
     meta=True builds the architecture without memory (parameter and FLOP counting); weights
     files are then not read. The tokenizer is None only for a meta build with no tokenizer path.
+    `preset` overrides `cfg.preset`'s architecture (benchmarks: e.g. the 9B's depth at tiny widths).
     """
-    preset = get_preset(cfg.preset)
+    preset = get_preset(cfg.preset) if preset is None else preset
     tokenizer = _load_tokenizer(cfg, preset)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE) if tokenizer is not None else LLAMA_IMAGE_TOKEN_ID
     torch.manual_seed(cfg.seed)

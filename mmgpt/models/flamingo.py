@@ -14,7 +14,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from mmgpt_kernels.varlen import resolve_backend
+from mmgpt_kernels.varlen import causal_rows_plan, resolve_backend
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import LlamaForCausalLM
@@ -150,16 +150,26 @@ class Flamingo(nn.Module):
         The decoder stack is driven here rather than through `LlamaModel.forward`: that one
         always builds a mask first, and its packed-sequence detection reads position_ids back to
         the host (a sync per step) for a mask the varlen kernels never use.
+
+        On the portable sdpa backend the self-attention `MaskedPlan` (one masked SDPA per layer
+        instead of one per sample) is built here once, from the host lengths, for every layer.
         """
         context = None if media is None else MediaContext(self.encode_images(images), media)
         llama = self.language_model.model
         hidden = llama.embed_tokens(input_ids[None])
+        config = llama.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        probe = hidden.new_empty(0, config.num_attention_heads, head_dim)  # what self-attention resolves on
+        plan = None
+        if resolve_backend(config.mmgpt_attn_backend, probe) == "sdpa":
+            plan = causal_rows_plan(seqlens, hidden.device)  # None: over the mask limit
         positions = position_ids[None]
         rope = llama.rotary_emb(hidden, position_ids=positions)
         for layer in llama.layers[: llama.config.num_hidden_layers]:
             hidden = layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=rope,
                            media=context, cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
-                           max_length_q=max_seqlen, max_length_k=max_seqlen, mmgpt_seq_lens=seqlens)
+                           max_length_q=max_seqlen, max_length_k=max_seqlen, mmgpt_seq_lens=seqlens,
+                           mmgpt_attn_plan=plan)
         return llama.norm(hidden)[0]
 
     def lm_forward(self, input_ids: Tensor, media: MediaContext | None, position_ids: Tensor | None = None,
