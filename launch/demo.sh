@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README demo: write the bundled sample data, then train the `demo` preset (tiny, random) on it
-# with 2 CPU ranks through the real `deepspeed` launcher (ZeRO-2, bf16): one epoch, ~76 steps,
+# with 2 CPU ranks through the real `deepspeed` launcher (ZeRO-2, bf16): one epoch, 74 steps,
 # under a minute of training on 2 cores, the loss falling from ~8.0 to ~2.3 (the very first
 # DeepSpeed start also compiles a small communication op, once).
 #
