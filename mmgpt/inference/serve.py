@@ -286,7 +286,7 @@ def launch(demo: "gr.Blocks", host: str = "127.0.0.1", port: int | None = 7860, 
 
 def run(args: argparse.Namespace) -> int:
     """`mmgpt serve` (parser and path checks: mmgpt/commands/serve.py)."""
-    import_gradio()  # before the model loads: a missing extra is one line at once
+    # a missing gradio was refused before this ran (mmgpt/commands/serve.py needs_gradio)
     from mmgpt.commands.chat import generation_config_from_args
     from mmgpt.inference.chat import session_factory_from_args
 

@@ -70,19 +70,16 @@ def _tokenizer_dir(args: argparse.Namespace, train_cfg) -> Path:
     """--tokenizer, else the train config's model's (what training loads), else the bundled tiny
     one (run_inspect then warns, once the inputs turned out usable: an error stays one line)."""
     from mmgpt.configfile import ConfigError
+    from mmgpt.models.builder import tokenizer_path
     from mmgpt.tokenizer import TINY_TOKENIZER_DIR
 
     if args.tokenizer is not None:
         if train_cfg is not None:
-            from mmgpt.models.builder import tokenizer_path
-
             print(f"note: tokenising with --tokenizer {args.tokenizer}, not the run's "
                   f"({tokenizer_path(train_cfg.model)})", file=sys.stderr)
         return args.tokenizer
     if train_cfg is None:
         return TINY_TOKENIZER_DIR
-    from mmgpt.models.builder import tokenizer_path
-
     path = tokenizer_path(train_cfg.model)
     if path is None:
         raise ConfigError(f"{args.train_config}: model preset {train_cfg.model.preset!r} bundles no tokenizer and "
