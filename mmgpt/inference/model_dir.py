@@ -30,6 +30,8 @@ LANGUAGE_MODEL_DIR = "language_model"
 OPENFLAMINGO_DIR = "openflamingo"
 OPENFLAMINGO_FILE = "checkpoint.safetensors"
 MANIFEST = "manifest.json"
+# The model card: `mmgpt eval --update-card` (and users) edit it after the export; nothing is built from it.
+UNVERIFIED = ("README.md",)
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Runs and exports written before `media_attention` existed were trained with "previous" semantics.
@@ -140,15 +142,16 @@ def sha256(path: Path) -> str:
 
 def verify_export(source: ModelSource, full: bool = False) -> str | None:
     """Check an export against the manifest.json written with it, before any weight is read:
-    every listed file's size always (a stat each: catches truncation, which safetensors reports
-    only as a traceback), and with `full` its sha256 (reads every byte: catches altered bytes).
+    every listed file's size but the model card's always (a stat each: catches truncation, which
+    safetensors reports only as a traceback), and with `full` its sha256 (reads every byte: catches altered bytes).
     Returns what was checked, None for a source that is no export; raises naming the file."""
     if not source.kind.startswith("export"):
         return None
     manifest = source.path / MANIFEST
     try:
         files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
-        listed = {name: (int(f["bytes"]), str(f["sha256"])) for name, f in files.items()}
+        listed = {name: (int(f["bytes"]), str(f["sha256"])) for name, f in files.items()
+                  if name not in UNVERIFIED}
     except FileNotFoundError:
         raise ExportIntegrityError(f"{manifest}: missing; the export cannot be verified (export it again)") from None
     except (ValueError, KeyError, TypeError, AttributeError) as err:
