@@ -40,6 +40,8 @@ USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("mmgpt.train.ds_config", "DSConfigError"),
     ("mmgpt.train.launch_check", "LaunchError"),
     ("mmgpt.export", "MergeCheckError"),  # a refused merge: nothing was written
+    ("mmgpt.export", "ExportTargetError"),
+    ("mmgpt.inference.model_dir", "ExportIntegrityError"),
     ("json", "JSONDecodeError"),
     ("yaml", "YAMLError"),
 )

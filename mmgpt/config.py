@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,14 @@ class ScheduleConfig:
     grad_accum: int = 1
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"schedule.lr must be > 0, got {self.lr}")
+        if not 0 < self.lr < math.inf:  # also false for nan
+            raise ConfigError(f"schedule.lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ConfigError(f"schedule.weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"schedule.betas must both be in [0, 1), got {list(self.betas)}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ConfigError(f"schedule.warmup_steps must be >= 0 or null, got {self.warmup_steps}")
         if self.epochs < 1 or self.grad_accum < 1:
             raise ConfigError("schedule.epochs and schedule.grad_accum must be >= 1")
         if self.max_steps is not None and self.max_steps < 1:
@@ -154,8 +161,18 @@ class TrainConfig:
         for name in ("save_every", "keep_last", "log_every", "max_consecutive_nonfinite"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("peak_flops", "cpu_peak_flops"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < math.inf:
+                raise ConfigError(f"{name} must be a finite number > 0, got {value}")
         if self.data_workers not in (0, 1):
             raise ConfigError(f"data_workers must be 0 or 1 (one rank's packer is sequential), got {self.data_workers}")
+
+    def check_rows(self, max_length: int) -> None:
+        """The mixture's longest sample (`max_length` tokens) fits one packed row."""
+        if max_length > self.packing.max_tokens:
+            raise ConfigError(f"{self.mixture}: max_length {max_length} > packing.max_tokens "
+                              f"{self.packing.max_tokens}: a sample could not fit a row")
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] = ()) -> "TrainConfig":

@@ -2,12 +2,13 @@
 
 One story for all of them: `read_mapping` parses a file (errors name the file and line), and
 `from_dict` builds a dataclass from a mapping, checking every key against the dataclass fields and
-every value against its type hint; errors name the file and the dotted key. Neutral: imports no
+every value against its type hint (numbers finite); errors name the file and the dotted key. Neutral: imports no
 other mmgpt module, so the data, model and training packages all use it.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -101,11 +102,13 @@ def convert(hint: Any, value: Any, where: str) -> Any:
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # no setting means "unbounded" by inf; nan trains NaN
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

@@ -21,16 +21,19 @@ Layout of `--out DIR`:
 
 Merging happens in float32 and is checked before anything is written: the merged model's logits on
 a probe prompt with an image must match the adapter model's within MERGE_TOLERANCE (relative to the
-largest logit); otherwise the export is refused. Files are written to `DIR.partial` and renamed.
+largest logit); otherwise the export is refused. Files are written into a private temporary
+directory beside DIR (`mkdtemp`: never a name a user could own, such as DIR.partial), created before
+the model is loaded so an unwritable place fails first, and renamed to DIR at the end.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
+import os
 import re
 import shutil
 import sys
+import tempfile
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,9 +48,9 @@ import mmgpt
 from mmgpt import model_card
 from mmgpt.data.conversation import Conversation, Round, tokenize
 from mmgpt.data.templates import chat_template
-from mmgpt.inference.model_dir import (ADAPTER_DIR, DTYPES, EXPORT_CONFIG, LANGUAGE_MODEL_DIR,
+from mmgpt.inference.model_dir import (ADAPTER_DIR, DTYPES, EXPORT_CONFIG, LANGUAGE_MODEL_DIR, MANIFEST,
                                        OPENFLAMINGO_DIR, OPENFLAMINGO_FILE, ModelSource, image_size_of,
-                                       load_model, resolve_source)
+                                       load_model, resolve_source, sha256)
 from mmgpt.media import row_layout
 from mmgpt.models.flamingo import Flamingo, MediaContext
 
@@ -59,6 +62,31 @@ _LAYER_WRAPPER = re.compile(r"^model\.layers\.(\d+)\.decoder_layer\.")
 
 class MergeCheckError(RuntimeError):
     """The merged model does not reproduce the adapter model: nothing was written."""
+
+
+class ExportTargetError(ValueError):
+    """`--out` cannot receive the export (not writable, a mount point, not empty): found before
+    the model is loaded."""
+
+
+def staging_dir(out: Path) -> Path:
+    """A new private directory beside `out` for the files being written (renamed to `out` when
+    complete): its creation proves the place writable before anything is loaded. `out` must be
+    absent or an empty directory that is no mount point (a rename cannot replace one)."""
+    if out.is_mount():
+        raise ExportTargetError(f"--out {out} is a mount point: an export is renamed into place, "
+                                "choose a new directory inside it")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportTargetError(f"--out {out} exists and is not empty (or is no directory); choose a new directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except OSError as err:
+        raise ExportTargetError(f"--out {out}: cannot write in {out.parent}: {err.strerror}") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would become the export's own mode
+    return staging
 
 
 def probe_inputs(model: Flamingo, tokenizer: PreTrainedTokenizerBase, image_size: int
@@ -130,14 +158,6 @@ def write_openflamingo(model: Flamingo, out: Path, dtype: torch.dtype) -> None:
     torch.save(state, out / "checkpoint.pt")
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def versions() -> dict[str, str]:
     import open_clip
     import peft
@@ -160,18 +180,14 @@ def export(checkpoint: str | Path, out: str | Path, merge: bool = False, dtype_n
     """Write the export directory (see the module docstring); returns its path."""
     if dtype_name not in DTYPES:
         raise ValueError(f"unknown dtype {dtype_name!r}; choose from {sorted(DTYPES)}")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"--out {out} exists and is not empty; choose a new directory")
-    source = resolve_source(checkpoint)
-    if source.adapter_dir is None:
-        raise ValueError(f"{checkpoint} is already a merged export; export from the training run instead")
+    out = Path(out).absolute()
     dtype = DTYPES[dtype_name]
-    model, tokenizer = load_model(source, dtype=torch.float32)  # fp32: exact merge, exact check
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = staging_dir(out)  # first: an unwritable --out is refused before anything is read
     try:
+        source = resolve_source(checkpoint)
+        if source.adapter_dir is None:
+            raise ValueError(f"{checkpoint} is already a merged export; export from the training run instead")
+        model, tokenizer = load_model(source, dtype=torch.float32)  # fp32: exact merge, exact check
         model.lang_encoder.save_pretrained(str(staging / ADAPTER_DIR))
         adapter_config = staging / ADAPTER_DIR / "adapter_config.json"
         lora = json.loads(adapter_config.read_text())
@@ -194,7 +210,7 @@ def export(checkpoint: str | Path, out: str | Path, merge: bool = False, dtype_n
                                                        "kind": source.kind, "adapter": str(source.adapter_dir.resolve())},
                     "lora": lora, "merged": merge, "dtype": dtype_name, "merge_check": merge_check,
                     "files": files}
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if out.exists():
             out.rmdir()
         staging.rename(out)

@@ -161,7 +161,7 @@ def test_launch_check_reports_checkpoint_shapes_that_disagree_with_the_preset(tm
     clip = {f"visual.{k}": torch.zeros(v.shape) for k, v in model.vision_encoder.visual.state_dict().items()}
     clip["visual.conv1.weight"] = torch.zeros(1, 1)
     torch.save(clip, tmp_path / "clip.pt")
-    (tmp_path / "a.jsonl").write_text("")
+    (tmp_path / "a.jsonl").write_text('{"instruction": "Name a colour.", "context": "", "response": "Blue.", "category": "open_qa"}\n')  # one usable record: an empty mixture is refused too
     (tmp_path / "mix.yaml").write_text("sources:\n- {name: a, type: dolly, path: a.jsonl}\n")
     config = tmp_path / "run.yaml"
     config.write_text("mixture: mix.yaml\noutput_dir: out\n"

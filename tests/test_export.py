@@ -216,7 +216,7 @@ def test_refused_merge_writes_nothing(tmp_path, monkeypatch):
     run, _ = make_run(tmp_path)
     monkeypatch.setattr(export_mod, "MERGE_TOLERANCE", -1.0)
     assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "out"), "--merge"]) == 2
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama", "openflamingo_base.safetensors", "run"]
 
 
 def test_checkpoint_dirs_resolve(tmp_path, capsys):
@@ -283,3 +283,105 @@ def test_export_is_hub_ready_model_card_chat_template_base_model(tmp_path):
         tok = AutoTokenizer.from_pretrained(str(out / where))
         text = tok.apply_chat_template(messages, tokenize=False)
         assert tok(text, add_special_tokens=False)["input_ids"] == tokenize(conv, tok, 4096).input_ids, where
+
+
+# ---------------------------------------------------------------- issue 22: where an export goes, what loads
+
+
+def _as_nobody(fn, *args) -> str:
+    """`fn(*args)` in a forked child running as uid 65534 (root ignores permission bits): the
+    exception it raised, as 'Type: message', or 'ok'."""
+    import multiprocessing
+    import os
+
+    def child(queue):
+        os.setuid(65534)
+        try:
+            fn(*args)
+            queue.put("ok")
+        except Exception as err:  # noqa: BLE001 - reported to the parent
+            queue.put(f"{type(err).__name__}: {err}")
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=child, args=(queue,))
+    proc.start()
+    proc.join(60)
+    return queue.get(timeout=5)
+
+
+def test_an_unusable_out_is_refused_before_anything_is_read(tmp_path):
+    """A read-only directory (OSError traceback after the whole model load before) and a mount
+    point (EBUSY after the export was built): one line, and no checkpoint is even resolved (the
+    checkpoint named here does not exist, so a later check would have said that instead)."""
+    import os
+    import tempfile
+
+    missing = tmp_path / "no-such-run"
+    readonly = Path(tempfile.mkdtemp(prefix="mmgpt-ro-"))  # under /tmp: reachable by uid 65534
+    try:
+        readonly.chmod(0o555)
+        if os.geteuid() == 0:
+            got = _as_nobody(export, missing, readonly / "out")
+        else:
+            try:
+                export(missing, readonly / "out")
+                got = "ok"
+            except Exception as err:  # noqa: BLE001
+                got = f"{type(err).__name__}: {err}"
+        assert got == f"ExportTargetError: --out {readonly / 'out'}: cannot write in {readonly}: Permission denied"
+        assert list(readonly.iterdir()) == []
+    finally:
+        readonly.chmod(0o755)
+        shutil.rmtree(readonly)
+    mount = next(p for p in (Path("/dev/shm"), Path("/proc"), Path("/")) if p.is_mount())
+    with pytest.raises(export_mod.ExportTargetError, match=f"--out {mount} is a mount point"):
+        export(missing, mount)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("mine")
+    assert main(["export", "--checkpoint", str(missing), "--out", str(tmp_path / "full")]) == 2
+
+
+def test_a_users_partial_directory_is_never_touched(tmp_path):
+    """The old staging name OUT.partial was deleted without a word; staging is now private."""
+    run, _ = make_run(tmp_path)
+    mine = tmp_path / "out.partial"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my own files")
+    out = export(run, tmp_path / "out")
+    assert (mine / "notes.txt").read_text() == "my own files"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama", "openflamingo_base.safetensors", "out",
+                                                          "out.partial", "run"]
+    assert oct(out.stat().st_mode & 0o777) != oct(0o700)  # not mkdtemp's private mode
+
+
+def test_commands_verify_the_export_manifest(exported, tmp_path, capsys):
+    """chat, serve, eval and export check an export against its manifest.json before loading:
+    sizes always (a truncated safetensors was a SafetensorError traceback), sha256 with --verify
+    (altered bytes loaded silently); each refusal is one line naming the file, and the check made
+    is said on stderr."""
+    _, out, _, _ = exported
+    good = shutil.copytree(out, tmp_path / "good")
+    truncated = shutil.copytree(out, tmp_path / "truncated")
+    weights = truncated / "openflamingo" / "checkpoint.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    altered = shutil.copytree(out, tmp_path / "altered")
+    lm = next((altered / "language_model").glob("*.safetensors"))
+    data = bytearray(lm.read_bytes())
+    data[-10] ^= 0xFF
+    lm.write_bytes(bytes(data))
+    chat = ["chat", "--prompt", "hi", "--max-new-tokens", "1", "--model"]
+    evaluate = ["eval", "--task", "vqa", "--images", str(tmp_path), "--model"]
+    for argv in (chat, ["serve", "--model"], evaluate, ["export", "--out", str(tmp_path / "o"), "--checkpoint"]):
+        assert main([*argv, str(truncated)]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{weights}: " in err[0] and "manifest.json says" in err[0], (argv, err)
+        assert main([*argv, str(altered), "--verify"]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{lm}: sha256 differs from manifest.json" in err[0], (argv, err)
+    assert main([*chat, str(altered)]) == 0  # sizes only: said so
+    assert "sizes (--verify also checks sha256)" in capsys.readouterr().err
+    with open(good / "README.md", "a") as card:  # what `mmgpt eval --update-card` does: not a damage
+        card.write("\nmetrics\n")
+    assert main([*chat, str(good), "--verify"]) == 0
+    assert "files match manifest.json: sizes and sha256" in capsys.readouterr().err

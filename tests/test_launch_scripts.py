@@ -19,7 +19,7 @@ def run_script(*args: str, cwd: Path = REPO, **env: str) -> subprocess.Completed
 
 @pytest.fixture
 def config(tmp_path) -> Path:
-    (tmp_path / "d.jsonl").write_text("")
+    (tmp_path / "d.jsonl").write_text('{"instruction": "Name a colour.", "context": "", "response": "Blue.", "category": "open_qa"}\n')  # one usable record: an empty mixture is refused too
     mixture = tmp_path / "mixture.yaml"
     mixture.write_text("sources:\n- {name: d, type: dolly, path: d.jsonl}\n")
     path = tmp_path / "run.yaml"

@@ -44,6 +44,9 @@ class RecordingSession(ChatSession):
         self.log.append(("start", time.monotonic()))
         try:
             return super().ask(question, streamer=streamer)
+        except serve_mod.Cancelled:
+            self.log.append(("cancelled", time.monotonic()))
+            raise
         finally:
             self.log.append(("end", time.monotonic()))
 
@@ -281,6 +284,45 @@ def test_concurrent_clients_queue_instead_of_interleaving(app, loaded, tmp_path)
         assert answers == [as_messages([qa]) for qa in local_answers(loaded, picture(colour), questions,
                                                                       max_new_tokens=12)]
     assert [kind for kind, _ in RecordingSession.log] == ["start", "end"] * 4  # one answer at a time
+
+
+def test_a_text_file_named_png_gets_mmgpts_refusal(app, tmp_path, capfd):
+    """Issue 22: gradio opened the upload itself and failed first (its generic "The upstream Gradio
+    app has raised an exception", a traceback in the log); now mmgpt's one-line refusal, no traceback."""
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    fake = tmp_path / "holiday.png"
+    fake.write_text("these are my notes, not a picture\n")
+    c = client(app[1])
+    capfd.readouterr()
+    with pytest.raises(AppError, match="the image was refused: corrupt_image"):
+        c.predict(handle_file(str(fake)), api_name="/upload")
+    log = capfd.readouterr()
+    assert "Traceback" not in log.err + log.out
+    assert texts(upload(c, picture(), tmp_path)) == [("user", "<image>")]  # real images still load
+
+
+def test_api_clear_stops_a_running_answer(app, tmp_path):
+    """Issue 22: the page's Clear cancelled a running answer but an API client's /clear did not.
+    A 400-token answer (about 6 s on CPU here) is stopped at the next token after /clear."""
+    c = client(app[1])
+    upload(c, picture(), tmp_path)
+    RecordingSession.log.clear()
+    job = c.submit("Describe the image in detail.", *settings(max_new_tokens=400), api_name="/send")
+    deadline = time.monotonic() + 60
+    while len(job.outputs()) < 4 and time.monotonic() < deadline:  # a few tokens streamed
+        time.sleep(0.05)
+    assert len(job.outputs()) >= 4 and not job.done()
+    cleared = time.monotonic()
+    assert c.predict(api_name="/clear") == ([], None, "")
+    while not job.done() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    kinds = [kind for kind, _ in RecordingSession.log]
+    assert kinds == ["start", "cancelled", "end"], kinds
+    assert RecordingSession.log[-1][1] - cleared < 3.0
+    _, history = c.predict("Hello?", *settings(), api_name="/send")  # the demo goes on, fresh
+    assert [role for role, _ in texts(history)] == ["user", "assistant"]
 
 
 def test_serve_command_reports_a_busy_port(run_dir, capsys):

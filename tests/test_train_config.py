@@ -19,10 +19,13 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def write_mixture(folder: Path) -> Path:
-    """A mixture launch_check accepts: one source whose file exists."""
-    write(folder / "d.jsonl", "")
-    return write(folder / "mixture.yaml", "sources:\n- {name: d, type: dolly, path: d.jsonl}\n")
+DOLLY = json.dumps({"instruction": "Name a colour.", "context": "", "response": "Blue.", "category": "open_qa"})
+
+
+def write_mixture(folder: Path, extra: str = "", records: int = 3) -> Path:
+    """A mixture launch_check accepts: one dolly source with `records` usable records."""
+    write(folder / "d.jsonl", "".join(DOLLY + "\n" for _ in range(records)))
+    return write(folder / "mixture.yaml", f"{extra}sources:\n- {{name: d, type: dolly, path: d.jsonl}}\n")
 
 
 # ---------------------------------------------------------------- TrainConfig
@@ -53,6 +56,16 @@ def test_config_roundtrip_resolves_paths_and_overrides(tmp_path, monkeypatch):
     ("save_every: true", "save_every: expected an integer, got True"),
     ("model: {preset: tiny, dropout: 0.1}", "model: unknown key(s) ['dropout']"),
     ("schedule: {betas: [0.9]}", "schedule: betas: expected 2 values, got 1"),
+    # issue 22: `lr: .inf` trained an all-NaN adapter with rc 0, `lr: nan` crashed after the model build
+    ("schedule: {lr: .inf}", "schedule: lr: expected a finite number, got inf"),
+    ("schedule: {lr: nan}", "schedule: lr: expected a finite number, got nan"),
+    ("schedule: {lr: .nan}", "schedule: lr: expected a finite number, got nan"),
+    ("schedule: {weight_decay: -0.1}", "schedule.weight_decay must be a finite number >= 0, got -0.1"),
+    ("schedule: {betas: [0.9, 1.0]}", "schedule.betas must both be in [0, 1), got [0.9, 1.0]"),
+    ("schedule: {warmup_steps: -1}", "schedule.warmup_steps must be >= 0 or null"),
+    ("cpu_peak_flops: 0", "cpu_peak_flops must be a finite number > 0, got 0.0"),
+    ("peak_flops: -.inf", "peak_flops: expected a finite number, got -inf"),
+    ("eval: {holdout: .nan}", "eval: holdout: expected a finite number, got nan"),
 ])
 def test_config_errors_name_file_and_key(tmp_path, body, message):
     path = write(tmp_path / "bad.yaml", f"mixture: m.yaml\noutput_dir: o\n{body}\n")
@@ -211,6 +224,29 @@ def test_launch_check_cli_one_line_and_exit_code(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- `mmgpt train` refuses bad input before starting
+
+
+def test_launch_check_refuses_a_run_without_a_usable_sample(tmp_path, capsys):
+    """Issue 22: `sample: 0` everywhere, or max_length below every sample, exited 0 with an
+    untrained adapter and data_report.json showing kept 0, dropped {}; now rc 2 before the launcher,
+    the line saying why; one usable sample is enough."""
+    cases = {
+        "nothing sampled": ("", "sample: 0", "no usable sample: 0 selected"),
+        "all too long": ("max_length: 4\n", "sample: all", "no usable sample: 3 selected, dropped at tokenisation "
+                                                             "{'too_long': 3} (max_length 4)"),
+    }
+    for name, (top, sample, message) in cases.items():
+        folder = tmp_path / name.replace(" ", "_")
+        folder.mkdir()
+        mixture = write_mixture(folder, top)
+        mixture.write_text(mixture.read_text().replace("d.jsonl}", f"d.jsonl, {sample}}}"))
+        cfg = write(folder / "run.yaml", f"mixture: {mixture}\noutput_dir: out\n")
+        assert launch_check.main(["--config", str(cfg)]) == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (name, err)
+    one = write_mixture(tmp_path, "max_length: 512\n", records=1)
+    cfg = write(tmp_path / "one.yaml", f"mixture: {one}\noutput_dir: out\n")
+    assert launch_check.main(["--config", str(cfg)]) == 0, capsys.readouterr().err
 
 
 def test_train_cli_rejects_bad_input_with_one_line(tmp_path, capsys, monkeypatch):

@@ -153,3 +153,16 @@ def test_a_failing_worker_names_the_record_it_was_loading(mixture, image_token_i
 def test_more_than_one_worker_is_refused(mixture, image_token_id):
     with pytest.raises(ValueError, match="data_workers must be 0 or 1"):
         BatchLoader(RankStream(mixture, PACKING, image_token_id, IMAGE_SIZE, 0, 1), workers=2)
+
+
+def test_drops_of_a_stream_that_packs_nothing_are_counted(mixture, image_token_id):
+    """Issue 22: with every sample too long, data_report.json said kept 0, dropped {} (the report
+    travelled only with batches). The end of the data now carries it, in-process and from a worker."""
+    short = Mixture(dataclasses.replace(mixture.cfg, max_length=4), mixture.tokenizer, IMAGE_SIZE)
+    for workers in (0, 1):
+        loader = BatchLoader(RankStream(short, PACKING, image_token_id, IMAGE_SIZE, 0, 2), workers=workers)
+        assert loader.window(2) == []
+        report = loader.report()["sources"]
+        shard = len(range(0, len(short), 2))
+        assert sum(r["dropped"].get("too_long", 0) for r in report.values()) == shard, (workers, report)
+        assert sum(r["kept"] for r in report.values()) == 0

@@ -6,6 +6,7 @@ each) before any weights are read, instead of a traceback after the model has lo
 from __future__ import annotations
 
 import argparse
+import sys
 
 from mmgpt.commands import Command, lazy
 from mmgpt.inference.generation_config import GenerationConfig
@@ -19,6 +20,13 @@ def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> No
                         help="export dir (merged or adapter), training output dir, or adapter dir")
     parser.add_argument("--device", default="auto", help="torch device; auto: cuda if available, else cpu")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="None: bf16 on CUDA, fp32 on CPU")
+    add_verify_arg(parser)
+
+
+def add_verify_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verify", action="store_true",
+                        help="check an export's files against the sha256 in its manifest.json (every byte "
+                             "read); without it only their sizes are checked")
 
 
 def add_generation_args(parser: argparse.ArgumentParser) -> None:
@@ -45,15 +53,18 @@ def generation_config_from_args(args: argparse.Namespace) -> GenerationConfig:
     )
 
 
-def check_model(model: str | None, flag: str = "--model", image: str | None = None) -> None:
-    """Every path problem of `model` (and `image`), then of the base weights its config names;
-    only the model directory's config files are read (this imports the model stack, not weights)."""
+def check_model(model: str | None, flag: str = "--model", image: str | None = None, verify: bool = False) -> None:
+    """Every path problem of `model` (and `image`), then of the base weights its config names, and an
+    export's files against its manifest (sizes; sha256 too with `verify`), saying which on stderr;
+    no weights are loaded (this imports the model stack)."""
     require([p for p in (path_problem(model, flag, "dir"), image_problem(image) if image else None) if p])
     if model is not None:
-        from mmgpt.inference.model_dir import resolve_source
+        from mmgpt.inference.model_dir import resolve_source, verify_export
 
         source = resolve_source(model)
         require(model_path_problems(source.model_config, where=str(source.path)))
+        if (checked := verify_export(source, full=verify)) is not None:
+            print(f"verified: {checked}", file=sys.stderr)
 
 
 def model_command(target: str, flag: str = "--model") -> Command:
@@ -62,7 +73,7 @@ def model_command(target: str, flag: str = "--model") -> Command:
     dest = flag.lstrip("-").replace("-", "_")
 
     def checked(args: argparse.Namespace) -> int:
-        check_model(getattr(args, dest), flag, getattr(args, "image", None))
+        check_model(getattr(args, dest), flag, getattr(args, "image", None), getattr(args, "verify", False))
         if getattr(args, "device", None) == "auto":
             import torch
 

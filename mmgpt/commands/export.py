@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from mmgpt.commands.chat import DTYPE_NAMES, model_command
+from mmgpt.commands.chat import DTYPE_NAMES, add_verify_arg, model_command
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -13,4 +13,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--merge", action="store_true",
                    help="also write merged weights: HF LLaMA dir + OpenFlamingo checkpoint")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16", help="dtype of the merged weights")
+    add_verify_arg(p)
     p.set_defaults(func=model_command("mmgpt.export:run", flag="--checkpoint"))

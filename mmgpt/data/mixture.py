@@ -99,6 +99,8 @@ class MixtureConfig:
         if self.max_image_pixels is not None and (not isinstance(self.max_image_pixels, int)
                                                   or self.max_image_pixels < 1):
             raise ValueError(f"max_image_pixels must be a count >= 1 or null, got {self.max_image_pixels!r}")
+        if self.max_length < 1 or (self.image_size is not None and self.image_size < 1):
+            raise ValueError(f"max_length and image_size must be >= 1, got {self.max_length}, {self.image_size}")
         if self.on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
         if self.language_vl_ratio is not None and self.language_vl_ratio <= 0:

@@ -53,11 +53,11 @@ from mmgpt.data.images import Transform, clip_transform, load_image
 from mmgpt.eval import metrics
 from mmgpt.eval.batched import answer_logprobs, generate_batch
 from mmgpt.eval.tasks import EvalItem, read_aokvqa, read_captions, read_ocrvqa, read_vqa
-from mmgpt.export import sha256, versions
-from mmgpt.inference.model_dir import DTYPES, ModelSource, image_size_of, load_model, resolve_source
+from mmgpt.export import versions
+from mmgpt.inference.model_dir import (DTYPES, MANIFEST, ModelSource, image_size_of, load_model, resolve_source,
+                                       sha256)
 from mmgpt.models.flamingo import Flamingo
 
-MANIFEST = "manifest.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 Record = dict[str, Any]  # one item's prediction, as the report lists it

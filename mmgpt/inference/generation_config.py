@@ -2,6 +2,8 @@
 their defaults from it) build without importing the model stack."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 
@@ -20,6 +22,9 @@ class GenerationConfig:
     seed: int | None = None  # sampling seed (None: nondeterministic)
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.num_beams < 1:

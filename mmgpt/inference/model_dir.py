@@ -8,6 +8,7 @@ our lang_encoder, or the merged export's own LLaMA directory and OpenFlamingo ch
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,6 +29,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 LANGUAGE_MODEL_DIR = "language_model"
 OPENFLAMINGO_DIR = "openflamingo"
 OPENFLAMINGO_FILE = "checkpoint.safetensors"
+MANIFEST = "manifest.json"
+# The model card: `mmgpt eval --update-card` (and users) edit it after the export; nothing is built from it.
+UNVERIFIED = ("README.md",)
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Runs and exports written before `media_attention` existed were trained with "previous" semantics.
@@ -122,6 +126,50 @@ def _adapter_in(adapter_dir: Path) -> Path:
     if not (adapter_dir / ADAPTER_CONFIG).is_file():
         raise FileNotFoundError(f"no peft adapter at {adapter_dir} ({ADAPTER_CONFIG} missing)")
     return adapter_dir
+
+
+class ExportIntegrityError(ValueError):
+    """An export's file does not match its manifest.json (truncated, altered, missing)."""
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_export(source: ModelSource, full: bool = False) -> str | None:
+    """Check an export against the manifest.json written with it, before any weight is read:
+    every listed file's size but the model card's always (a stat each: catches truncation, which
+    safetensors reports only as a traceback), and with `full` its sha256 (reads every byte: catches altered bytes).
+    Returns what was checked, None for a source that is no export; raises naming the file."""
+    if not source.kind.startswith("export"):
+        return None
+    manifest = source.path / MANIFEST
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+        listed = {name: (int(f["bytes"]), str(f["sha256"])) for name, f in files.items()
+                  if name not in UNVERIFIED}
+    except FileNotFoundError:
+        raise ExportIntegrityError(f"{manifest}: missing; the export cannot be verified (export it again)") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ExportIntegrityError(f"{manifest}: unreadable ({type(err).__name__}: {err})") from None
+    root = source.path.resolve()
+    for name, (size, digest) in sorted(listed.items()):
+        path = (root / name).resolve()
+        if not path.is_relative_to(root):
+            raise ExportIntegrityError(f"{manifest}: lists {name!r} outside the export")
+        if not path.is_file():
+            raise ExportIntegrityError(f"{path}: missing (listed in {MANIFEST})")
+        if path.stat().st_size != size:
+            raise ExportIntegrityError(f"{path}: {path.stat().st_size} bytes, {MANIFEST} says {size}: "
+                                       "truncated or replaced; refusing to load it")
+        if full and sha256(path) != digest:
+            raise ExportIntegrityError(f"{path}: sha256 differs from {MANIFEST}: altered; refusing to load it")
+    what = "sizes and sha256" if full else "sizes (--verify also checks sha256)"
+    return f"{source.path}: {len(listed)} files match {MANIFEST}: {what}"
 
 
 def merged_model_config(source: ModelSource) -> ModelConfig:

@@ -25,8 +25,10 @@ up by the page, and nothing is capped per client (the stdlib server this replace
 What this module adds: a message length cap (MAX_MESSAGE_CHARS, checked on the server as well as
 by the text box), the pixel cap checked from the image header before decoding (`open_rgb`;
 gradio's `type="pil"` would decode first, so uploads arrive as file paths), decoding settings
-validated by `GenerationConfig` and refused with a visible error, and generation that stops when
-its request is cancelled (Clear).
+validated by `GenerationConfig` and refused with a visible error, uploads handed over unopened
+(`image_input`: a file that is no image gets mmgpt's one-line refusal, not gradio's generic error),
+and generation that stops when its request is cancelled or its conversation cleared (Clear in the
+page, /clear from an API client).
 """
 from __future__ import annotations
 
@@ -125,6 +127,7 @@ class Conversation:
 
     session: ChatSession
     image_path: str | None = None
+    streamer: "SnapshotStreamer | None" = None  # the answer being generated, for Clear to stop
 
 
 def messages(conv: Conversation | None) -> list[dict[str, Any]]:
@@ -146,6 +149,24 @@ def generation_settings(defaults: GenerationConfig, max_new_tokens, num_beams, t
     return replace(defaults, max_new_tokens=int(max_new_tokens), num_beams=int(num_beams),
                    temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                    repetition_penalty=float(repetition_penalty), do_sample=bool(do_sample))
+
+
+def image_input(gr, **kwargs) -> "gr.Image":
+    """gr.Image that hands the uploaded file's path over unopened: gradio's own preprocessing opens
+    it with PIL even for `type="filepath"`, so a text file named .png failed there (its generic
+    error, a traceback in the log) before `load_upload` could refuse it in one line. The instance's
+    `preprocess` is replaced, not subclassed: gradio writes a .pyi beside any module that defines
+    a component class. The path has passed gradio's upload-cache checks, which run before it."""
+    image = gr.Image(type="filepath", image_mode=None, **kwargs)
+    gradio_preprocess = image.preprocess
+
+    def preprocess(payload):
+        if payload is None or payload.path is None or (payload.url or "").startswith("data:"):
+            return gradio_preprocess(payload)
+        return str(payload.path)
+
+    image.preprocess = preprocess
+    return image
 
 
 def build_demo(new_session: Callable[[], ChatSession], defaults: GenerationConfig) -> "gr.Blocks":
@@ -184,7 +205,7 @@ def build_demo(new_session: Callable[[], ChatSession], defaults: GenerationConfi
             conv = Conversation(new_session())
         session = conv.session
         session.generation = config
-        streamer = SnapshotStreamer(session.tokenizer)
+        streamer = conv.streamer = SnapshotStreamer(session.tokenizer)
         outcome: dict[str, Any] = {}
 
         def work() -> None:
@@ -201,17 +222,26 @@ def build_demo(new_session: Callable[[], ChatSession], defaults: GenerationConfi
         try:
             yield "", shown + [{"role": "assistant", "content": ""}], conv
             for partial in streamer:
+                if streamer.cancelled.is_set():  # cleared: show nothing more (Clear emptied the page)
+                    break
                 yield "", shown + [{"role": "assistant", "content": partial}], conv
             thread.join()
         finally:
             streamer.cancel()  # a no-op once generation has ended; stops it when the request went
+        if isinstance(outcome.get("error"), Cancelled):  # stopped by /clear: an outcome, not an error;
+            yield "", [], None  # a partial answer yielded as Clear ran must not restore the conversation
+            return
         if isinstance(outcome.get("error"), ValueError):  # the question itself (too long)
             raise refused(str(outcome["error"]))
         if "error" in outcome:
             raise outcome["error"]
         yield "", messages(conv), conv
 
-    def clear() -> tuple[None, list, None, str]:
+    def clear(conv: Conversation | None) -> tuple[None, list, None, str]:
+        """Forget the conversation and stop its running answer: the page's Clear also cancels the
+        request (`cancels=`), an API client's /clear only reaches this function."""
+        if conv is not None and conv.streamer is not None:
+            conv.streamer.cancel()
         return None, [], None, ""
 
     sliders = dict(
@@ -231,8 +261,7 @@ def build_demo(new_session: Callable[[], ChatSession], defaults: GenerationConfi
         state = gr.State(None, time_to_live=SESSION_TTL_S)
         with gr.Row():
             with gr.Column(scale=1):
-                image = gr.Image(type="filepath", image_mode=None, sources=["upload"], label="Image",
-                                 elem_id="image", height=260)
+                image = image_input(gr, sources=["upload"], label="Image", elem_id="image", height=260)
                 with gr.Accordion("Generation", open=True):
                     controls = [gr.Slider(value=getattr(defaults, name), elem_id=name, **kw)
                                 for name, kw in sliders.items()]
@@ -251,11 +280,11 @@ def build_demo(new_session: Callable[[], ChatSession], defaults: GenerationConfi
                      api_name="upload")
         chat = gr.on([send.click, textbox.submit], respond, inputs=[textbox, state, *controls, do_sample],
                      outputs=[textbox, chatbot, state], concurrency_id="model", api_name="send")
-        clear_button.click(clear, outputs=[state, chatbot, image, textbox], cancels=[chat],
+        clear_button.click(clear, inputs=[state], outputs=[state, chatbot, image, textbox], cancels=[chat],
                            concurrency_limit=None, api_name="clear")
         for also_clears in (image.clear, chatbot.clear):  # the image's x and the chat's own bin
-            also_clears(clear, outputs=[state, chatbot, image, textbox], cancels=[chat], concurrency_limit=None,
-                        api_visibility="private")
+            also_clears(clear, inputs=[state], outputs=[state, chatbot, image, textbox], cancels=[chat],
+                        concurrency_limit=None, api_visibility="private")
     demo.queue(default_concurrency_limit=1, max_size=MAX_QUEUE)
     return demo
 

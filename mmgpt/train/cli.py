@@ -85,9 +85,7 @@ def validate(cfg, resume: bool) -> tuple[dict[str, Any], Any]:
     ds = resolve_batch(ds, cfg.packing.rows_per_batch, cfg.schedule.grad_accum,
                        int(os.environ.get("WORLD_SIZE", "1")), where=cfg.deepspeed)
     mixture_cfg = MixtureConfig.load(cfg.mixture)
-    if mixture_cfg.max_length > cfg.packing.max_tokens:
-        raise ConfigError(f"{cfg.mixture}: max_length {mixture_cfg.max_length} > packing.max_tokens "
-                          f"{cfg.packing.max_tokens}: a sample could not fit a row")
+    cfg.check_rows(mixture_cfg.max_length)
     manager = CheckpointManager(Path(cfg.output_dir) / "checkpoints", cfg.keep_last)
     if not resume and manager.latest() is not None:
         raise CheckpointError(f"{manager.root} already has checkpoints (latest {manager.latest()}): "
@@ -158,10 +156,11 @@ def prepare(cfg, ds: dict[str, Any], mixture_cfg, info, resume: bool):
     per_epoch = steps_per_epoch([eng.all_reduce_min(
         count_batches(mixture, cfg.packing, image_token_id, info.rank, info.world), info.device
     )], cfg.schedule.grad_accum)
-    total = cfg.schedule.max_steps or per_epoch * cfg.schedule.epochs
-    if total < 1:
+    if per_epoch < 1:  # even with --max-steps: the run would end at once with an untrained adapter
         raise ConfigError(f"{cfg.mixture}: not enough data for one step ({per_epoch} per epoch with "
-                          f"{info.world} ranks x {cfg.schedule.grad_accum} micro-batches)")
+                          f"{info.world} ranks x {cfg.schedule.grad_accum} micro-batches; "
+                          "`mmgpt data inspect --train-config` shows the drops)")
+    total = cfg.schedule.max_steps or per_epoch * cfg.schedule.epochs
     s = cfg.schedule
     ds = fill_optimizer(ds, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay, total_steps=total,
                         warmup_steps=s.warmup_for(total), min_lr_ratio=s.min_lr_ratio,

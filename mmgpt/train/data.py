@@ -94,9 +94,12 @@ class RankStream:
         return {"epoch": self.epoch, "packer": self._packer.state()}
 
     def items(self) -> Iterator["StreamItem"]:
-        """Every remaining batch with the position and data report right after it."""
+        """Every remaining batch with the position and data report right after it, then one item
+        without a batch: the report once the data is used up (drops after the last batch, or in a
+        stream that packs no batch at all, are counted too)."""
         while (batch := self.next_batch()) is not None:
             yield StreamItem(batch, self.state(), self.mixture.report.to_dict())
+        yield StreamItem(None, self.state(), self.mixture.report.to_dict())
 
 
 @dataclass
@@ -104,12 +107,14 @@ class StreamItem:
     """One batch as it leaves the packer: the stream position and the mixture's drop report right
     after it (the worker's report, which the parent process never sees otherwise)."""
 
-    batch: PackedBatch
+    batch: PackedBatch | None  # None: the end of the data
     state: dict[str, Any]
     report: dict[str, Any]
 
     def pin_memory(self) -> "StreamItem":
         """Called by the DataLoader's pin thread: page-locked tensors copy to the GPU asynchronously."""
+        if self.batch is None:
+            return self
         return dataclasses.replace(self, batch=_map_tensors(self.batch, torch.Tensor.pin_memory))
 
 
@@ -173,6 +178,9 @@ class BatchLoader:
                 raise
             raise DataWorkerError(f"rank {self.stream.rank}: the data worker failed {self._where()}: "
                                   f"{type(err).__name__}: {err}") from err
+        if item is not None and item.batch is None:  # the end: its report counts every drop
+            self._report = item.report
+            item = None
         if item is None:
             self.close()
         return item

@@ -4,7 +4,8 @@ The launch scripts run `python -m mmgpt.train.launch_check ...` first. Every pro
 one line naming the file (and line) and what is wrong, all of them at once, and the exit code is 2,
 so nothing is started on any node: the LLaMA directory and tokenizer, CLIP / OpenFlamingo / LoRA
 weights (their tensor shapes against the preset, read from the file headers), the mixture file, its
-source files and image roots, and a writable output_dir with room for the checkpoints.
+source files and image roots, at least one usable sample (a run that trains nothing is refused
+here, not after the launch), and a writable output_dir with room for the checkpoints.
 """
 from __future__ import annotations
 
@@ -132,6 +133,42 @@ def mixture_problems(path: str, where: str) -> list[str]:
     return [p for p in problems if p is not None]
 
 
+def data_problems(cfg) -> list[str]:
+    """At least one selected sample tokenises within `max_length` and fits a row: a run without one
+    would end at once with an untrained adapter. The mixture is built as training builds it (the
+    run's tokenizer, holdout, image limit) and the scan stops at the first usable sample, so a
+    normal mixture costs its screening plus one tokenisation; an unusable one says why."""
+    from collections import Counter
+
+    from mmgpt.data.conversation import tokenize
+    from mmgpt.data.mixture import Mixture, MixtureConfig
+    from mmgpt.models.builder import preset_image_size, tokenizer_path
+    from mmgpt.tokenizer import load_tokenizer
+
+    path = tokenizer_path(cfg.model)
+    if path is None:  # a preset without a bundled tokenizer and no llama_path: reported already
+        return []
+    try:
+        mixture_cfg = MixtureConfig.load(cfg.mixture)
+        cfg.check_rows(mixture_cfg.max_length)
+        mixture = Mixture(mixture_cfg, load_tokenizer(path), preset_image_size(cfg.model.preset),
+                          max_images=cfg.packing.max_images_per_row, holdout=cfg.eval.holdout)
+    except (ValueError, OSError) as err:  # ConfigError included; on_error: raise stops at a bad record
+        return [" ".join(str(err).split())]
+    reasons: Counter = Counter()
+    for i in range(len(mixture)):
+        try:
+            sample = tokenize(mixture.conversation(i), mixture.tokenizer, mixture_cfg.max_length)
+        except (TypeError, ValueError, OverflowError, RecursionError):
+            sample = "bad_text"
+        if not isinstance(sample, str):
+            return []
+        reasons[sample] += 1
+    screened = {name: dict(r.dropped) for name, r in mixture.report.sources.items() if r.dropped}
+    return [f"{cfg.mixture}: no usable sample: {len(mixture)} selected, dropped at tokenisation "
+            f"{dict(reasons)} (max_length {mixture_cfg.max_length}); dropped before sampling {screened}"]
+
+
 def run_problems(cfg, where: str) -> list[str]:
     """Everything a TrainConfig needs on disk; `where` names the config file in each line."""
     from mmgpt.models.builder import get_preset
@@ -144,7 +181,8 @@ def run_problems(cfg, where: str) -> list[str]:
     problems += build_problems
     if model is not None and usable:
         problems += weight_problems(cfg.model, model)
-    problems += mixture_problems(cfg.mixture, where)
+    mixture = mixture_problems(cfg.mixture, where)
+    problems += mixture or (data_problems(cfg) if usable else [])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if model is not None else 0
     need = trainable * CHECKPOINT_BYTES_PER_PARAM * (cfg.keep_last + 1)
     return problems + output_dir_problems(cfg.output_dir, need)
