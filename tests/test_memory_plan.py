@@ -107,6 +107,7 @@ def test_cli_and_launch_check_show_the_plan_and_say_what_to_change(nine_b_measur
         launch_check.main(["--config", str(CONFIG), "--num-gpus", "8", "--gpu", "a100-40gb"])
         shown = capsys.readouterr().out
         assert "launch_check: plan: 9b on a100-40gb" in shown and "(configured)" in shown
+        assert "launch_check: plan: the configured run fits on a100-40gb: peak " in shown
         launch_check.main(["--config", str(CONFIG), "--num-gpus", "8", "--gpu", "24GiB"])
         shown = capsys.readouterr().out
     assert "DOES NOT FIT" in shown

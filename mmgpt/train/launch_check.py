@@ -202,8 +202,8 @@ def memory_plan_problems(config: str, overrides: list[str], world: int, gpu: str
     for line in memory_plan.plan_lines(result):
         print(f"launch_check: plan: {line}", flush=True)
     note = memory_plan.advice(result)
-    if note is not None:
-        print(f"launch_check: warning: {note}", flush=True)
+    print(f"launch_check: warning: {note}" if note is not None else f"launch_check: plan: {memory_plan.verdict(result)}",
+          flush=True)
     return []
 
 

@@ -202,11 +202,21 @@ def plan_lines(result: dict) -> list[str]:
     return lines
 
 
+def verdict(result: dict) -> str | None:
+    """One line saying that the configured run fits (with its margin); None when it does not."""
+    configured = result["configured_checkpointing"]
+    mode = result["checkpointing"].get(configured)
+    if mode is None or not mode["fits"]:
+        return None
+    usable = result["gpu_memory_gib"] - result["reserved_gib"]
+    return (f"the configured run fits on {result['gpu']}: peak {mode['peak_gib']:.2f} of {usable:.1f} "
+            f"usable GiB per rank (checkpointing {configured}, packing.max_tokens={result['max_tokens']})")
+
+
 def advice(result: dict) -> str | None:
     """None when the configured run fits; else which setting to change."""
     modes = result["checkpointing"]
-    configured = result["configured_checkpointing"]
-    if configured is not None and modes[configured]["fits"]:
+    if verdict(result) is not None:
         return None
     fitting = [n for n, m in modes.items() if m["fits"]]
     value = {"off": "false", "every_2": "2", "full": "true"}
@@ -231,8 +241,7 @@ def run(args: argparse.Namespace) -> int:
     result = plan(cfg.model, cfg.packing.max_tokens, args.world_size, args.gpu, load_ds_config(cfg.deepspeed))
     print("\n".join(plan_lines(result)))
     note = advice(result)
-    if note is not None:
-        print(f"warning: {note}")
+    print(f"warning: {note}" if note is not None else verdict(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
