@@ -21,6 +21,7 @@ COMMANDS: tuple[str, ...] = (
     "mmgpt.data.cli",  # data inspect | sample
     "mmgpt.commands.bench",  # bench packing
     "mmgpt.train.cli",  # train
+    "mmgpt.commands.plan",  # plan
     "mmgpt.commands.export",  # export
     "mmgpt.commands.chat",  # chat
     "mmgpt.commands.serve",  # serve

@@ -27,7 +27,7 @@ def test_parser_and_help_import_no_model_stack():
     code = ("import sys, contextlib, io, mmgpt.cli as cli\n"
             "parser = cli.build_parser()\n"
             "for argv in (['--help'], ['chat', '--help'], ['serve', '--help'], ['export', '--help'],\n"
-            "             ['train', '--help'], ['params', '--help'], ['bench', 'packing', '--help'],\n"
+            "             ['train', '--help'], ['params', '--help'], ['plan', '--help'], ['bench', 'packing', '--help'],\n"
             "             ['data', 'inspect', '--help']):\n"
             "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
             "        parser.parse_args(argv)\n"
@@ -73,6 +73,8 @@ USER_ERRORS = {
     "chat bad JSON": ["chat", "--model", "{tmp}/run", "--prompt", "hi"],
     "serve missing model": ["serve", "--model", "{tmp}/nope"],
     "bench unknown preset": ["bench", "packing", "--preset", "13b", "--samples", "4", "--steps", "1"],
+    "plan unknown gpu": ["plan", "--config", str(REPO / "configs" / "mmgpt_9b.yaml"), "--gpu", "a100"],
+    "plan missing file": ["plan", "--config", "{tmp}/missing.yaml", "--gpu", "h200"],
 }
 
 

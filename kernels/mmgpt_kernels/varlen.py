@@ -58,11 +58,21 @@ def _torch_varlen_func() -> Callable | None:
     return varlen_attn
 
 
+def _cuda_ready() -> bool:
+    """Whether CUDA kernels can run in this process (tests/test_fake_cuda.py answers yes for fake
+    CUDA tensors on a machine without a GPU: a global `torch.cuda.is_available` patch would make
+    FakeTensorMode itself initialise CUDA)."""
+    return torch.cuda.is_available()
+
+
 def available_backends(device: torch.device | str) -> list[str]:
-    """Backends usable on `device`, fastest first (dtype limits are checked per call)."""
+    """Backends usable on `device`, fastest first (dtype limits are checked per call).
+
+    `meta` stands for a CUDA card: the fused kernels' meta functions give their output shapes and
+    saved tensors, so a meta forward + backward measures what the card would hold (memory plan)."""
     device = torch.device(device)
     found: list[str] = []
-    if device.type == "cuda" and torch.cuda.is_available():
+    if device.type == "meta" or (device.type == "cuda" and _cuda_ready()):
         if _flash_attn_func() is not None:
             found.append("flash_attn")
         if _torch_varlen_func() is not None:

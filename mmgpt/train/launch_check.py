@@ -226,6 +226,25 @@ def _batch_summary(ds: dict, ds_config: str | Path, micro: int, accum: int | Non
             f"= {ds['train_batch_size']} rows per step")
 
 
+def memory_plan_problems(config: str, overrides: list[str], world: int, gpu: str) -> list[str]:
+    """Print the memory plan of the run (and a warning naming the setting to change when it will
+    not fit); a config or card that cannot be planned is a problem."""
+    from mmgpt.config import TrainConfig
+    from mmgpt.train import memory_plan
+
+    try:
+        cfg = TrainConfig.load(config, overrides)
+        result = memory_plan.plan(cfg.model, cfg.packing.max_tokens, world, gpu, load_ds_config(cfg.deepspeed))
+    except (ValueError, FileNotFoundError) as err:  # ConfigError / DSConfigError / a bad --gpu
+        return [" ".join(str(err).split())]
+    for line in memory_plan.plan_lines(result):
+        print(f"launch_check: plan: {line}", flush=True)
+    note = memory_plan.advice(result)
+    print(f"launch_check: warning: {note}" if note is not None else f"launch_check: plan: {memory_plan.verdict(result)}",
+          flush=True)
+    return []
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mmgpt.train.launch_check", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="mmgpt train config (YAML/JSON)")
@@ -236,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deepspeed-env", help="a .deepspeed_env file to check")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, as for mmgpt train")
+    parser.add_argument("--gpu", help="also show the memory plan (mmgpt plan) for this card: a100-40gb | "
+                                      "a100-80gb | h100-80gb | h200 | <N>GiB")
     args = parser.parse_args(argv)
     quiet()
     problems: list[str] = []
@@ -255,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             summary = f"{summary}; {args.deepspeed_env}: {check_deepspeed_env(args.deepspeed_env)} variable(s)"
         except LaunchError as err:
             problems.append(str(err))
+    if args.gpu and args.config:
+        problems += memory_plan_problems(args.config, args.overrides, world or 1, args.gpu)
     for problem in problems:
         print(f"launch_check: error: {problem}", file=sys.stderr)
     if problems:
