@@ -34,7 +34,7 @@ EXIT_USER_ERROR = 2
 USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("mmgpt.configfile", "ConfigError"),
     ("mmgpt.preflight", "PreflightError"),
-    ("mmgpt.models.checkpoints", "WeightsError"),
+    ("mmgpt.models.pretrained", "WeightsError"),
     ("mmgpt.run_layout", "CheckpointError"),
     ("mmgpt.data.mixture", "DataError"),
     ("mmgpt.train.ds_config", "DSConfigError"),

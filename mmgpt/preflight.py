@@ -114,7 +114,7 @@ def read_meta_state(path: str | Path) -> dict:
 
     import torch
 
-    from mmgpt.models.checkpoints import WeightsError, load_state_file
+    from mmgpt.models.pretrained import WeightsError, load_state_file
 
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -142,7 +142,7 @@ def read_meta_state(path: str | Path) -> dict:
 
 def _clip_problem(model, path: str) -> str | None:
     """The `visual.*` tensors of an open_clip file against the preset's ViT (as load_clip_weights)."""
-    from mmgpt.models.checkpoints import unwrap
+    from mmgpt.models.pretrained import unwrap
 
     state = unwrap(read_meta_state(path))
     given = {k[len("visual."):]: tuple(v.shape) for k, v in state.items() if k.startswith("visual.")}
@@ -177,24 +177,24 @@ def without_files(cfg: ModelConfig) -> ModelConfig:
 def weight_problems(cfg: ModelConfig, model: Any) -> list[str]:
     """Checkpoint shapes against `model` (`meta_model(cfg)`), from the files' headers.
 
-    Uses the loaders' own key mapping and checks (`checkpoints.load_into`, `load_lora`), so what
+    Uses the loaders' own key mapping and checks (`pretrained.load_into`, `load_lora`), so what
     passes here loads. Assumes `model_path_problems(cfg)` found nothing.
     """
-    from mmgpt.models import checkpoints
+    from mmgpt.models import pretrained
 
     problems: list[str | None] = []
     try:
         if cfg.clip_weights:
             problems.append(_clip_problem(model, cfg.clip_weights))
         if cfg.openflamingo_checkpoint:
-            checkpoints.load_into(model, read_meta_state(cfg.openflamingo_checkpoint), cfg.openflamingo_checkpoint,
-                                  "OpenFlamingo", checkpoints.is_openflamingo_weight)
-    except checkpoints.WeightsError as err:
+            pretrained.load_into(model, read_meta_state(cfg.openflamingo_checkpoint), cfg.openflamingo_checkpoint,
+                                  "OpenFlamingo", pretrained.is_openflamingo_weight)
+    except pretrained.WeightsError as err:
         problems.append(str(err))
     if cfg.lora_checkpoint and cfg.lora != "none":
         try:
-            checkpoints.load_lora(model, cfg.lora_checkpoint)  # a small file: read whole, copied onto meta
-        except checkpoints.WeightsError as err:
+            pretrained.load_lora(model, cfg.lora_checkpoint)  # a small file: read whole, copied onto meta
+        except pretrained.WeightsError as err:
             problems.append(str(err))
     return [p for p in problems if p is not None]
 

@@ -149,7 +149,7 @@ def test_launch_check_reports_checkpoint_shapes_that_disagree_with_the_preset(tm
     from safetensors.torch import save_file
 
     from mmgpt.models.builder import ModelConfig, build_model
-    from mmgpt.models.checkpoints import is_openflamingo_weight
+    from mmgpt.models.pretrained import is_openflamingo_weight
 
     model, _ = build_model(ModelConfig(preset="tiny", lora="none"), meta=True)
     state = {k: torch.zeros(v.shape) for k, v in model.state_dict().items() if is_openflamingo_weight(k)}

@@ -22,7 +22,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from mmgpt.media import check_mode
-from mmgpt.models import checkpoints
+from mmgpt.models import pretrained
 from mmgpt.models.flamingo import Flamingo, add_cross_attention, checkpoint_every
 from mmgpt.models.lora import apply_lora
 from mmgpt.models.perceiver import PerceiverResampler
@@ -176,13 +176,13 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: tor
         if cfg.clip_weights:
             vision.load_clip_weights(cfg.clip_weights)
         if cfg.openflamingo_checkpoint:
-            report = checkpoints.load_openflamingo(model, cfg.openflamingo_checkpoint)
+            report = pretrained.load_openflamingo(model, cfg.openflamingo_checkpoint)
             log.info("%s", report)
     model.requires_grad_(False)
     if cfg.lora != "none":
         model.lang_encoder = apply_lora(model.lang_encoder, cfg.lora)
         if cfg.lora_checkpoint and not meta:
-            report = checkpoints.load_lora(model, cfg.lora_checkpoint)
+            report = pretrained.load_lora(model, cfg.lora_checkpoint)
             log.info("%s", report)
             if cfg.media_attention != "next":
                 log.warning("media_attention=%r, but the released MultiModal-GPT LoRA was trained with "

@@ -12,7 +12,7 @@ from pathlib import Path
 from open_clip.transformer import QuickGELU, VisionTransformer
 from torch import Tensor, nn
 
-from mmgpt.models.checkpoints import WeightsError, load_state_file, unwrap
+from mmgpt.models.pretrained import WeightsError, load_state_file, unwrap
 
 
 @dataclass(frozen=True)

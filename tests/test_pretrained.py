@@ -23,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from mmgpt.models.builder import ModelConfig, build_model
 from mmgpt.media import row_layout
-from mmgpt.models.checkpoints import WeightsError, load_lora, load_openflamingo, load_state_file
+from mmgpt.models.pretrained import WeightsError, load_lora, load_openflamingo, load_state_file
 from mmgpt.models.flamingo import MediaContext
 from model_helpers import open_gates, randomize_lora_b
 from mmgpt.tokenizer import TINY_TOKENIZER_DIR
