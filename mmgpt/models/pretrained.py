@@ -106,6 +106,21 @@ class RefusedGlobal(pickle.UnpicklingError):
     """A pickle named a global outside `_ALLOWED_GLOBALS`; it was not imported or called."""
 
 
+_PLAIN = (int, float, str, bool, type(None))
+
+
+def _check_state_dict_build(state: object) -> None:
+    """Admit exactly what `nn.Module.state_dict()` pickles as BUILD: `{"_metadata": {module: {key:
+    plain value}}}` (e.g. `{"version": 1}` per module), which only sets that one attribute."""
+    metadata = state.get("_metadata") if type(state) is dict and len(state) == 1 else None
+    if not (isinstance(metadata, dict) and all(
+            type(name) is str and type(entry) is dict
+            and all(type(k) is str and type(v) in _PLAIN for k, v in entry.items())
+            for name, entry in metadata.items())):
+        raise pickle.UnpicklingError("BUILD on OrderedDict with a state other than a state dict's _metadata "
+                                     "is not allowed")
+
+
 class _RestrictedUnpickler(pickle._Unpickler):
     """Pure-Python unpickler (so BUILD can be intercepted) that resolves globals from the allow-list only."""
 
@@ -122,10 +137,14 @@ class _RestrictedUnpickler(pickle._Unpickler):
             raise RefusedGlobal(f"{module}.{name}") from None
 
     def load_build(self) -> None:
-        """BUILD only onto the stand-ins: on anything else (an allowed torch function, a class) it could
-        setattr e.g. `__kwdefaults__` and tamper with every later load in the process."""
-        if not isinstance(self.stack[-2], (Config, ConfigDict)):
-            raise pickle.UnpicklingError(f"BUILD on {type(self.stack[-2]).__name__} is not allowed")
+        """BUILD only onto the stand-ins, or a state dict's `_metadata`: on anything else (an allowed
+        torch function, a class) it could setattr e.g. `__kwdefaults__` and tamper with every later
+        load in the process."""
+        target = self.stack[-2]
+        if type(target) is collections.OrderedDict:
+            _check_state_dict_build(self.stack[-1])
+        elif not isinstance(target, (Config, ConfigDict)):
+            raise pickle.UnpicklingError(f"BUILD on {type(target).__name__} is not allowed")
         pickle._Unpickler.load_build(self)
 
     dispatch[pickle.BUILD[0]] = load_build
