@@ -87,7 +87,8 @@ class ModelConfig:
     preset: str = "tiny"
     llama_path: str | None = None  # HF LLaMA directory (weights + tokenizer)
     tokenizer_path: str | None = None  # defaults to llama_path, else the preset's bundled tokenizer
-    clip_weights: str | None = None  # open_clip CLIP state dict (.pt/.bin/.safetensors)
+    # CLIP: open_clip state dict file, OpenAI's TorchScript ViT-L-14.pt, or a transformers CLIP dir
+    clip_weights: str | None = None
     openflamingo_checkpoint: str | None = None  # OpenFlamingo checkpoint.pt (v1 or v2 layout)
     lora_checkpoint: str | None = None  # MultiModal-GPT LoRA checkpoint (released layout)
     lora: str = "default"  # default | paper | none
@@ -174,7 +175,7 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: tor
     model = Flamingo(vision, perceiver, llama, image_token_id)
     if not meta:
         if cfg.clip_weights:
-            vision.load_clip_weights(cfg.clip_weights)
+            log.info("%s", vision.load_clip_weights(cfg.clip_weights))
         if cfg.openflamingo_checkpoint:
             report = pretrained.load_openflamingo(model, cfg.openflamingo_checkpoint)
             log.info("%s", report)

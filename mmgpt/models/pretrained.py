@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import _compat_pickle
 import collections
+import json
 import pickle
 import re
+import struct
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,10 @@ import torch
 from torch import Tensor, nn
 
 WRAPPER_KEYS = ("model_state_dict", "state_dict", "module", "model")
+MAX_SAFETENSORS_HEADER = 100 << 20  # larger is not a safetensors file
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}  # the header's names (others: float32 shapes)
 HARMLESS_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached", "position_ids")
 _ALIASES = [
     (re.compile(r"^lang_encoder\.gated_cross_attn_layers\.(\d+)\."), r"lang_encoder.model.layers.\1.gated_cross_attn_layer."),
@@ -186,6 +192,38 @@ def load_state_file(path: str | Path) -> dict:
 
         return load_file(str(path))
     state = _load_torch_file(path)
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path}: expected a state dict, got {type(state).__name__}")
+    return state
+
+
+def read_meta_state(path: str | Path) -> dict:
+    """A weights file's tensors as meta tensors (names and shapes, no data).
+
+    safetensors: its JSON header. torch files: `torch.load` onto the meta device with
+    weights_only (zip files: storages are not read). A file that weights_only refuses (the
+    mmengine config pickled in MultiModal-GPT's small LoRA files) goes through the project's
+    restricted loader, which reads it whole.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            size = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+            if not 0 < size <= MAX_SAFETENSORS_HEADER:
+                raise WeightsError(f"{path}: not a safetensors file (header size {size})")
+            try:
+                header = json.loads(f.read(size))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise WeightsError(f"{path}: unreadable safetensors header ({err})") from None
+        return {name: torch.empty(entry["shape"], device="meta", dtype=_SAFETENSORS_DTYPES.get(entry["dtype"]))
+                for name, entry in header.items() if name != "__metadata__"}
+    try:
+        state = torch.load(str(path), map_location="meta", weights_only=True)
+    except pickle.UnpicklingError:
+        return load_state_file(path)
+    except (RuntimeError, EOFError) as err:  # not a torch file at all
+        raise WeightsError(f"{path}: not a torch checkpoint ({err})") from None
     if not isinstance(state, dict):
         raise WeightsError(f"{path}: expected a state dict, got {type(state).__name__}")
     return state
