@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import pickle
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -135,7 +136,10 @@ def _build_llama(cfg: ModelConfig, preset: Preset, tokenizer: PreTrainedTokenize
         if meta:
             llama = LlamaForCausalLM(LlamaConfig.from_pretrained(cfg.llama_path))
         else:
-            llama = LlamaForCausalLM.from_pretrained(cfg.llama_path, dtype=dtype)
+            try:
+                llama = LlamaForCausalLM.from_pretrained(cfg.llama_path, dtype=dtype)
+            except pickle.UnpicklingError as err:
+                raise pretrained.refused_by_weights_only(cfg.llama_path, err) from None
         llama.resize_token_embeddings(len(tokenizer))
         return llama
     if tokenizer is not None and len(tokenizer) > preset.llama["vocab_size"]:

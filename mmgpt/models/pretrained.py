@@ -229,6 +229,20 @@ def read_meta_state(path: str | Path) -> dict:
     return state
 
 
+def refused_by_weights_only(directory: str | Path, err: pickle.UnpicklingError) -> WeightsError:
+    """transformers' weights-only read of a model directory refused a file: one line naming the file
+    (transformers' `load_state_dict(checkpoint_file)` frame) and torch's reason, not its 10-line advice."""
+    tb, shard = err.__traceback__, None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "load_state_dict" and "checkpoint_file" in tb.tb_frame.f_locals:
+            shard = Path(str(tb.tb_frame.f_locals["checkpoint_file"])).name
+        tb = tb.tb_next
+    reason = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "Unsupported" in line),
+                  " ".join(str(err).split())[:200])
+    return WeightsError(f"{directory}: {shard or 'a weights file'} failed the weights-only read ({reason}); "
+                        "nothing was executed")
+
+
 def unwrap(state: dict) -> dict[str, Tensor]:
     """Strip `{"model_state_dict": ...}`-style wrappers and `module.` prefixes."""
     while len(state) == 1 or any(k in state for k in WRAPPER_KEYS):
