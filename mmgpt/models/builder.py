@@ -25,7 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 from mmgpt.media import check_mode
 from mmgpt.models import pretrained
 from mmgpt.models.flamingo import Flamingo, add_cross_attention, checkpoint_every
-from mmgpt.models.lora import apply_lora
+from mmgpt.models.lora import LoraSpec, apply_lora, lora_spec
 from mmgpt.models.perceiver import PerceiverResampler
 from mmgpt.models.preset_names import PRESET_NAMES
 from mmgpt.contracts import IMAGE
@@ -92,7 +92,9 @@ class ModelConfig:
     clip_weights: str | None = None
     openflamingo_checkpoint: str | None = None  # OpenFlamingo checkpoint.pt (v1 or v2 layout)
     lora_checkpoint: str | None = None  # MultiModal-GPT LoRA checkpoint (released layout)
-    lora: str = "default"  # default | paper | none
+    # LoRA: a preset name (default | paper | none) or LoraSpec(preset, r, alpha, dropout, targets) /
+    # its YAML mapping; unset fields come from the preset (mmgpt/models/lora.py)
+    lora: str | LoraSpec = "default"
     seed: int = 0
     # Activation checkpointing: false (off), true (every layer) or k (every k-th layer). See
     # configs/mmgpt_9b.yaml for what fits which card.
@@ -105,6 +107,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_mode(self.media_attention)
         checkpoint_every(self.gradient_checkpointing)
+        lora_spec(self.lora)  # an unknown preset / target or a bad r is refused when the config is read
 
 
 def get_preset(name: str) -> Preset:
@@ -184,8 +187,9 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: tor
             report = pretrained.load_openflamingo(model, cfg.openflamingo_checkpoint)
             log.info("%s", report)
     model.requires_grad_(False)
-    if cfg.lora != "none":
-        model.lang_encoder = apply_lora(model.lang_encoder, cfg.lora)
+    spec = lora_spec(cfg.lora)
+    if spec is not None:
+        model.lang_encoder = apply_lora(model.lang_encoder, spec)
         if cfg.lora_checkpoint and not meta:
             report = pretrained.load_lora(model, cfg.lora_checkpoint)
             log.info("%s", report)
