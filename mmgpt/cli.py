@@ -25,6 +25,7 @@ COMMANDS: tuple[str, ...] = (
     "mmgpt.commands.chat",  # chat
     "mmgpt.commands.serve",  # serve
     "mmgpt.commands.eval",  # eval
+    "mmgpt.commands.weights",  # weights check
 )
 
 EXIT_USER_ERROR = 2

@@ -143,7 +143,8 @@ def _build_llama(cfg: ModelConfig, preset: Preset, tokenizer: PreTrainedTokenize
                 llama = LlamaForCausalLM.from_pretrained(cfg.llama_path, dtype=dtype)
             except pickle.UnpicklingError as err:
                 raise pretrained.refused_by_weights_only(cfg.llama_path, err) from None
-        llama.resize_token_embeddings(len(tokenizer))
+        # meta: shapes only (the mean initialisation of new rows cannot run without data)
+        llama.resize_token_embeddings(len(tokenizer), mean_resizing=not meta)
         return llama
     if tokenizer is not None and len(tokenizer) > preset.llama["vocab_size"]:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but preset {cfg.preset!r} has a "

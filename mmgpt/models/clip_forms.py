@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from mmgpt.models.jit_archive import is_torchscript_archive, read_torchscript_state
-from mmgpt.models.pretrained import WeightsError, load_state_file, read_meta_state, unwrap
+from mmgpt.models.pretrained import WeightsError, load_state_file, read_meta_state, tensor_summary, unwrap
 
 _HF_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
              "self_attn.out_proj": "attn.out_proj"}
@@ -42,7 +42,7 @@ class ClipWeights:
 
     def describe(self) -> str:
         note = f" (no {', '.join(self.absent)}: unused by the patch tokens)" if self.absent else ""
-        return f"{self.path}: CLIP ViT in {self.form} form, {len(self.visual)} tensors{note}"
+        return f"{self.path}: CLIP ViT in {self.form} form, {tensor_summary(self.visual)}{note}"
 
 
 def _visual(state: dict[str, Tensor], path: Path, form: str) -> dict[str, Tensor]:

@@ -243,6 +243,12 @@ def refused_by_weights_only(directory: str | Path, err: pickle.UnpicklingError) 
                         "nothing was executed")
 
 
+def tensor_summary(state: dict) -> str:
+    """`N tensors (float16 xA, float32 xB)`: what a report says about a state dict's contents."""
+    dtypes = collections.Counter(str(v.dtype).removeprefix("torch.") for v in state.values() if isinstance(v, Tensor))
+    return f"{sum(dtypes.values())} tensors ({', '.join(f'{d} x{n}' for d, n in dtypes.most_common())})"
+
+
 def unwrap(state: dict) -> dict[str, Tensor]:
     """Strip `{"model_state_dict": ...}`-style wrappers and `module.` prefixes."""
     while len(state) == 1 or any(k in state for k in WRAPPER_KEYS):
