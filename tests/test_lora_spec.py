@@ -85,3 +85,26 @@ def test_released_file_refused_by_a_configured_rank(tmp_path):
     model, _ = build_model(ModelConfig(preset="tiny", lora=LoraSpec(r=8)))
     with pytest.raises(WeightsError, match=r"tuning_config disagrees with the model: lora_r=16 but .* \[8\]"):
         load_lora(model, path)
+
+
+def test_configured_lora_reaches_the_export_and_its_model_card(tmp_path):
+    """An adapter export of a run trained with `lora: {r: 4, alpha: 8, ...}` carries those values in
+    adapter_config.json, mmgpt_config.json and the model card, and loads back to the same LoRA."""
+    import yaml
+    from dataclasses import replace
+
+    from mmgpt.export import export
+    from mmgpt.inference.model_dir import load_model, resolve_source
+    from test_export import make_base, save_run
+
+    spec = LoraSpec("default", r=4, alpha=8, dropout=0.05, targets=("q_proj", "v_proj", "to_kv"))
+    cfg = replace(make_base(tmp_path), lora=spec)
+    model, _ = build_model(cfg)
+    out = export(save_run(tmp_path / "run", cfg, model), tmp_path / "out", merge=False, dtype_name="fp32")
+    adapter = json.loads(next(out.rglob("adapter_config.json")).read_text())
+    assert (adapter["r"], adapter["lora_alpha"], adapter["lora_dropout"]) == (4, 8, 0.05)
+    card = yaml.safe_load((out / "README.md").read_text().split("---")[1])
+    assert card["mmgpt"]["lora"]["r"] == 4 and card["mmgpt"]["lora"]["alpha"] == 8
+    reloaded, _ = load_model(resolve_source(out))
+    assert lora_numel(reloaded) == lora_numel(model)
+    assert reloaded.lang_encoder.peft_config["default"].r == 4
