@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import torch
 
 from mmgpt.cli import main
@@ -23,6 +24,13 @@ def write_weights(root) -> None:
     save_with_mmengine(released_file, source_model(), root / "mmgpt-lora-v0-release.pt", "legacy")
 
 
+@pytest.fixture(scope="module")
+def weights_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("weights")
+    write_weights(root)
+    return root
+
+
 def config(root, lora: str = "default"):
     path = root / "run.yaml"
     path.write_text("mixture: mix.yaml\noutput_dir: out\nmodel:\n  preset: tiny\n  llama_path: llama\n"
@@ -31,11 +39,9 @@ def config(root, lora: str = "default"):
     return path
 
 
-def test_weights_check_reports_every_form_and_the_fit(tmp_path, capsys):
-    write_weights(tmp_path)
-    assert main(["weights", "check", str(config(tmp_path))]) == 0
+def test_weights_check_reports_every_form_and_the_fit(weights_dir, capsys):
+    assert main(["weights", "check", str(config(weights_dir))]) == 0
     out = capsys.readouterr().out
-    print(out)
     lines = out.strip().splitlines()
     assert re.search(r"^llama_path .*: transformers LLaMA dir, \d+ \.bin shards, 39 tensors; config dtype .*"
                      r"hidden 64 x 4 layers, vocab 1000; tokenizer tokenizer.model only", lines[0])
@@ -47,9 +53,8 @@ def test_weights_check_reports_every_form_and_the_fit(tmp_path, capsys):
     assert lines[-1] == "weights check: ok (4 weight path(s), preset 'tiny', lora 'default')"
 
 
-def test_weights_check_names_what_does_not_fit(tmp_path, capsys):
-    write_weights(tmp_path)
-    assert main(["weights", "check", str(config(tmp_path, "{r: 8}"))]) == 1
+def test_weights_check_names_what_does_not_fit(weights_dir, capsys):
+    assert main(["weights", "check", str(config(weights_dir, "{r: 8}"))]) == 1
     lines = capsys.readouterr().out.strip().splitlines()
     assert any(line.startswith("problem: ") and "tuning_config disagrees with the model: lora_r=16" in line
                for line in lines)
