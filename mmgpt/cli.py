@@ -26,6 +26,7 @@ COMMANDS: tuple[str, ...] = (
     "mmgpt.commands.chat",  # chat
     "mmgpt.commands.serve",  # serve
     "mmgpt.commands.eval",  # eval
+    "mmgpt.commands.weights",  # weights check
 )
 
 EXIT_USER_ERROR = 2
@@ -35,7 +36,7 @@ EXIT_USER_ERROR = 2
 USER_ERRORS: tuple[tuple[str, str], ...] = (
     ("mmgpt.configfile", "ConfigError"),
     ("mmgpt.preflight", "PreflightError"),
-    ("mmgpt.models.checkpoints", "WeightsError"),
+    ("mmgpt.models.pretrained", "WeightsError"),
     ("mmgpt.run_layout", "CheckpointError"),
     ("mmgpt.data.mixture", "DataError"),
     ("mmgpt.train.ds_config", "DSConfigError"),

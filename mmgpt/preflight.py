@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +20,6 @@ if TYPE_CHECKING:
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 LLAMA_WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
-MAX_SAFETENSORS_HEADER = 100 << 20  # larger is not a safetensors file
 
 
 class PreflightError(ValueError):
@@ -102,54 +100,14 @@ def llama_config_problems(llama_path: str, preset_name: str, preset_llama: dict[
     return problems
 
 
-def read_meta_state(path: str | Path) -> dict:
-    """A weights file's tensors as meta tensors (names and shapes, no data).
-
-    safetensors: its JSON header. torch files: `torch.load` onto the meta device with
-    weights_only (zip files: storages are not read). A file that weights_only refuses (the
-    mmengine config pickled in MultiModal-GPT's small LoRA files) goes through the project's
-    restricted loader, which reads it whole.
-    """
-    import pickle
-
-    import torch
-
-    from mmgpt.models.checkpoints import WeightsError, load_state_file
-
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            size = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
-            if not 0 < size <= MAX_SAFETENSORS_HEADER:
-                raise WeightsError(f"{path}: not a safetensors file (header size {size})")
-            try:
-                header = json.loads(f.read(size))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise WeightsError(f"{path}: unreadable safetensors header ({err})") from None
-        return {name: torch.empty(entry["shape"], device="meta") for name, entry in header.items()
-                if name != "__metadata__"}
-    try:
-        state = torch.load(str(path), map_location="meta", weights_only=True)
-    except pickle.UnpicklingError:
-        return load_state_file(path)
-    except (RuntimeError, EOFError) as err:  # not a torch file at all
-        raise WeightsError(f"{path}: not a torch checkpoint ({err})") from None
-    if not isinstance(state, dict):
-        raise WeightsError(f"{path}: expected a state dict, got {type(state).__name__}")
-    return state
-
-
 def _clip_problem(model, path: str) -> str | None:
-    """The `visual.*` tensors of an open_clip file against the preset's ViT (as load_clip_weights)."""
-    from mmgpt.models.checkpoints import unwrap
+    """The CLIP file's vision tensors (any form, meta) against the preset's ViT (as load_clip_weights)."""
+    from mmgpt.models.clip_forms import read_clip_weights
 
-    state = unwrap(read_meta_state(path))
-    given = {k[len("visual."):]: tuple(v.shape) for k, v in state.items() if k.startswith("visual.")}
-    if not given:
-        return f"{path}: no 'visual.*' keys; expected an open_clip CLIP state dict"
+    weights = read_clip_weights(path, meta=True)
+    given = {k: tuple(v.shape) for k, v in weights.visual.items()}
     ours = {k: tuple(v.shape) for k, v in model.vision_encoder.visual.state_dict().items()}
-    missing, unexpected = sorted(set(ours) - set(given)), sorted(set(given) - set(ours))
+    missing, unexpected = sorted(set(ours) - set(given) - set(weights.absent)), sorted(set(given) - set(ours))
     mismatched = [f"{k}: file {given[k]} vs model {ours[k]}" for k in sorted(set(ours) & set(given))
                   if given[k] != ours[k]]
     parts = [f"{len(items)} {label} (e.g. {items[:2]})" for label, items in
@@ -177,24 +135,24 @@ def without_files(cfg: ModelConfig) -> ModelConfig:
 def weight_problems(cfg: ModelConfig, model: Any) -> list[str]:
     """Checkpoint shapes against `model` (`meta_model(cfg)`), from the files' headers.
 
-    Uses the loaders' own key mapping and checks (`checkpoints.load_into`, `load_lora`), so what
+    Uses the loaders' own key mapping and checks (`pretrained.load_into`, `load_lora`), so what
     passes here loads. Assumes `model_path_problems(cfg)` found nothing.
     """
-    from mmgpt.models import checkpoints
+    from mmgpt.models import pretrained
 
     problems: list[str | None] = []
     try:
         if cfg.clip_weights:
             problems.append(_clip_problem(model, cfg.clip_weights))
         if cfg.openflamingo_checkpoint:
-            checkpoints.load_into(model, read_meta_state(cfg.openflamingo_checkpoint), cfg.openflamingo_checkpoint,
-                                  "OpenFlamingo", checkpoints.is_openflamingo_weight)
-    except checkpoints.WeightsError as err:
+            pretrained.load_into(model, pretrained.read_meta_state(cfg.openflamingo_checkpoint), cfg.openflamingo_checkpoint,
+                                  "OpenFlamingo", pretrained.is_openflamingo_weight)
+    except pretrained.WeightsError as err:
         problems.append(str(err))
     if cfg.lora_checkpoint and cfg.lora != "none":
         try:
-            checkpoints.load_lora(model, cfg.lora_checkpoint)  # a small file: read whole, copied onto meta
-        except checkpoints.WeightsError as err:
+            pretrained.load_lora(model, cfg.lora_checkpoint)  # a small file: read whole, copied onto meta
+        except pretrained.WeightsError as err:
             problems.append(str(err))
     return [p for p in problems if p is not None]
 

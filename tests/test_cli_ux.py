@@ -151,16 +151,19 @@ def test_launch_check_reports_checkpoint_shapes_that_disagree_with_the_preset(tm
     from safetensors.torch import save_file
 
     from mmgpt.models.builder import ModelConfig, build_model
-    from mmgpt.models.checkpoints import is_openflamingo_weight
+    from mmgpt.models.pretrained import is_openflamingo_weight
 
-    model, _ = build_model(ModelConfig(preset="tiny", lora="none"), meta=True)
-    state = {k: torch.zeros(v.shape) for k, v in model.state_dict().items() if is_openflamingo_weight(k)}
+    model, _ = build_model(ModelConfig(preset="tiny", lora="none"))
+    state = model.state_dict()  # the module's own OrderedDict, reduced to what OpenFlamingo saves
+    for name in [k for k in state if not is_openflamingo_weight(k)]:
+        del state[name]
     key = next(k for k in state if k.startswith("perceiver."))
-    good = dict(state)
+    save_file(dict(state), str(tmp_path / "of.safetensors"))
     state[key] = torch.zeros(*[d + 1 for d in state[key].shape])  # the 'small' preset's, say
     torch.save(state, tmp_path / "of.pt")
-    save_file(good, str(tmp_path / "of.safetensors"))
-    clip = {f"visual.{k}": torch.zeros(v.shape) for k, v in model.vision_encoder.visual.state_dict().items()}
+    clip = torch.nn.Module()  # an open_clip-named CLIP whose visual tower is the preset's, one tensor broken
+    clip.visual = model.vision_encoder.visual
+    clip = clip.state_dict()
     clip["visual.conv1.weight"] = torch.zeros(1, 1)
     torch.save(clip, tmp_path / "clip.pt")
     (tmp_path / "a.jsonl").write_text('{"instruction": "Name a colour.", "context": "", "response": "Blue.", "category": "open_qa"}\n')  # one usable record: an empty mixture is refused too

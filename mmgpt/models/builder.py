@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import pickle
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,9 +23,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from mmgpt.media import check_mode
-from mmgpt.models import checkpoints
+from mmgpt.models import pretrained
 from mmgpt.models.flamingo import Flamingo, add_cross_attention, checkpoint_every
-from mmgpt.models.lora import apply_lora
+from mmgpt.models.lora import LoraSpec, apply_lora, lora_spec
 from mmgpt.models.perceiver import PerceiverResampler
 from mmgpt.models.preset_names import PRESET_NAMES
 from mmgpt.contracts import IMAGE
@@ -87,10 +88,13 @@ class ModelConfig:
     preset: str = "tiny"
     llama_path: str | None = None  # HF LLaMA directory (weights + tokenizer)
     tokenizer_path: str | None = None  # defaults to llama_path, else the preset's bundled tokenizer
-    clip_weights: str | None = None  # open_clip CLIP state dict (.pt/.bin/.safetensors)
+    # CLIP: open_clip state dict file, OpenAI's TorchScript ViT-L-14.pt, or a transformers CLIP dir
+    clip_weights: str | None = None
     openflamingo_checkpoint: str | None = None  # OpenFlamingo checkpoint.pt (v1 or v2 layout)
     lora_checkpoint: str | None = None  # MultiModal-GPT LoRA checkpoint (released layout)
-    lora: str = "default"  # default | paper | none
+    # LoRA: a preset name (default | paper | none) or LoraSpec(preset, r, alpha, dropout, targets) /
+    # its YAML mapping; unset fields come from the preset (mmgpt/models/lora.py)
+    lora: str | LoraSpec = "default"
     seed: int = 0
     # Activation checkpointing: false (off), true (every layer) or k (every k-th layer). See
     # configs/mmgpt_9b.yaml for what fits which card.
@@ -103,6 +107,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_mode(self.media_attention)
         checkpoint_every(self.gradient_checkpointing)
+        lora_spec(self.lora)  # an unknown preset / target or a bad r is refused when the config is read
 
 
 def get_preset(name: str) -> Preset:
@@ -134,8 +139,12 @@ def _build_llama(cfg: ModelConfig, preset: Preset, tokenizer: PreTrainedTokenize
         if meta:
             llama = LlamaForCausalLM(LlamaConfig.from_pretrained(cfg.llama_path))
         else:
-            llama = LlamaForCausalLM.from_pretrained(cfg.llama_path, dtype=dtype)
-        llama.resize_token_embeddings(len(tokenizer))
+            try:
+                llama = LlamaForCausalLM.from_pretrained(cfg.llama_path, dtype=dtype)
+            except pickle.UnpicklingError as err:
+                raise pretrained.refused_by_weights_only(cfg.llama_path, err) from None
+        # meta: shapes only (the mean initialisation of new rows cannot run without data)
+        llama.resize_token_embeddings(len(tokenizer), mean_resizing=not meta)
         return llama
     if tokenizer is not None and len(tokenizer) > preset.llama["vocab_size"]:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but preset {cfg.preset!r} has a "
@@ -174,15 +183,16 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: tor
     model = Flamingo(vision, perceiver, llama, image_token_id)
     if not meta:
         if cfg.clip_weights:
-            vision.load_clip_weights(cfg.clip_weights)
+            log.info("%s", vision.load_clip_weights(cfg.clip_weights))
         if cfg.openflamingo_checkpoint:
-            report = checkpoints.load_openflamingo(model, cfg.openflamingo_checkpoint)
+            report = pretrained.load_openflamingo(model, cfg.openflamingo_checkpoint)
             log.info("%s", report)
     model.requires_grad_(False)
-    if cfg.lora != "none":
-        model.lang_encoder = apply_lora(model.lang_encoder, cfg.lora)
+    spec = lora_spec(cfg.lora)
+    if spec is not None:
+        model.lang_encoder = apply_lora(model.lang_encoder, spec)
         if cfg.lora_checkpoint and not meta:
-            report = checkpoints.load_lora(model, cfg.lora_checkpoint)
+            report = pretrained.load_lora(model, cfg.lora_checkpoint)
             log.info("%s", report)
             if cfg.media_attention != "next":
                 log.warning("media_attention=%r, but the released MultiModal-GPT LoRA was trained with "

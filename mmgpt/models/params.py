@@ -10,7 +10,21 @@ import json
 
 from torch import nn
 
+from mmgpt.configfile import ConfigError, from_dict
 from mmgpt.models.builder import ModelConfig, build_model
+from mmgpt.models.lora import LoraSpec, lora_spec
+
+
+def parse_lora_option(text: str) -> str | LoraSpec:
+    """`--lora`: a preset name, or an inline YAML mapping such as `{preset: paper, r: 8}`."""
+    if not text.lstrip().startswith("{"):
+        return text
+    import yaml
+
+    try:
+        return from_dict(LoraSpec, yaml.safe_load(text), "--lora")
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--lora: not a YAML mapping: {' '.join(str(err).split())}") from None
 
 
 def count_params(model: nn.Module) -> dict[str, int]:
@@ -32,8 +46,12 @@ def count_params(model: nn.Module) -> dict[str, int]:
 
 def run(args: argparse.Namespace) -> int:
     """`mmgpt params` (parser: mmgpt/commands/params.py)."""
-    model, _ = build_model(ModelConfig(preset=args.preset, lora=args.lora), meta=True)
-    counts = {"preset": args.preset, "lora": args.lora, **count_params(model)}
+    lora = parse_lora_option(args.lora)
+    model, _ = build_model(ModelConfig(preset=args.preset, lora=lora), meta=True)
+    resolved = lora_spec(lora)
+    counts = {"preset": args.preset, "lora": "none" if resolved is None else
+              f"{resolved.preset} r={resolved.r} alpha={resolved.alpha} targets={','.join(resolved.targets)}",
+              **count_params(model)}
     for key, value in counts.items():
         print(f"{key}: {value:,}" if isinstance(value, int) else f"{key}: {value}")
     if args.json is not None:

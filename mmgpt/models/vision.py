@@ -9,10 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from open_clip.transformer import QuickGELU, VisionTransformer
 from torch import Tensor, nn
 
-from mmgpt.models.checkpoints import WeightsError, load_state_file, unwrap
+from mmgpt.models.clip_forms import read_clip_weights
+from mmgpt.models.pretrained import WeightsError
 
 
 @dataclass(frozen=True)
@@ -62,17 +64,21 @@ class VisionEncoder(nn.Module):
         _, tokens = self.visual(images)
         return tokens
 
-    def load_clip_weights(self, path: str | Path) -> None:
-        """Load the `visual.*` part of an open_clip CLIP state dict (.pt/.bin/.safetensors).
+    def load_clip_weights(self, path: str | Path) -> str:
+        """Load the vision tower of a CLIP checkpoint in any form `clip_forms` reads; says which form.
 
         The 9b preset's QuickGELU matches OpenAI's ViT-L-14 weights (what OpenFlamingo-9B used).
         """
-        state = unwrap(load_state_file(path))
-        visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
-        if not visual:
-            raise WeightsError(f"{path}: no 'visual.*' keys; expected an open_clip CLIP state dict")
-        missing, unexpected = self.visual.load_state_dict(visual, strict=False)
-        if missing or unexpected:
-            raise WeightsError(f"{path}: CLIP vision weights do not match the ViT: "
-                                  f"missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-
+        weights = read_clip_weights(path)
+        ours = self.visual.state_dict()
+        missing = sorted(set(ours) - set(weights.visual) - set(weights.absent))
+        unexpected = sorted(set(weights.visual) - set(ours))
+        mismatched = [f"{k}: file {tuple(weights.visual[k].shape)} vs model {tuple(ours[k].shape)}"
+                      for k in sorted(set(ours) & set(weights.visual)) if weights.visual[k].shape != ours[k].shape]
+        if missing or unexpected or mismatched:
+            raise WeightsError(f"{path}: CLIP vision weights ({weights.form} form) do not match the ViT: "
+                               f"missing {missing}, unexpected {unexpected}, shape mismatches {mismatched}")
+        with torch.no_grad():
+            for name, value in weights.visual.items():
+                ours[name].copy_(value)
+        return weights.describe()

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import _compat_pickle
 import collections
+import json
 import pickle
 import re
+import struct
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,10 @@ import torch
 from torch import Tensor, nn
 
 WRAPPER_KEYS = ("model_state_dict", "state_dict", "module", "model")
+MAX_SAFETENSORS_HEADER = 100 << 20  # larger is not a safetensors file
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}  # the header's names (others: float32 shapes)
 HARMLESS_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached", "position_ids")
 _ALIASES = [
     (re.compile(r"^lang_encoder\.gated_cross_attn_layers\.(\d+)\."), r"lang_encoder.model.layers.\1.gated_cross_attn_layer."),
@@ -106,6 +112,21 @@ class RefusedGlobal(pickle.UnpicklingError):
     """A pickle named a global outside `_ALLOWED_GLOBALS`; it was not imported or called."""
 
 
+_PLAIN = (int, float, str, bool, type(None))
+
+
+def _check_state_dict_build(state: object) -> None:
+    """Admit exactly what `nn.Module.state_dict()` pickles as BUILD: `{"_metadata": {module: {key:
+    plain value}}}` (e.g. `{"version": 1}` per module), which only sets that one attribute."""
+    metadata = state.get("_metadata") if type(state) is dict and len(state) == 1 else None
+    if not (isinstance(metadata, dict) and all(
+            type(name) is str and type(entry) is dict
+            and all(type(k) is str and type(v) in _PLAIN for k, v in entry.items())
+            for name, entry in metadata.items())):
+        raise pickle.UnpicklingError("BUILD on OrderedDict with a state other than a state dict's _metadata "
+                                     "is not allowed")
+
+
 class _RestrictedUnpickler(pickle._Unpickler):
     """Pure-Python unpickler (so BUILD can be intercepted) that resolves globals from the allow-list only."""
 
@@ -122,10 +143,14 @@ class _RestrictedUnpickler(pickle._Unpickler):
             raise RefusedGlobal(f"{module}.{name}") from None
 
     def load_build(self) -> None:
-        """BUILD only onto the stand-ins: on anything else (an allowed torch function, a class) it could
-        setattr e.g. `__kwdefaults__` and tamper with every later load in the process."""
-        if not isinstance(self.stack[-2], (Config, ConfigDict)):
-            raise pickle.UnpicklingError(f"BUILD on {type(self.stack[-2]).__name__} is not allowed")
+        """BUILD only onto the stand-ins, or a state dict's `_metadata`: on anything else (an allowed
+        torch function, a class) it could setattr e.g. `__kwdefaults__` and tamper with every later
+        load in the process."""
+        target = self.stack[-2]
+        if type(target) is collections.OrderedDict:
+            _check_state_dict_build(self.stack[-1])
+        elif not isinstance(target, (Config, ConfigDict)):
+            raise pickle.UnpicklingError(f"BUILD on {type(target).__name__} is not allowed")
         pickle._Unpickler.load_build(self)
 
     dispatch[pickle.BUILD[0]] = load_build
@@ -170,6 +195,58 @@ def load_state_file(path: str | Path) -> dict:
     if not isinstance(state, dict):
         raise WeightsError(f"{path}: expected a state dict, got {type(state).__name__}")
     return state
+
+
+def read_meta_state(path: str | Path) -> dict:
+    """A weights file's tensors as meta tensors (names and shapes, no data).
+
+    safetensors: its JSON header. torch files: `torch.load` onto the meta device with
+    weights_only (zip files: storages are not read). A file that weights_only refuses (the
+    mmengine config pickled in MultiModal-GPT's small LoRA files) goes through the project's
+    restricted loader, which reads it whole.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            size = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+            if not 0 < size <= MAX_SAFETENSORS_HEADER:
+                raise WeightsError(f"{path}: not a safetensors file (header size {size})")
+            try:
+                header = json.loads(f.read(size))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise WeightsError(f"{path}: unreadable safetensors header ({err})") from None
+        return {name: torch.empty(entry["shape"], device="meta", dtype=_SAFETENSORS_DTYPES.get(entry["dtype"]))
+                for name, entry in header.items() if name != "__metadata__"}
+    try:
+        state = torch.load(str(path), map_location="meta", weights_only=True)
+    except pickle.UnpicklingError:
+        return load_state_file(path)
+    except (RuntimeError, EOFError) as err:  # not a torch file at all
+        raise WeightsError(f"{path}: not a torch checkpoint ({err})") from None
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path}: expected a state dict, got {type(state).__name__}")
+    return state
+
+
+def refused_by_weights_only(directory: str | Path, err: pickle.UnpicklingError) -> WeightsError:
+    """transformers' weights-only read of a model directory refused a file: one line naming the file
+    (transformers' `load_state_dict(checkpoint_file)` frame) and torch's reason, not its 10-line advice."""
+    tb, shard = err.__traceback__, None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "load_state_dict" and "checkpoint_file" in tb.tb_frame.f_locals:
+            shard = Path(str(tb.tb_frame.f_locals["checkpoint_file"])).name
+        tb = tb.tb_next
+    reason = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "Unsupported" in line),
+                  " ".join(str(err).split())[:200])
+    return WeightsError(f"{directory}: {shard or 'a weights file'} failed the weights-only read ({reason}); "
+                        "nothing was executed")
+
+
+def tensor_summary(state: dict) -> str:
+    """`N tensors (float16 xA, float32 xB)`: what a report says about a state dict's contents."""
+    dtypes = collections.Counter(str(v.dtype).removeprefix("torch.") for v in state.values() if isinstance(v, Tensor))
+    return f"{sum(dtypes.values())} tensors ({', '.join(f'{d} x{n}' for d, n in dtypes.most_common())})"
 
 
 def unwrap(state: dict) -> dict[str, Tensor]:

@@ -14,16 +14,18 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from collections import OrderedDict
 
 import open_clip.model
 import pytest
 import torch
+from torch import nn
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mmgpt.models.builder import ModelConfig, build_model
 from mmgpt.media import row_layout
-from mmgpt.models.checkpoints import WeightsError, load_lora, load_openflamingo, load_state_file
+from mmgpt.models.pretrained import WeightsError, load_lora, load_openflamingo, load_state_file
 from mmgpt.models.flamingo import MediaContext
 from model_helpers import open_gates, randomize_lora_b
 from mmgpt.tokenizer import TINY_TOKENIZER_DIR
@@ -55,29 +57,68 @@ def plain(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def openflamingo_v1(model) -> dict[str, torch.Tensor]:
-    """OpenFlamingo-9B checkpoint.pt layout: trainable params + buffers, with the xattn alias."""
-    state = plain(model)
-    out = {k: v for k, v in state.items() if k.startswith("perceiver.")}
-    out["lang_encoder.model.embed_tokens.weight"] = state["lang_encoder.model.embed_tokens.weight"]
-    for k, v in state.items():
-        m = re.match(r"lang_encoder\.model\.layers\.(\d+)\.gated_cross_attn_layer\.(.*)", k)
-        if m:
-            out[k] = v
-            out[f"lang_encoder.gated_cross_attn_layers.{m[1]}.{m[2]}"] = v
-    for i in range(LAYERS):
-        out[f"lang_encoder.model.layers.{i}.decoder_layer.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
-    return out
+def get_checkpoint(module: nn.Module) -> OrderedDict:
+    """OpenFlamingo's / MultiModal-GPT's `get_checkpoint`: the module's own `state_dict()` (an OrderedDict
+    carrying `_metadata`) with every frozen parameter deleted, buffers kept."""
+    state = module.state_dict()
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            del state[name]
+    return state
 
 
-def mmgpt_lora(model, with_default: bool) -> dict[str, torch.Tensor]:
-    """Released mmgpt-lora-v0-release.pt layout (optionally with peft's `.default` segment)."""
-    out = {}
-    for k, v in model.state_dict().items():
-        if ".lora_" in k:
-            out[k if with_default else k.replace(".default.", ".")] = v.clone()
-    out["lang_encoder.base_model.model.model.layers.0.decoder_layer.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
-    return out
+class DDPNames(nn.Module):
+    """The tree `DistributedDataParallel` puts around a model: the same state dict under `module.`."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+
+class OpenFlamingoV1Tree(nn.Module):
+    """OpenFlamingo v1's module tree over a LoRA-free source: `perceiver`, `vision_encoder`, and the
+    LLaMA as `lang_encoder`, whose `gated_cross_attn_layers` list shares the layers' blocks (so its
+    state dict names each block twice, as OF-9B's checkpoint.pt does)."""
+
+    def __init__(self, src: nn.Module):
+        super().__init__()
+        self.vision_encoder = src.vision_encoder.visual
+        self.perceiver = src.perceiver
+        self.lang_encoder = src.language_model
+        self.lang_encoder.gated_cross_attn_layers = nn.ModuleList(
+            [layer.gated_cross_attn_layer or nn.Identity() for layer in self.lang_encoder.model.layers])
+
+    def train_like_openflamingo(self) -> None:
+        """OF v1 trains the perceiver, the cross-attention blocks and the input embeddings."""
+        self.requires_grad_(False)
+        for module in (self.perceiver, self.lang_encoder.gated_cross_attn_layers,
+                       self.lang_encoder.get_input_embeddings()):
+            module.requires_grad_(True)
+
+
+def openflamingo_v1(seed: int = 1, ddp: bool = False) -> tuple[nn.Module, OrderedDict]:
+    """(source model without LoRA, its OpenFlamingo-9B `checkpoint.pt` state) written the original's way;
+    `ddp`: as the training script's checkpoints name it (under `module.`). The frozen weights equal
+    `source_model()`'s (same seed; LoRA is added after construction) and so do the gates."""
+    src = make(seed, lora="none")
+    open_gates(src, 0.3)
+    tree = OpenFlamingoV1Tree(src)
+    tree.train_like_openflamingo()
+    state = get_checkpoint(DDPNames(tree) if ddp else tree)
+    del tree.lang_encoder.gated_cross_attn_layers
+    return src, state
+
+
+def mmgpt_lora(model, with_default: bool) -> OrderedDict:
+    """The MultiModal-GPT LoRA state: `get_checkpoint(ddp_model)` of a model whose only trainable
+    tensors are the LoRA matrices. Without `.default`: peft 0.2's names (its LoRA layers held
+    `lora_A`/`lora_B` directly), the same OrderedDict re-keyed with its `_metadata` kept."""
+    state = get_checkpoint(DDPNames(model))
+    if with_default:
+        return state
+    renamed = OrderedDict((k.replace(".default.", "."), v) for k, v in state.items())
+    renamed._metadata = state._metadata
+    return renamed
 
 
 def same(a, b, names) -> None:
@@ -90,30 +131,30 @@ def openflamingo_names(model) -> list[str]:
     return [k for k in plain(model) if k.startswith("perceiver.") or ".gated_cross_attn_layer." in k]
 
 
-def test_v1_layout_round_trip_with_aliases_and_buffers(tmp_path):
-    src = source_model()
+def test_v1_layout_round_trip_with_aliases(tmp_path):
+    src, state = openflamingo_v1()
     path = tmp_path / "checkpoint.pt"
-    torch.save(openflamingo_v1(src), path)
+    torch.save(state, path)
     dst = make(2, openflamingo_checkpoint=str(path))
     names = openflamingo_names(src) + ["lang_encoder.model.embed_tokens.weight"]
     assert len(names) > 20
     same(src, dst, names)
     report = load_openflamingo(dst, path)
     assert any("gated_cross_attn_layers" in k for k in report.harmless)
-    assert any("inv_freq" in k for k in report.harmless)
 
 
 def test_v1_wrapped_and_module_prefixed_before_lora(tmp_path):
-    src = source_model()
+    src, state = openflamingo_v1(ddp=True)
     path = tmp_path / "wrapped.pt"
-    torch.save({"model_state_dict": {"module." + k: v for k, v in openflamingo_v1(src).items()}, "epoch": 3}, path)
+    torch.save({"model_state_dict": state, "epoch": 3}, path)
     dst = make(2, lora="none", openflamingo_checkpoint=str(path))
     same(src, dst, openflamingo_names(src))
 
 
 def test_alias_only_checkpoint_loads(tmp_path):
-    src = source_model()
-    state = {k: v for k, v in openflamingo_v1(src).items() if not k.startswith("lang_encoder.model.layers.")}
+    src, state = openflamingo_v1()
+    for key in [k for k in state if k.startswith("lang_encoder.model.layers.")]:
+        del state[key]
     path = tmp_path / "alias.pt"
     torch.save(state, path)
     dst = make(2, openflamingo_checkpoint=str(path))
@@ -136,11 +177,11 @@ def test_v2_flat_full_dict_safetensors(tmp_path):
 
 
 def test_missing_cross_attention_weight_fails_naming_it(tmp_path):
-    src = source_model()
-    state = openflamingo_v1(src)
+    _, state = openflamingo_v1()
     gone = "gated_cross_attn_layer.attn.to_kv.weight"
     # drop it under both its primary name and the v1 alias `gated_cross_attn_layers.3.attn.to_kv`
-    state = {k: v for k, v in state.items() if not re.search(r"\.3\.(gated_cross_attn_layer\.)?attn\.to_kv\.", k)}
+    for key in [k for k in state if re.search(r"\.3\.(gated_cross_attn_layer\.)?attn\.to_kv\.", k)]:
+        del state[key]
     path = tmp_path / "missing.pt"
     torch.save(state, path)
     with pytest.raises(WeightsError, match=re.escape(f"layers.3.{gone}")):
@@ -148,8 +189,7 @@ def test_missing_cross_attention_weight_fails_naming_it(tmp_path):
 
 
 def test_unknown_key_and_shape_mismatch_fail(tmp_path):
-    src = source_model()
-    state = openflamingo_v1(src)
+    _, state = openflamingo_v1()
     state["perceiver.bogus.weight"] = torch.zeros(2)
     state["perceiver.latents"] = torch.zeros(5, 64)
     path = tmp_path / "bad.pt"
@@ -170,9 +210,9 @@ def test_arbitrary_pickle_is_refused(tmp_path):
 def test_released_lora_layout_round_trip(tmp_path, with_default):
     src = source_model()
     path = tmp_path / "mmgpt-lora-v0-release.pt"
-    torch.save({"model_state_dict": {"module." + k: v for k, v in mmgpt_lora(src, with_default).items()}}, path)
+    torch.save({"model_state_dict": mmgpt_lora(src, with_default)}, path)
     of_path = tmp_path / "of.pt"
-    torch.save(openflamingo_v1(src), of_path)
+    torch.save(openflamingo_v1()[1], of_path)
     dst = make(2, openflamingo_checkpoint=str(of_path), lora_checkpoint=str(path))
     ours, theirs = src.state_dict(), dst.state_dict()
     lora_keys = [k for k in ours if ".lora_" in k]
@@ -191,7 +231,7 @@ def test_released_lora_layout_round_trip(tmp_path, with_default):
 def test_lora_missing_one_matrix_fails(tmp_path):
     src = source_model()
     state = mmgpt_lora(src, with_default=False)
-    victim = "lang_encoder.base_model.model.model.layers.3.gated_cross_attn_layer.ff.3.lora_B.weight"
+    victim = "module.lang_encoder.base_model.model.model.layers.3.gated_cross_attn_layer.ff.3.lora_B.weight"
     del state[victim]
     path = tmp_path / "lora.pt"
     torch.save(state, path)
@@ -247,7 +287,7 @@ def training_script_file(src, tuning: dict | None = None) -> dict:
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return {"epoch": 0,
-            "model_state_dict": {"module." + k: v for k, v in mmgpt_lora(src, with_default=True).items()},
+            "model_state_dict": mmgpt_lora(src, with_default=True),
             "optimizer_state_dict": optimizer.state_dict(),
             "lr_scheduler_state_dict": scheduler.state_dict(),
             "tuning_config": lora_config(tuning)}
@@ -255,7 +295,7 @@ def training_script_file(src, tuning: dict | None = None) -> dict:
 
 def released_file(src, tuning: dict | None = None) -> dict:
     """mmgpt-lora-v0-release.pt as app.py reads it: weights + the tuning section (a ConfigDict)."""
-    return {"model_state_dict": {"module." + k: v for k, v in mmgpt_lora(src, with_default=False).items()},
+    return {"model_state_dict": mmgpt_lora(src, with_default=False),
             "tuning_config": lora_config(tuning).tuning_config}
 
 
@@ -354,3 +394,54 @@ def test_build_onto_an_allowed_function_is_refused(tmp_path):
     with pytest.raises(WeightsError, match=r"BUILD on function is not allowed"):
         load_state_file(tmp_path / "t.pt")
     assert torch._utils._rebuild_tensor_v2.__kwdefaults__ is None
+
+
+@pytest.mark.parametrize("layout", [training_script_file, released_file], ids=["training", "released"])
+def test_state_dict_metadata_is_pickled_and_admitted(tmp_path, layout):
+    """`nn.Module.state_dict()` pickles its `_metadata` as a BUILD on the OrderedDict: the loader takes it."""
+    path = tmp_path / "mmgpt-lora-v0-release.pt"
+    save_with_mmengine(layout, source_model(), path, "legacy")
+    with zipfile.ZipFile(path) as archive:
+        data = archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl")))
+    assert b"_metadata" in data and pickle.BUILD in data
+    state = load_state_file(path)["model_state_dict"]
+    assert type(state) is OrderedDict and state._metadata[""] == {"version": 1}
+
+
+@pytest.mark.parametrize("attribute, value", [("_metadata", {"": {"version": re.compile("x")}}),
+                                              ("_metadata", {"": {"version": [1]}}),
+                                              ("extra", 1)])
+def test_other_build_on_an_ordered_dict_is_refused(tmp_path, attribute, value):
+    """Only `_metadata` of plain data may be set on an OrderedDict (compiled patterns are refused as
+    globals; a list or another attribute by the BUILD check)."""
+    state = get_checkpoint(DDPNames(source_model()))
+    setattr(state, attribute, value)
+    path = tmp_path / "tampered.pt"
+    with fake_mmengine("modern"):
+        torch.save({"model_state_dict": state, "tuning_config": lora_config().tuning_config}, path)
+    with pytest.raises(WeightsError, match=rf"^{re.escape(str(path))}: (cannot unpickle: BUILD on OrderedDict "
+                                           r"with a state other than|refused to unpickle global re\.)"):
+        load_state_file(path)
+
+
+def test_released_file_written_the_originals_way_drives_chat(tmp_path):
+    """`build_model` loads the released layout strictly and chat answers exactly as the source model."""
+    from mmgpt.inference.chat import ChatSession
+    from mmgpt.inference.generation import GenerationConfig
+    from PIL import Image
+
+    src = source_model()
+    lora_path, of_path = tmp_path / "mmgpt-lora-v0-release.pt", tmp_path / "checkpoint.pt"
+    save_with_mmengine(released_file, src, lora_path, "legacy")
+    torch.save(openflamingo_v1()[1], of_path)
+    loaded, tok = build_model(ModelConfig(preset="tiny", seed=1, openflamingo_checkpoint=str(of_path),
+                                          lora_checkpoint=str(lora_path)))
+    bare, _ = build_model(ModelConfig(preset="tiny", seed=1, openflamingo_checkpoint=str(of_path)))
+    image = Image.new("RGB", (40, 40), (200, 40, 40))
+    answers = []
+    for model in (src, loaded, bare):
+        chat = ChatSession(model.eval(), tok, 32, GenerationConfig(max_new_tokens=8))
+        chat.set_image(image)
+        answers.append(tok(chat.ask("What is in the image?"), add_special_tokens=False)["input_ids"])
+    assert answers[0] and answers[1] == answers[0]
+    assert answers[2] != answers[0]  # the LoRA weights change the answer: they were really loaded
