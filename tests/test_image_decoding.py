@@ -138,5 +138,7 @@ def test_extreme_aspect_ratio_is_refused_and_the_load_cost_is_bounded(tmp_path):
     assert got["strip.png"][0] == got["row.png"][0] == "extreme_aspect_ratio"
     assert got["strip.png"][1] < 10 and got["row.png"][1] < 10
     assert got["wide.png"][0] == got["photo.png"][0] == [3, 224, 224]
-    assert got["wide.png"][1] < got["photo.png"][1] < 200
+    # ru_maxrss is a high-water mark, so a growth can read 0 when an earlier load peaked higher:
+    # bound each by an absolute figure rather than ordering two noisy deltas
+    assert got["wide.png"][1] < max(10, got["photo.png"][1]) and got["photo.png"][1] < 200
 
