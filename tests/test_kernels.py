@@ -8,9 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmgpt_kernels import (BACKENDS, MaskedPlan, available_backends, causal_rows_plan,
-                           masked_attention, resolve_backend, segment_mask_plan, usable_backends,
-                           varlen_attention)
+from mmgpt_kernels import (BACKENDS, available_backends, causal_rows_plan, key_rows_plan,
+                           resolve_backend, rows_attention, usable_backends, varlen, varlen_attention)
 from mmgpt_kernels.microbench import time_backends
 from mmgpt_kernels.reference import reference_varlen_attention
 
@@ -91,36 +90,45 @@ def test_matches_float64_reference(backend: str, dtype: torch.dtype, scenario: s
         torch.testing.assert_close(got.double(), want, atol=gtol, rtol=gtol, msg=f"d{name}")
 
 
-def _segment_ids(lens: list[int], keyless: list[bool], device: torch.device) -> torch.Tensor:
-    """Segment number of every token; -1 for a segment marked keyless."""
-    ids = [(-1 if dead else i) for i, (n, dead) in enumerate(zip(lens, keyless)) for _ in range(n)]
-    return torch.tensor(ids, dtype=torch.long, device=device)
+# Cross-attention as the model runs it: query segment i attends ONE block of BLOCK keys (its image's
+# latents), blocks named per keyed segment (repeats allowed), None: no keys (exact zeros).
+BLOCK = 8
+CROSS_SCENARIOS = {
+    # name: (lens_q, key block of each segment, blocks, Hq, Hkv)
+    "cross_blocks_gqa": ([3, 9, 4, 1], [2, 0, None, 2], 3, 4, 2),
+    "cross_zero_len": ([0, 5, 0, 7, 3], [1, None, 0, None, 1], 2, 4, 1),
+}
+HEAD_WIDTH = 4 * HEAD_DIM
 
 
-def _plan(lens_q: list[int], lens_k: list[int], causal: bool, total_k: int,
-          device: torch.device) -> MaskedPlan:
-    """The masked plan of these segments: packed causal rows, or one segment-id mask (keys past
-    the last segment get an id no query has)."""
-    if causal:
-        return causal_rows_plan(lens_q, device)
-    seg_q = _segment_ids(lens_q, [n == 0 for n in lens_k], device)
-    seg_k = _segment_ids(lens_k, [False] * len(lens_k), device)
-    seg_k = torch.cat([seg_k, seg_k.new_full((total_k - seg_k.numel(),), -2)])
-    return segment_mask_plan(seg_q, seg_k)
+def _cross_inputs(scenario: str, dtype: torch.dtype):
+    """q, key/value blocks (leaves), the plan, and the same attention as plain varlen segments
+    (k/v gathered per segment) for the reference."""
+    lens_q, rows, blocks, hq, hkv = CROSS_SCENARIOS[scenario]
+    q, k, v, cu_q, _ = _inputs(lens_q, [blocks * BLOCK], hq, hkv, HEAD_DIM, dtype, torch.device("cpu"))
+    keyed = [r for r in rows if r is not None]
+    plan = key_rows_plan(lens_q, torch.tensor(keyed), BLOCK, [r is not None for r in rows], HEAD_WIDTH)
+    cu_k = _cu([0 if r is None else BLOCK for r in rows], q.device)
+    index = torch.tensor([r * BLOCK + j for r in keyed for j in range(BLOCK)], dtype=torch.long)
+    return q, k, v, plan, cu_q, cu_k, index
 
 
-@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("scenario", [n for n, s in SCENARIOS.items() if s[2]] + list(CROSS_SCENARIOS))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_masked_plan_matches_float64_reference(dtype: torch.dtype, scenario: str) -> None:
-    """One masked SDPA per call (the sdpa backend's packed path) == the per-segment reference."""
-    lens_q, lens_k, causal, hq, hkv = SCENARIOS[scenario]
-    q, k, v, cu_q, cu_k = _inputs(lens_q, lens_k, hq, hkv, HEAD_DIM, dtype, torch.device("cpu"))
-    plan = _plan(lens_q, lens_k, causal, k.shape[0], q.device)
-    out = varlen_attention(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, scale=0.3,
-                           backend="sdpa", plan=plan)
+def test_row_plan_matches_float64_reference(dtype: torch.dtype, scenario: str) -> None:
+    """A few unmasked SDPA calls per attention (the sdpa backend's packed path) == the per-segment
+    float64 reference, forward and gradients; causal self-attention and block cross-attention."""
+    if scenario in CROSS_SCENARIOS:
+        q, k, v, plan, cu_q, cu_k, index = _cross_inputs(scenario, dtype)
+    else:
+        lens, _, _, hq, hkv = SCENARIOS[scenario]
+        q, k, v, cu_q, cu_k = _inputs(lens, lens, hq, hkv, HEAD_DIM, dtype, torch.device("cpu"))
+        plan, index = causal_rows_plan(lens, HEAD_WIDTH), torch.arange(k.shape[0])
+    out = rows_attention(q, k, v, plan, scale=0.3)
     assert out.dtype == dtype and out.shape == q.shape
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = reference_varlen_attention(*leaves, cu_q, cu_k, causal=causal, scale=0.3)
+    ref = reference_varlen_attention(leaves[0], leaves[1][index], leaves[2][index], cu_q, cu_k,
+                                     causal=plan.causal, scale=0.3)
     atol, gtol = TOLERANCE[dtype]
     torch.testing.assert_close(out.double(), ref.detach(), atol=atol, rtol=atol)
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -129,38 +137,48 @@ def test_masked_plan_matches_float64_reference(dtype: torch.dtype, scenario: str
         torch.testing.assert_close(got.double(), want, atol=gtol, rtol=gtol, msg=f"d{name}")
 
 
-def test_masked_plan_keyless_queries_and_padding_are_exact_zeros() -> None:
-    lens_q, lens_k = [3, 5, 4], [0, 8, 0]
-    q, k, v, cu_q, cu_k = _inputs(lens_q, lens_k, 4, 4, HEAD_DIM, torch.float32, torch.device("cpu"))
-    out = masked_attention(q, k, v, _plan(lens_q, lens_k, False, 8, q.device))
-    keyless = torch.cat([torch.arange(0, 3), torch.arange(8, 12)])
-    assert torch.equal(out[keyless], torch.zeros_like(out[keyless])) and out[3:8].abs().sum() > 0
+def test_row_plan_keyless_queries_and_padding_are_exact_zeros() -> None:
+    q, k, v, plan, *_ = _cross_inputs("cross_blocks_gqa", torch.float32)
+    out = rows_attention(q, k, v, plan)
+    keyless = torch.arange(12, 16)  # segment 2 (tokens 12..15) has no keys
+    assert torch.equal(out[keyless], torch.zeros_like(out[keyless])) and out[:12].abs().sum() > 0
     (grad_q,) = torch.autograd.grad(out.sum(), (q,))
     assert torch.equal(grad_q[keyless], torch.zeros_like(grad_q[keyless]))
     # causal rows: padding slots gather token 0 but never reach a real query
     lens = [9, 2, 3]
     q, k, v, cu, _ = _inputs(lens, lens, 2, 2, HEAD_DIM, torch.float64, torch.device("cpu"))
-    out = masked_attention(q, k, v, causal_rows_plan(lens))
+    out = rows_attention(q, k, v, causal_rows_plan(lens, HEAD_WIDTH))
     grads = torch.autograd.grad(out[9:].sum(), (q, k, v))  # segment 0 (token 0) does not see it
     assert all(torch.equal(g[:9], torch.zeros_like(g[:9])) for g in grads)
 
 
-def test_causal_rows_plan_packs_segments_into_rows_of_the_longest() -> None:
-    plan = causal_rows_plan([7, 1, 12, 3, 0, 5])
-    assert plan.mask.shape == (3, 1, 12, 12)  # rows {12}, {7, 5}, {3, 1}: first-fit decreasing
-    assert plan.gather_q.shape == (36,) and sorted(plan.scatter_q.tolist()) == plan.scatter_q.unique().tolist()
-    assert plan.mask.sum(-1).min() >= 1  # no empty softmax row, padding included
-    assert causal_rows_plan([12, 12], max_mask_elements=2 * 12 * 12 - 1) is None  # over the limit
-    assert causal_rows_plan([0, 0]) is None
+def test_causal_rows_plan_groups_segments_of_like_length() -> None:
+    lens = [7, 1, 12, 3, 0, 5]
+    one = causal_rows_plan(lens, head_width=1)  # calls dear next to this little work: one group
+    assert [(g.width, g.gather_q.numel()) for g in one.groups] == [(12, 5 * 12)]
+    assert sorted(one.scatter_q.tolist()) == one.scatter_q.unique().tolist()
+    # a row of one long and many short samples: a mask (or one group) would spend most of its
+    # 600 x 600 per sample on padding; two groups cost 600^2/2 + 40 x 20^2/2 pairs and one call more
+    two = causal_rows_plan([20] * 20 + [600] + [20] * 20, head_width=1024)
+    assert [(g.width, g.gather_q.numel()) for g in two.groups] == [(20, 40 * 20), (600, 600)]
+    many = causal_rows_plan(lens, head_width=1 << 30)  # calls free: a group per distinct length
+    assert [g.width for g in many.groups] == [1, 3, 5, 7, 12]
+    assert causal_rows_plan([0, 0], HEAD_WIDTH) is None
+    saved, varlen.ROW_PLANS = varlen.ROW_PLANS, False
+    try:
+        assert causal_rows_plan(lens, HEAD_WIDTH) is None  # off: callers keep the per-segment path
+    finally:
+        varlen.ROW_PLANS = saved
 
 
-def test_masked_attention_heads_first_equals_token_major() -> None:
+def test_rows_attention_heads_first_equals_token_major() -> None:
     lens = [5, 16, 9]
     q, k, v, cu, _ = _inputs(lens, lens, 8, 2, HEAD_DIM, torch.float64, torch.device("cpu"))
-    plan = causal_rows_plan(lens)
-    token_major = masked_attention(q, k, v, plan, scale=0.3)
-    heads_first = masked_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), plan, scale=0.3,
-                                   heads_first=True)
+    plan = causal_rows_plan(lens, head_width=1 << 30)  # several groups
+    assert plan.calls == 3
+    token_major = rows_attention(q, k, v, plan, scale=0.3)
+    heads_first = rows_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), plan, scale=0.3,
+                                 heads_first=True)
     assert heads_first.shape == (1, *q.shape)
     torch.testing.assert_close(heads_first[0], token_major, rtol=0, atol=1e-12)
 

@@ -2,8 +2,9 @@
 of samples in the row (issue 10).
 
 The per-segment sdpa path ran one SDPA (with its views and backward) per sample per layer and one
-per image chunk per cross-attention layer: ~60 aten ops per sample per layer. The masked plans
-(mmgpt_kernels.varlen.MaskedPlan, built once per forward) make it one SDPA per attention layer.
+per image chunk per cross-attention layer: ~60 aten ops per sample per layer. The row plans
+(mmgpt_kernels.varlen.RowsPlan, built once per forward) make it one SDPA per group of like-length
+samples per attention layer: one here, where the samples are short.
 Counted as `mmgpt bench ops` counts (every `aten::` profiler event, nested ones included).
 """
 from __future__ import annotations

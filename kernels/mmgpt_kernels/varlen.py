@@ -10,21 +10,22 @@ The per-segment path needs the segment lengths as Python ints. Callers that know
 device: on CUDA that read is a host sync per layer, which stalls the launch queue.
 
 The per-segment path dispatches one SDPA (and its views, transposes and backward) per segment per
-layer: most of the aten ops of a packed row. A `MaskedPlan` built ONCE per batch replaces that
-loop by ONE masked SDPA per call, shared by every layer of the forward:
-  causal_rows_plan  self-attention: the segments are packed (first-fit decreasing) into rows as
-                    wide as the longest segment; mask [R, 1, W, W] is causal inside each segment,
-                    so the cost is R x W^2 instead of a dense row's T^2 (a 4096-token row of
-                    ~300-token samples: ~7 rows of the longest sample instead of one 4096^2).
-  segment_mask_plan cross-attention: one row, query token t may attend key s iff their segment ids
-                    agree; queries of id -1 get exact zeros.
-The mask is bool (one byte per element) plus its additive form in the activations' dtype (4 bytes
-in fp32); a plan is refused (None: callers keep the per-segment path) above `MAX_MASK_ELEMENTS`
-(16 Mi elements, 80 MiB with the fp32 copy: a single 4096-token sample; 0 turns plans off).
+layer: most of the aten ops of a packed row. A `RowsPlan` built ONCE per batch replaces that loop
+by a few batched SDPA calls, shared by every layer of the forward. Each segment becomes one row
+starting at slot 0, padded to its group's width; segments of similar length share a group, and a
+group is ONE SDPA with no mask at all:
+  causal_rows_plan  self-attention: `is_causal` per row (a segment's queries never reach the
+                    padding after it), so the kernels skip the blocks above the diagonal;
+  key_rows_plan     cross-attention: row r attends exactly its key block (its image's latents).
+Why not one masked call: a mask costs its full W x W (the kernels cannot skip masked blocks) and a
+row of many short samples wastes most of it: one masked SDPA over rows of the longest sample made
+the CPU packing benchmark slower than batch-1 (issue 23). The groups come from a dynamic
+programme over the sorted lengths that trades padded work against `SDPA_CALL_COST` per call, so
+rows of like lengths take one call and a row of one long and many short samples takes two.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from typing import Callable, Sequence
 
@@ -203,138 +204,162 @@ def _fused(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out if causal else _zero_keyless(out, cu_q, cu_k)
 
 
-MAX_MASK_ELEMENTS = 1 << 24  # 16 Mi mask elements per plan (a 4096-token sample); beyond: per segment
+# Fixed cost of one more SDPA call in a plan (its gathers, views, kernel set-up and backward), in
+# query-key pairs times the head width (heads x head dim), which a pair's work scales with. Set on
+# the CPU (2 threads, a 4096-token row of the small preset's 16 x 64 heads, fwd + bwd): 16 Ki
+# pairs at width 1024 gave 4 calls and beat both 8 calls and 1; the plan builders trade it
+# against the padding a wider group adds.
+SDPA_CALL_COST = 1 << 24
+ROW_PLANS = True  # False: callers get no plan and keep the per-segment path (`mmgpt bench ops --compare`)
 
 
 @dataclass(frozen=True)
-class MaskedPlan:
-    """One masked SDPA for all segments of a packed call (see the module docstring).
+class RowGroup:
+    """`gather_q.numel() // width` rows of `width` query slots, one segment per row from slot 0,
+    the rest padding (token 0). `key_rows` [rows]: the block of keys each row attends
+    (cross-attention); None: the row's own slots, causally (self-attention)."""
 
-    Queries (keys) are laid out in R rows of Wq (Wk) slots: slot j of the flattened rows holds
-    token `gather_q[j]` (`gather_k[j]`); None means the tokens themselves, in order (R = 1).
-    `mask` [R, 1, Wq, Wk] says which key slot a query slot attends; every query row attends at
-    least one slot (padding attends padding), so no softmax row is empty and every value stays
-    finite. `scatter_q` [Tq] is each query token's slot (None: identity); `keyless` [Tq] marks the
-    query tokens whose segment has no key: their output is set to exact zeros.
-    Padding slots only ever meet padding: their outputs are dropped, so their gradients are exact
-    zeros and the result equals the per-segment one up to rounding.
-    The additive form of the mask (0 / -inf in the activations' dtype, what SDPA turns a bool mask
-    into on every call) is made once per dtype and kept, so the layers share it too.
+    gather_q: torch.Tensor
+    key_rows: torch.Tensor | None
+    width: int
+
+
+@dataclass(frozen=True)
+class RowsPlan:
+    """Packed attention as a few batched SDPA calls without any mask (module docstring).
+
+    Every segment is one row of a group; a group is [rows, width] and runs as ONE SDPA: causal
+    rows need no mask (a segment starts at slot 0, so its queries never reach the padding after
+    it) and cross-attention rows attend exactly their key block. The padding slots' outputs are
+    dropped, so their gradients are exact zeros and the result equals the per-segment one up to
+    rounding. `scatter_q` [Tq]: each query token's slot in the groups' concatenated outputs;
+    `keyless` [Tq] (None: none) marks tokens whose segment has no key: exact zeros.
     """
 
-    mask: torch.Tensor
-    gather_q: torch.Tensor | None = None
-    gather_k: torch.Tensor | None = None
-    scatter_q: torch.Tensor | None = None
+    groups: tuple[RowGroup, ...]
+    causal: bool
+    scatter_q: torch.Tensor
     keyless: torch.Tensor | None = None
-    _additive: dict = field(default_factory=dict, compare=False, repr=False)
+    key_block: int = 0  # keys per block of `key_rows` (cross-attention)
 
     @property
-    def rows(self) -> int:
-        return self.mask.shape[0]
-
-    def additive_mask(self, dtype: torch.dtype) -> torch.Tensor:
-        if dtype not in self._additive:
-            zero = torch.zeros((), dtype=dtype, device=self.mask.device)
-            self._additive[dtype] = zero.masked_fill(~self.mask, float("-inf"))
-        return self._additive[dtype]
-
-    def to(self, device: torch.device | str) -> "MaskedPlan":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return MaskedPlan(*(move(t) for t in (self.mask, self.gather_q, self.gather_k,
-                                              self.scatter_q, self.keyless)))
+    def calls(self) -> int:
+        return len(self.groups)
 
 
-def causal_rows_plan(seqlens: Sequence[int], device: torch.device | str = "cpu",
-                     max_mask_elements: int | None = None) -> MaskedPlan | None:
-    """Plan of causal self-attention inside each segment of host lengths `seqlens`; None when
-    the mask would exceed `max_mask_elements` (default: `MAX_MASK_ELEMENTS`, read at call time;
-    0 turns plans off) or there is no token.
+def _group_by_length(lens: Sequence[int], keys_per_query: Callable[[int], float],
+                     call_cost: float) -> list[list[int]]:
+    """Segment numbers (of the non-empty `lens`) in groups of similar length that minimise
+    sum(rows x width x keys_per_query(width)) + call_cost x groups.
 
-    Built from host ints only (the packer's lengths): index tensors and a [R, W] segment / position
-    grid are made on the host and copied over in one (pinned on CUDA, so asynchronous) copy; the
-    mask is compared out on `device`."""
-    lens = [int(n) for n in seqlens]
-    width = max(lens, default=0)
-    if width == 0:
+    Optimal groups are contiguous in length order; the dynamic programme runs over the distinct
+    lengths, at most sqrt(2 x tokens) of them (~90 for a 4096-token row), on host ints."""
+    order = sorted((i for i, n in enumerate(lens) if n), key=lambda i: lens[i])
+    widths = sorted({lens[i] for i in order})
+    count = [0]  # segments no longer than widths[j - 1]
+    for w in widths:
+        count.append(count[-1] + sum(1 for i in order if lens[i] == w))
+    best, cut = [0.0], [0]
+    for j, w in enumerate(widths, 1):
+        per_row = w * keys_per_query(w)
+        costs = [best[i] + (count[j] - count[i]) * per_row + call_cost for i in range(j)]
+        cut.append(min(range(j), key=costs.__getitem__))
+        best.append(costs[cut[-1]])
+    groups, j = [], len(widths)
+    while j:
+        groups.append(order[count[cut[j]]: count[j]])
+        j = cut[j]
+    return groups[::-1]
+
+
+def _rows_plan(lens: list[int], keyed: list[bool], causal: bool, key_rows: torch.Tensor | None,
+               key_block: int, head_width: int, device: torch.device | str) -> RowsPlan | None:
+    """The plan of segments of host lengths `lens` (see `causal_rows_plan`, `key_rows_plan`)."""
+    total = sum(lens)
+    if not ROW_PLANS or total == 0:
         return None
-    rows: list[list[int]] = []  # segment numbers per row, first-fit decreasing
-    room: list[int] = []
-    for seg in sorted((i for i, n in enumerate(lens) if n), key=lambda i: -lens[i]):
-        for r, free in enumerate(room):
-            if free >= lens[seg]:
-                rows[r].append(seg)
-                room[r] -= lens[seg]
-                break
-        else:
-            rows.append([seg])
-            room.append(width - lens[seg])
-    limit = MAX_MASK_ELEMENTS if max_mask_elements is None else max_mask_elements
-    if len(rows) * width * width > limit:
-        return None
+    keys = (lambda w: w / 2) if causal else (lambda w: key_block)  # noqa: E731
+    groups = _group_by_length([n if k else 0 for n, k in zip(lens, keyed)], keys,
+                              SDPA_CALL_COST / head_width)
     starts = [0]
     for n in lens:
         starts.append(starts[-1] + n)
-    gather, seg_id, pos = [], [], []
-    scatter = [0] * starts[-1]
-    for r, members in enumerate(rows):
-        slot = r * width
-        for seg in members:
-            for t in range(starts[seg], starts[seg + 1]):
-                scatter[t] = slot
-                slot += 1
-            gather.extend(range(starts[seg], starts[seg + 1]))
-            seg_id.extend([seg] * lens[seg])
-            pos.extend(range(lens[seg]))
-        pad = (r + 1) * width - slot  # padding: its own segment (-1), causal among itself
-        gather.extend([0] * pad)
-        seg_id.extend([-1] * pad)
-        pos.extend(range(pad))
-    host = torch.tensor(seg_id + pos + gather + scatter, dtype=torch.long)
+    ordinal = [sum(keyed[:i]) for i in range(len(lens))]  # segment -> its key block's position
+    gather, scatter, widths, rows_of = [], [0] * total, [], []
+    for members in groups:
+        width = max(lens[s] for s in members)
+        for s in members:
+            scatter[starts[s]: starts[s + 1]] = range(len(gather), len(gather) + lens[s])
+            gather.extend(range(starts[s], starts[s + 1]))
+            gather.extend([0] * (width - lens[s]))
+        widths.append(width)
+        rows_of.append([ordinal[s] for s in members])
+    dead = [not keyed[s] for s, n in enumerate(lens) for _ in range(n)]
+    host = torch.tensor(gather + scatter + [i for r in rows_of for i in r] + dead, dtype=torch.long)
     device = torch.device(device)
     if device.type == "cuda":  # a copy from pageable memory would wait for the stream: pin it
         host = host.pin_memory()
     values = host.to(device, non_blocking=True)
-    grid = values[: 2 * len(seg_id)].view(2, len(rows), width)
-    seg_grid, pos_grid = grid[0], grid[1]
-    mask = (seg_grid[:, :, None] == seg_grid[:, None, :]) & (pos_grid[:, None, :] <= pos_grid[:, :, None])
-    gather_index, scatter_index = values[2 * len(seg_id):].split([len(gather), len(scatter)])
-    return MaskedPlan(mask=mask[:, None], gather_q=gather_index, gather_k=gather_index,
-                      scatter_q=scatter_index)
+    gather_t, scatter_t, rows_t, dead_t = values.split([len(gather), total, len(host) - len(gather)
+                                                        - 2 * total, total])
+    out = []
+    for g, r in zip(gather_t.split([len(m) * w for m, w in zip(groups, widths)]),
+                    rows_t.split([len(m) for m in groups])):
+        out.append(RowGroup(g, None if causal else key_rows.index_select(0, r), widths[len(out)]))
+    return RowsPlan(tuple(out), causal, scatter_t, None if all(keyed) else dead_t.bool(), key_block)
 
 
-def segment_mask_plan(segment_q: torch.Tensor, segment_k: torch.Tensor) -> MaskedPlan:
-    """Plan of non-causal attention of query token t to key s iff `segment_q[t] == segment_k[s]`
-    (device tensors; no host read). Queries of segment -1 are keyless (exact zeros); every other
-    query id must be some key's. One row of Tq x Tk elements: the caller checks the size."""
-    keyless = segment_q < 0
-    mask = (segment_q[:, None] == segment_k[None, :]) | keyless[:, None]
-    return MaskedPlan(mask=mask[None, None], keyless=keyless)
+def causal_rows_plan(seqlens: Sequence[int], head_width: int, device: torch.device | str = "cpu"
+                     ) -> RowsPlan | None:
+    """Plan of causal self-attention inside each segment of host lengths `seqlens` (tensors of
+    `head_width` = heads x head dim); None without a token or when `ROW_PLANS` is off.
+
+    Built from host ints only (the packer's lengths): the index tensors are made on the host and
+    copied over in one (pinned on CUDA, so asynchronous) copy."""
+    lens = [int(n) for n in seqlens]
+    return _rows_plan(lens, [True] * len(lens), True, None, 0, head_width, device)
 
 
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: MaskedPlan,
-                     scale: float | None = None, heads_first: bool = False) -> torch.Tensor:
-    """q [Tq, Hq, D], k/v [Tk, Hkv, D] (GQA when Hq > Hkv) attended as `plan` says, in ONE SDPA;
-    returns [Tq, Hq, D]. `heads_first`: q/k/v come as [1, H, T, D] (transformers' layout; no
-    transpose each way) and the result is [1, Tq, Hq, D], what a transformers attention
-    function returns."""
+def key_rows_plan(seqlens_q: Sequence[int], key_rows: torch.Tensor, key_block: int,
+                  keyed: Sequence[bool], head_width: int) -> RowsPlan | None:
+    """Plan of non-causal attention of query segment i (host lengths `seqlens_q`) to ONE block of
+    `key_block` keys: block `key_rows[j]` for the j-th segment with `keyed[i]` (a device tensor,
+    one entry per keyed segment: no host read); unkeyed segments get exact zeros."""
+    lens = [int(n) for n in seqlens_q]
+    return _rows_plan(lens, [bool(k) for k in keyed], False, key_rows, key_block, head_width,
+                      key_rows.device)
+
+
+def rows_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RowsPlan,
+                   scale: float | None = None, heads_first: bool = False) -> torch.Tensor:
+    """q [Tq, Hq, D], k/v [Tk, Hkv, D] (GQA when Hq > Hkv) attended as `plan` says, one SDPA per
+    group; returns [Tq, Hq, D]. `heads_first` (self-attention only): q/k/v come as [1, H, T, D]
+    (transformers' layout; no transpose each way) and the result is [1, Tq, Hq, D], what a
+    transformers attention function returns. Cross-attention keys are the `key_block`-key blocks
+    of k/v, in order."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    rows = plan.rows
     token_dim = 2 if heads_first else 0
+    gqa = q.shape[1] != k.shape[1]  # heads are dim 1 in both layouts
 
-    def grid(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:  # -> [R, H, W, D]
-        if index is not None:
-            t = t.index_select(token_dim, index)
+    def grid(t: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:  # -> [R, H, W, D]
+        t = t.index_select(token_dim, index)
         if heads_first:
-            return t.view(t.shape[1], rows, -1, t.shape[-1]).transpose(0, 1)
-        return t.view(rows, -1, *t.shape[1:]).transpose(1, 2)
+            return t.view(t.shape[1], -1, width, t.shape[-1]).transpose(0, 1)
+        return t.view(-1, width, *t.shape[1:]).transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(grid(q, plan.gather_q), grid(k, plan.gather_k),
-                                         grid(v, plan.gather_k), attn_mask=plan.additive_mask(q.dtype),
-                                         scale=scale, enable_gqa=q.shape[1] != k.shape[1])
-    out = out.transpose(1, 2).reshape(-1, out.shape[1], out.shape[-1])  # [R * Wq, H, D]
-    if plan.scatter_q is not None:
-        out = out.index_select(0, plan.scatter_q)
+    def keys(t: torch.Tensor, group: RowGroup) -> torch.Tensor:
+        if plan.causal:
+            return grid(t, group.gather_q, group.width)
+        blocks = t.view(-1, plan.key_block, *t.shape[1:])  # [blocks, key_block, H, D]
+        return blocks.index_select(0, group.key_rows).transpose(1, 2)
+
+    outs = []
+    for group in plan.groups:
+        out = F.scaled_dot_product_attention(grid(q, group.gather_q, group.width), keys(k, group),
+                                             keys(v, group), is_causal=plan.causal, scale=scale,
+                                             enable_gqa=gqa)
+        outs.append(out.transpose(1, 2).reshape(-1, out.shape[1], out.shape[-1]))  # [R * W, H, D]
+    out = (outs[0] if len(outs) == 1 else torch.cat(outs)).index_select(0, plan.scatter_q)
     if plan.keyless is not None:
         out = out.masked_fill(plan.keyless[:, None, None], 0)
     return out.unsqueeze(0) if heads_first else out
@@ -346,7 +371,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      scale: float | None = None, backend: str = "auto",
                      seqlens_q: Sequence[int] | None = None,
                      seqlens_k: Sequence[int] | None = None,
-                     plan: MaskedPlan | None = None) -> torch.Tensor:
+                     plan: RowsPlan | None = None) -> torch.Tensor:
     """Attention of q segment i (q[cu_q[i]:cu_q[i+1]]) to k/v segment i only.
 
     q [Tq, Hq, D], k/v [Tk, Hkv, D] with Hq a multiple of Hkv; cu_seqlens_* int32 [N+1].
@@ -354,8 +379,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     A segment with zero keys yields exact zeros. Returns [Tq, Hq, D] in q's dtype.
     `seqlens_q/k` are the same segment lengths as host ints (the differences of cu_seqlens_*);
     the sdpa backend then never reads cu_seqlens back. Without them it does (a sync on CUDA).
-    `plan` (the same segments as a `MaskedPlan`, built once per batch) makes the sdpa backend run
-    one masked SDPA instead of one per segment; fused backends ignore it.
+    `plan` (the same segments as a `RowsPlan`, built once per batch) makes the sdpa backend run
+    a few batched SDPA calls instead of one per segment; fused backends ignore it.
     """
     _check_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -364,7 +389,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return _fused(chosen, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                       causal, scale)
     if plan is not None:
-        return masked_attention(q, k, v, plan, scale)
+        return rows_attention(q, k, v, plan, scale)
     lens_q = _segment_lengths(seqlens_q, cu_seqlens_q, q.shape[0], "seqlens_q", exact=True)
     lens_k = _segment_lengths(seqlens_k, cu_seqlens_k, k.shape[0], "seqlens_k", exact=False)
     return _sdpa(q, k, v, lens_q, lens_k, causal, scale)

@@ -16,8 +16,8 @@ indices are written to the JSON so that another revision can rebuild the same ro
 cross-attention block before every 4th): the 9B's op count on a CPU (ops per layer do not depend
 on widths).
 
-`--compare` also runs the sdpa backend's per-segment path (masked plans off,
-`mmgpt_kernels.varlen.MAX_MASK_ELEMENTS = 0`) on the same model and row, and times the two paths
+`--compare` also runs the sdpa backend's per-segment path (row plans off,
+`mmgpt_kernels.varlen.ROW_PLANS = False`) on the same model and row, and times the two paths
 interleaved (A B B A ...), reporting the minimum and median of each: on a shared machine a
 drifting load then biases neither.
 """
@@ -82,16 +82,16 @@ def _timed(step) -> float:
 
 
 @contextmanager
-def masked_plans(enabled: bool):
-    """The sdpa backend with (the default) or without its masked plans (the per-segment path)."""
+def row_plans(enabled: bool):
+    """The sdpa backend with (the default) or without its row plans (the per-segment path)."""
     from mmgpt_kernels import varlen
 
-    saved = varlen.MAX_MASK_ELEMENTS
-    varlen.MAX_MASK_ELEMENTS = saved if enabled else 0
+    saved = varlen.ROW_PLANS
+    varlen.ROW_PLANS = saved and enabled
     try:
         yield
     finally:
-        varlen.MAX_MASK_ELEMENTS = saved
+        varlen.ROW_PLANS = saved
 
 
 def _time_summary(times: list[float]) -> dict[str, Any]:
@@ -120,16 +120,16 @@ def run_ops_bench(args: argparse.Namespace) -> dict[str, Any]:
         model.zero_grad(set_to_none=True)
         packed_loss(model, model.lm_head, batch).loss_sum.backward()
 
-    variants = {"masked": True, "per_segment": False} if args.compare else {"masked": True}
+    variants = {"planned": True, "per_segment": False} if args.compare else {"planned": True}
     counts = {}
     for name, enabled in variants.items():
-        with masked_plans(enabled):
+        with row_plans(enabled):
             counts[name] = count_ops(step)
     times: dict[str, list[float]] = {name: [] for name in variants}
     order = list(variants)
     for i in range(args.repeats):  # interleaved, the order flipped every round
         for name in order if i % 2 == 0 else order[::-1]:
-            with masked_plans(variants[name]):
+            with row_plans(variants[name]):
                 times[name].append(_timed(step))
     for name in variants:
         counts[name].update(_time_summary(times[name]))
@@ -153,7 +153,7 @@ def run_ops_bench(args: argparse.Namespace) -> dict[str, Any]:
         "row_sample_lengths": [len(s) for s in members],
         "row_sample_is_vl": [bool(s.images) for s in members],
         "packed_rows_in_stream": num_rows,
-        **counts["masked"],
+        **counts["planned"],
         **({"per_segment": counts["per_segment"]} if args.compare else {}),
     }
 

@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="checkpoint every K-th layer (bare flag: every layer; 0: off)")
     o.add_argument("--repeats", type=int, default=3, help="timed steps after the profiled one")
     o.add_argument("--compare", action="store_true",
-                   help="also the sdpa backend's per-segment path (masked plans off), timed interleaved")
+                   help="also the sdpa backend's per-segment path (row plans off), timed interleaved")
     o.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     o.add_argument("--seed", type=int, default=0, help="sample and weight seed")
     o.set_defaults(func=lazy("mmgpt.benchmarks.ops:run"))

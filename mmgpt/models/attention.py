@@ -5,14 +5,14 @@ inside each sample through `mmgpt_kernels.varlen_attention`, with no dense T x T
 carry `mmgpt_seq_lens`, the same sample lengths as host ints (built by the packer): transformers
 forwards unknown kwargs from the model down to this function, so the per-segment kernel never
 reads cu_seqlens back from the device (one host sync per layer otherwise), and, on the portable
-sdpa backend, `mmgpt_attn_plan`: the batch's `MaskedPlan` (built once by `Flamingo.forward`), so
-each layer runs one masked SDPA rather than one per sample. Anything
+sdpa backend, `mmgpt_attn_plan`: the batch's `RowsPlan` (built once by `Flamingo.forward`), so
+each layer runs a few batched SDPA calls rather than one per sample. Anything
 else (generation with a KV cache, padded batches) goes to transformers' own SDPA function with
 the mask transformers builds.
 """
 from __future__ import annotations
 
-from mmgpt_kernels.varlen import masked_attention, resolve_backend, varlen_attention
+from mmgpt_kernels.varlen import resolve_backend, rows_attention, varlen_attention
 from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -34,7 +34,7 @@ def mmgpt_varlen_attention(module: nn.Module, query: Tensor, key: Tensor, value:
     backend = getattr(module.config, "mmgpt_attn_backend", "auto")
     plan = kwargs.get("mmgpt_attn_plan")
     if plan is not None and resolve_backend(backend, query) == "sdpa":  # device, dtype, head dim
-        return masked_attention(query, key, value, plan, scale=scaling, heads_first=True), None
+        return rows_attention(query, key, value, plan, scale=scaling, heads_first=True), None
     out = varlen_attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
                            cu_q, kwargs["cu_seq_lens_k"], kwargs["max_length_q"], kwargs["max_length_k"],
                            causal=True, scale=scaling, backend=backend,

@@ -4,21 +4,18 @@ The tokens that pass the blocks (`MediaLayout.token_index`: those of samples wit
 processed as one flat sequence split into chunks, maximal runs of tokens that attend the same
 image (which image: `mmgpt.media`). Each chunk is one varlen segment whose keys are the latents of
 its image, or no keys at all, which gives an exact zero output. On the portable sdpa backend the
-chunks are not looped over: one masked SDPA lets every token attend the latents of all images,
-masked to its own image (the mask is built once per forward in `MediaContext` and shared by the
-layers), which is the same attention in one call. Parameter names follow OpenFlamingo
+chunks are not looped over: each chunk is a row attending exactly its image's latents, and chunks
+of like length run as ONE unmasked SDPA (a `RowsPlan`, built once per forward in `MediaContext` and
+shared by the layers), which is the same attention in a call or two. Parameter names follow OpenFlamingo
 (`attn.norm/to_q/to_kv/to_out`, `ff.0/1/3`, `attn_gate`, `ff_gate`) so its checkpoints and the
 released MultiModal-GPT LoRA load by name.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 
 import torch
-from mmgpt_kernels import varlen
-from mmgpt_kernels.varlen import (MaskedPlan, masked_attention, resolve_backend, segment_mask_plan,
-                                  varlen_attention)
+from mmgpt_kernels.varlen import RowsPlan, key_rows_plan, resolve_backend, rows_attention, varlen_attention
 from torch import Tensor, nn
 
 from mmgpt.media import MediaLayout
@@ -59,16 +56,18 @@ class MediaContext:
     def max_seqlen_k(self) -> int:
         return self.num_latents if self.layout.has_keys else 0
 
-    @cached_property
-    def image_plan(self) -> MaskedPlan | None:
-        """One masked SDPA for all chunks (the sdpa backend): each token attends the latents of
-        its image among all M x num_latents latents, none (exact zeros) without one. Built from
-        device tensors once per forward, at the first layer that asks; None above the mask limit."""
-        keys = self.latents.shape[0] * self.num_latents
-        if self.layout.num_tokens * keys > varlen.MAX_MASK_ELEMENTS:  # read now: 0 turns plans off
-            return None
-        image_of_key = torch.arange(keys, device=self.latents.device) // self.num_latents
-        return segment_mask_plan(self.layout.media_index.to(self.latents.device), image_of_key)
+    _plans: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def image_plan(self, head_width: int) -> RowsPlan | None:
+        """The chunks as rows for the sdpa backend: chunk c attends the latents of image
+        `chunk_images[c]`, a chunk without image gives exact zeros. Built once per forward, at
+        the first layer that asks (`head_width` = heads x head dim, the same in every block)."""
+        if head_width not in self._plans:
+            layout = self.layout
+            self._plans[head_width] = key_rows_plan(
+                layout.chunk_lengths, layout.chunk_images.to(self.latents.device), self.num_latents,
+                layout.chunk_has_image, head_width) if layout.has_keys else None
+        return self._plans[head_width]
 
 
 class MaskedCrossAttention(nn.Module):
@@ -90,11 +89,12 @@ class MaskedCrossAttention(nn.Module):
         shape = x.shape
         q = self.to_q(self.norm(x.reshape(-1, shape[-1]))).unflatten(-1, (self.heads, self.dim_head))
         layout = media.layout
-        plan = media.image_plan if resolve_backend(self.backend, q) == "sdpa" else None
-        if plan is not None:  # every image's latents, each token masked to its own image
+        sdpa = resolve_backend(self.backend, q) == "sdpa"
+        plan = media.image_plan(self.heads * self.dim_head) if sdpa else None
+        if plan is not None:  # every image's latents, each chunk's row attending its own image's
             kv = self.to_kv(media.latents.to(x.dtype)).flatten(0, 1)  # [M * L, 2*inner]
             k, v = (t.unflatten(-1, (self.heads, self.dim_head)) for t in kv.chunk(2, dim=-1))
-            return self.to_out(masked_attention(q, k, v, plan).flatten(-2)).reshape(shape)
+            return self.to_out(rows_attention(q, k, v, plan).flatten(-2)).reshape(shape)
         kv = self.to_kv(media.latents.to(x.dtype))[layout.chunk_images].flatten(0, 1)  # [C' * L, 2*inner]
         k, v = (t.unflatten(-1, (self.heads, self.dim_head)) for t in kv.chunk(2, dim=-1))
         out = varlen_attention(q, k, v, layout.cu_seqlens_q, media.cu_seqlens_k, layout.max_seqlen_q,

@@ -151,8 +151,8 @@ class Flamingo(nn.Module):
         always builds a mask first, and its packed-sequence detection reads position_ids back to
         the host (a sync per step) for a mask the varlen kernels never use.
 
-        On the portable sdpa backend the self-attention `MaskedPlan` (one masked SDPA per layer
-        instead of one per sample) is built here once, from the host lengths, for every layer.
+        On the portable sdpa backend the self-attention `RowsPlan` (a few batched SDPA calls per
+        layer instead of one per sample) is built here once, from the host lengths, for every layer.
         """
         context = None if media is None else MediaContext(self.encode_images(images), media)
         llama = self.language_model.model
@@ -162,7 +162,7 @@ class Flamingo(nn.Module):
         probe = hidden.new_empty(0, config.num_attention_heads, head_dim)  # what self-attention resolves on
         plan = None
         if resolve_backend(config.mmgpt_attn_backend, probe) == "sdpa":
-            plan = causal_rows_plan(seqlens, hidden.device)  # None: over the mask limit
+            plan = causal_rows_plan(seqlens, config.num_attention_heads * head_dim, hidden.device)
         positions = position_ids[None]
         rope = llama.rotary_emb(hidden, position_ids=positions)
         for layer in llama.layers[: llama.config.num_hidden_layers]:
