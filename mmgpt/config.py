@@ -100,6 +100,10 @@ class EvalConfig:
     between evaluations (None: only at the end; there is always one at the end). `enabled: false`
     keeps the split, so the training data stay the same, but evaluates nothing. `samples`: held-out
     prompts rank 0 decodes greedily at each evaluation, up to `max_new_tokens` each, for TensorBoard.
+    `accuracy`: sources with short answers whose held-out one-image questions rank 0 answers
+    greedily at each evaluation, scored by exact match (`eval/accuracy/<source>`), and again with
+    the images moved one question along (`eval/accuracy_shuffled/<source>`: the chance-level control
+    that says the answers come from the pictures).
     """
 
     holdout: int | float | None = None
@@ -107,6 +111,7 @@ class EvalConfig:
     enabled: bool = True
     samples: int = 4
     max_new_tokens: int = 64
+    accuracy: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.holdout, float) and not 0.0 < self.holdout < 1.0:
