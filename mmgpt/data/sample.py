@@ -4,7 +4,7 @@ Text is generated from templates with a seeded RNG (so the same seed gives byte-
 with a realistic length mix: long LLaVA descriptions, short captions, Dolly/Alpaca of varying
 length, multi-round LLaVA and OCR-VQA dialogues. Images are tiny deterministic JPEGs (coloured
 shapes) under the file names the records use. On top of that budget comes the visual task
-(`mmgpt.data.shapes`: questions whose answers only the picture gives), as many records again,
+(`mmgpt.data.shapes`: questions whose answers only the picture gives), four times as many records,
 plus its held-out file. Used by the demo, the packing benchmark and anyone trying the pipeline.
 """
 from __future__ import annotations
@@ -34,8 +34,9 @@ SHARES = {
     "generic": 0.05,
 }
 DEFAULT_RECORDS = 4000
-# The visual task's held-out pictures (shapes/shapes_val.json), per record of the budget.
-SHAPES_VAL_SHARE = 0.05
+# The visual task's pictures per record of the budget: training (shapes/shapes_train.json) and
+# held-out (shapes/shapes_val.json).
+SHAPES_PER_RECORD, SHAPES_VAL_SHARE = 4, 0.1
 
 ADJECTIVES = (
     "red blue green small large old young wooden bright dark busy quiet crowded empty white black "
@@ -254,10 +255,11 @@ def write_sample(out: Path, records: int = DEFAULT_RECORDS, seed: int = 0, image
         generic.append(rec)
     _dump(out / "my_data" / "conversations.jsonl", generic, lines=True)
 
-    # One short question per picture: records * ~40 tokens, so the visual task is a large share of
-    # the VL samples (the colours are learnt in the demo's two minutes) but a small one of the tokens.
-    shapes.write_shapes(out / "shapes", train=records, val=max(8, round(SHAPES_VAL_SHARE * records)),
-                        seed=rng.getrandbits(32))
+    # Three one-word answers per picture (~170 tokens with the template's preamble), four pictures
+    # per record of the budget: the visual task must be a large share of the supervised tokens for
+    # the demo to learn to see in its two minutes (at ~5 % it does not).
+    shapes.write_shapes(out / "shapes", train=SHAPES_PER_RECORD * records,
+                        val=max(8, round(SHAPES_VAL_SHARE * records)), seed=rng.getrandbits(32))
     return _write_mixture(out, seed=42, image_size=image_size, max_length=max_length)
 
 

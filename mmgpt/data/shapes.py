@@ -1,16 +1,19 @@
 """The sample data's visual task: one solid shape on a plain background, asked about in LLaVA's format.
 
 Each picture is one circle, square or triangle in red, green, blue or yellow on a white, black or
-grey background, at a random position and size; its record asks "What color is the shape?" (answer:
-the colour's name) or "What shape is it?" (the shape's name), alternating, with colours and shapes
-cycled so both are balanced. The answer can only come from the picture, so a model that answers
-held-out pictures right has learned to look: the demo's proof that images -> CLIP -> perceiver ->
-gated cross-attention -> LoRA trains (text-only sources cannot teach it).
+grey background, at a random position and size; its record asks, in a random order, "What color is
+the shape?" (the colour's name), "What shape is it?" (the shape's name) and "What color is the
+background?", each answered in one word, with colours, shapes and backgrounds cycled so that all
+36 combinations come up equally often. The answers can only come from the picture, so a model that
+answers held-out pictures right has learned to look: the demo's proof that images -> CLIP ->
+perceiver -> gated cross-attention -> LoRA trains (text-only sources cannot teach it). Three
+questions per picture share one long prompt preamble: three times the supervised tokens per image.
 
 Files are LLaVA-Instruct's layout (a JSON list of {id, image, conversations}), read by the
 `llava` source for training and by `mmgpt eval --task llava` for scoring. The training file and the
 separate held-out file (`shapes_val.json`) never share a picture: every picture's parameters are
-drawn once from one seeded generator and a repeat is redrawn.
+drawn once from one seeded generator and a repeat is redrawn. Record k's colour is the k-th of the
+sorted colour names (cycled): `launch/demo.sh` shows val_00000 (blue) and val_00002 (red).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "grey": (128, 128, 
 SHAPES = ("circle", "square", "triangle")
 COLOUR_QUESTION = "What color is the shape?"
 SHAPE_QUESTION = "What shape is it?"
+BACKGROUND_QUESTION = "What color is the background?"
 PICTURE_SIZE = 64  # pixels; the model's transform resizes (the demo's CLIP input is 32)
 TRAIN_FILE, VAL_FILE, IMAGE_DIR = "shapes_train.json", "shapes_val.json", "images"
 
@@ -55,39 +59,46 @@ def draw(picture: Picture) -> Image.Image:
     return image
 
 
-def random_picture(rng: random.Random, colour: str, shape: str) -> Picture:
-    """`colour` `shape` at a random size (a third to three quarters of the side) and position."""
-    side = rng.randint(PICTURE_SIZE // 3, PICTURE_SIZE * 3 // 4)
+def random_picture(rng: random.Random, colour: str, shape: str, background: str) -> Picture:
+    """`colour` `shape` at a random size (9/16 to 15/16 of the side: the demo model sees 32 px) and position."""
+    side = rng.randint(PICTURE_SIZE * 9 // 16, PICTURE_SIZE * 15 // 16)
     left, top = rng.randint(0, PICTURE_SIZE - side), rng.randint(0, PICTURE_SIZE - side)
-    return Picture(colour, shape, rng.choice(sorted(BACKGROUNDS)), (left, top, left + side - 1, top + side - 1))
+    return Picture(colour, shape, background, (left, top, left + side - 1, top + side - 1))
 
 
 def pictures(rng: random.Random, n: int, seen: set[Picture]) -> list[Picture]:
-    """`n` pictures not in `seen` (added to it), colours and shapes cycled for balance (the
-    colour cycle's length 4 and the shape cycle's 3 are coprime: every pair comes up)."""
+    """`n` pictures not in `seen` (added to it), colours, shapes and backgrounds cycled for balance
+    (cycles of 4 and 3 are coprime: every colour-shape pair comes up in 12; the background
+    changes every 12)."""
     out = []
-    colours = sorted(COLOURS)
+    colours, backgrounds = sorted(COLOURS), sorted(BACKGROUNDS)
     for k in range(n):
-        picture = random_picture(rng, colours[k % len(colours)], SHAPES[k % len(SHAPES)])
+        kind = (colours[k % len(colours)], SHAPES[k % len(SHAPES)], backgrounds[k // 12 % len(backgrounds)])
+        picture = random_picture(rng, *kind)
         while picture in seen:
-            picture = random_picture(rng, picture.colour, picture.shape)
+            picture = random_picture(rng, *kind)
         seen.add(picture)
         out.append(picture)
     return out
 
 
-def record(name: str, picture: Picture, ask_colour: bool, image_first: bool) -> dict:
-    """One LLaVA record: one question about the picture and its one-word answer."""
-    question, answer = (COLOUR_QUESTION, picture.colour) if ask_colour else (SHAPE_QUESTION, picture.shape)
-    human = f"<image>\n{question}" if image_first else f"{question}\n<image>"
-    return {"id": name, "image": f"{name}.png",
-            "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": answer}]}
+def record(name: str, picture: Picture, rng: random.Random) -> dict:
+    """One LLaVA record: the three questions about the picture in a random order, one-word answers,
+    `<image>` before or after the first question as in LLaVA's files."""
+    rounds = [(COLOUR_QUESTION, picture.colour), (SHAPE_QUESTION, picture.shape),
+              (BACKGROUND_QUESTION, picture.background)]
+    rng.shuffle(rounds)
+    turns = []
+    for k, (question, answer) in enumerate(rounds):
+        if k == 0:
+            question = f"<image>\n{question}" if rng.random() < 0.5 else f"{question}\n<image>"
+        turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    return {"id": name, "image": f"{name}.png", "conversations": turns}
 
 
 def write_shapes(out: Path, train: int, val: int, seed: int) -> tuple[Path, Path]:
     """Write `train` + `val` records and their pictures under `out` (images in `out/images`);
-    returns the two JSON files. Question kinds alternate per colour cycle, so each colour is asked
-    about (and each shape named) equally often."""
+    returns the two JSON files."""
     rng = random.Random(seed)
     seen: set[Picture] = set()
     files = []
@@ -98,8 +109,7 @@ def write_shapes(out: Path, train: int, val: int, seed: int) -> tuple[Path, Path
             path = out / IMAGE_DIR / f"{name}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             draw(picture).save(path)
-            records.append(record(name, picture, ask_colour=(k // len(COLOURS)) % 2 == 0,
-                                  image_first=rng.random() < 0.5))
+            records.append(record(name, picture, rng))
         (out / file).write_text(json.dumps(records, indent=1), encoding="utf-8")
         files.append(out / file)
     return files[0], files[1]

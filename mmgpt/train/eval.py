@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -147,8 +148,10 @@ class Evaluator:
                  step, loss.loss, per_source, len(self.holdout), seconds, loss_time, len(answers))
         for name in self.cfg.accuracy:
             if f"eval/accuracy/{name}" in accuracy:
-                log.info("eval at step %d: accuracy %s %.3f, with shuffled images %.3f (exact match, %d held-out "
-                         "questions)", step, name, accuracy[f"eval/accuracy/{name}"],
+                per_question = ", ".join(f"{tag.rsplit('/', 1)[1]} {value:.3f}" for tag, value in accuracy.items()
+                                         if tag.startswith(f"eval/accuracy/{name}/"))
+                log.info("eval at step %d: accuracy %s %.3f (%s), with shuffled images %.3f (exact match, %d "
+                         "held-out questions)", step, name, accuracy[f"eval/accuracy/{name}"], per_question,
                          accuracy[f"eval/accuracy_shuffled/{name}"], self._questions[name])
         return loss
 
@@ -220,10 +223,12 @@ class Evaluator:
 
     def accuracy(self) -> dict[str, float]:
         """`eval/accuracy/<source>` and `eval/accuracy_shuffled/<source>` of each `eval.accuracy`
-        source with held-out one-image questions (rank 0; no collective)."""
+        source with held-out one-image questions, and the same per question (`.../<source>/<slug>`,
+        e.g. `what_color_is_the_shape`) so an easy and a hard question are not averaged away
+        (rank 0; no collective)."""
         values: dict[str, float] = {}
         with self._evaluating():
-            for name, (prompts, images, references) in self._accuracy_items().items():
+            for name, (prompts, images, references, questions) in self._accuracy_items().items():
                 latents = self.model.encode_images(torch.stack(images).to(self.dist.device))
                 for tag, shown in (("accuracy", latents), ("accuracy_shuffled", latents.roll(1, dims=0))):
                     new = generate_batch(self.model, self.tokenizer, prompts, shown, self.cfg.max_new_tokens,
@@ -231,13 +236,16 @@ class Evaluator:
                     hits = [ocrvqa_exact_match(self.tokenizer.decode(ids, skip_special_tokens=True), reference)
                             for ids, reference in zip(new, references)]
                     values[f"eval/{tag}/{name}"] = sum(hits) / len(hits)
+                    for question in sorted(set(questions)):
+                        mine = [h for h, q in zip(hits, questions) if q == question]
+                        values[f"eval/{tag}/{name}/{_slug(question)}"] = sum(mine) / len(mine)
                 self._questions[name] = len(prompts)
         return values
 
-    def _accuracy_items(self) -> dict[str, tuple[list[list[int]], list[torch.Tensor], list[str]]]:
-        """Per `eval.accuracy` source: the prompts, images and reference answers of its held-out
-        records with exactly one image (the last round is the question)."""
-        items: dict[str, tuple[list[list[int]], list[torch.Tensor], list[str]]] = {}
+    def _accuracy_items(self) -> dict[str, tuple[list[list[int]], list[torch.Tensor], list[str], list[str]]]:
+        """Per `eval.accuracy` source: the prompts, images, reference answers and questions of its
+        held-out records with exactly one image (the last round is the question)."""
+        items: dict[str, tuple[list[list[int]], list[torch.Tensor], list[str], list[str]]] = {}
         for i in range(len(self.holdout)):
             conv = self.holdout.conversation(i)
             if conv.source not in self.cfg.accuracy or len(conv.images) != 1:
@@ -245,10 +253,11 @@ class Evaluator:
             sample = self.holdout.load(i)
             if sample is None:
                 continue
-            prompts, images, references = items.setdefault(conv.source, ([], [], []))
+            prompts, images, references, questions = items.setdefault(conv.source, ([], [], [], []))
             prompts.append(encode_prompt(conv, self.tokenizer))
             images.append(sample.images[0])
             references.append(conv.rounds[-1].response)
+            questions.append(conv.rounds[-1].instruction)
         return items
 
     def _write(self, step: int, loss: EvalLoss, answers: list[Answer], seconds: float) -> None:
@@ -268,6 +277,11 @@ class Evaluator:
         for source, counts in lengths.items():
             self.writer.add_scalar(f"eval/answer_tokens/{source}", sum(counts) / len(counts), step)
         self.writer.flush()
+
+
+def _slug(question: str) -> str:
+    """A TensorBoard tag part for a question: `What color is the shape?` -> `what_color_is_the_shape`."""
+    return re.sub(r"[^a-z0-9]+", "_", question.lower()).strip("_")
 
 
 def _viewable(image: torch.Tensor) -> torch.Tensor:
