@@ -73,10 +73,13 @@ class ScheduleConfig:
     epochs: int = 1
     max_steps: int | None = None
     grad_accum: int = 1
+    # Peak LR of the gated cross-attention blocks' LoRA (None: `lr`): the demo's images only reach
+    # the answers through them, and at `lr` they learn to read the pictures too slowly.
+    cross_attn_lr: float | None = None
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"schedule.lr must be > 0, got {self.lr}")
+        if self.lr <= 0 or (self.cross_attn_lr is not None and self.cross_attn_lr <= 0):
+            raise ConfigError(f"schedule.lr and schedule.cross_attn_lr must be > 0, got {self.lr}, {self.cross_attn_lr}")
         if self.epochs < 1 or self.grad_accum < 1:
             raise ConfigError("schedule.epochs and schedule.grad_accum must be >= 1")
         if self.max_steps is not None and self.max_steps < 1:
