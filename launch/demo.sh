@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README demo: write the bundled sample data, then train the `demo` preset (tiny, random) on it
-# with 2 CPU ranks through the real `deepspeed` launcher (ZeRO-2, bf16): one epoch (the text,
-# captions and VQA sources plus the visual task of coloured shapes), the held-out shape questions
+# with 2 CPU ranks through the real `deepspeed` launcher (ZeRO-2, bf16): two epochs of the text,
+# caption and VQA sources plus the visual task of coloured shapes, the held-out shape questions
 # scored as it goes (the very first DeepSpeed start also compiles a small communication op, once).
 #
 #   bash launch/demo.sh OUT_DIR
