@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The README demo: write the bundled sample data, then train the `demo` preset (tiny, random) on it
-# with 2 CPU ranks through the real `deepspeed` launcher (ZeRO-2, bf16): one epoch, 74 steps,
-# under a minute of training on 2 cores, the loss falling from ~8.0 to ~2.3 (the very first
-# DeepSpeed start also compiles a small communication op, once).
+# with 2 CPU ranks through the real `deepspeed` launcher (ZeRO-2, bf16): two epochs of the text,
+# caption and VQA sources plus the visual task of coloured shapes, the held-out shape questions
+# scored as it goes (the very first DeepSpeed start also compiles a small communication op, once).
 #
 #   bash launch/demo.sh OUT_DIR
 #
@@ -19,7 +19,7 @@ PORT="${MASTER_PORT:-29500}"
 source "$REPO/launch/accelerator.sh"
 
 if [ ! -f "$OUT/data/mixture.yaml" ]; then
-  python -m mmgpt.cli data sample --out "$OUT/data" --n "${DEMO_RECORDS:-800}" --max-length 512
+  python -m mmgpt.cli data sample --out "$OUT/data" --n "${DEMO_RECORDS:-400}" --max-length 512
 fi
 python -m mmgpt.train.launch_check --config "$CONFIG" --set "mixture=$OUT/data/mixture.yaml" --num-gpus 2
 cd "$REPO"
@@ -31,5 +31,9 @@ echo "TensorBoard logs: $OUT/tensorboard   (tensorboard --logdir $OUT/tensorboar
 echo "Checkpoints:      $OUT/checkpoints   (latest: $(cat "$OUT/checkpoints/latest"))"
 echo "Adapter (peft):   $OUT/adapter"
 echo "Training log:     $OUT/train.log"
-IMAGES=("$OUT"/data/coco/images/train2017/*.jpg)
-echo "Chat with it:     mmgpt chat --model $OUT --image ${IMAGES[0]} --prompt \"Can you describe the image?\""
+# Two held-out pictures (never trained on) of different colours: shapes_val.json's first records
+# are a blue and a red shape, asked about their colour (mmgpt/data/shapes.py).
+for PICTURE in val_00000 val_00002; do
+  echo "Chat with it:     mmgpt chat --model $OUT --image $OUT/data/shapes/images/$PICTURE.png --prompt \"What color is the shape?\""
+done
+echo "Score it:         mmgpt eval --model $OUT --task llava --data $OUT/data/shapes/shapes_val.json --images $OUT/data/shapes/images"

@@ -74,10 +74,15 @@ class ScheduleConfig:
     epochs: int = 1
     max_steps: int | None = None
     grad_accum: int = 1
+    # Peak LR of the gated cross-attention blocks' LoRA (None: `lr`): the demo's images only reach
+    # the answers through them, and at `lr` they learn to read the pictures too slowly.
+    cross_attn_lr: float | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.lr < math.inf:  # also false for nan
             raise ConfigError(f"schedule.lr must be a finite number > 0, got {self.lr}")
+        if self.cross_attn_lr is not None and not 0 < self.cross_attn_lr < math.inf:
+            raise ConfigError(f"schedule.cross_attn_lr must be a finite number > 0 or null, got {self.cross_attn_lr}")
         if not 0 <= self.weight_decay < math.inf:
             raise ConfigError(f"schedule.weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if not all(0 <= b < 1 for b in self.betas):
@@ -107,6 +112,10 @@ class EvalConfig:
     between evaluations (None: only at the end; there is always one at the end). `enabled: false`
     keeps the split, so the training data stay the same, but evaluates nothing. `samples`: held-out
     prompts rank 0 decodes greedily at each evaluation, up to `max_new_tokens` each, for TensorBoard.
+    `accuracy`: sources with short answers whose held-out one-image questions rank 0 answers
+    greedily at each evaluation, scored by exact match (`eval/accuracy/<source>`), and again with
+    the images moved one question along (`eval/accuracy_shuffled/<source>`: the chance-level control
+    that says the answers come from the pictures).
     """
 
     holdout: int | float | None = None
@@ -114,6 +123,7 @@ class EvalConfig:
     enabled: bool = True
     samples: int = 4
     max_new_tokens: int = 64
+    accuracy: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.holdout, float) and not 0.0 < self.holdout < 1.0:

@@ -195,3 +195,50 @@ def test_answers_stream_in_a_terminal(run_dir, tmp_path):
     assert steps >= 5, screen[-2000:]
     before_last_step = answer[:answer.rindex("<STEP>")].replace("<STEP>", "").strip()
     assert before_last_step, f"no answer text before the last decoding step: {answer!r}"
+
+
+class ForcedHead(torch.nn.Module):
+    """An LM head whose greedy choice at generation step k is `ids[k]`, then EOS: forces an answer."""
+
+    def __init__(self, ids: list[int], eos: int, vocab: int):
+        super().__init__()
+        self.ids, self.eos, self.vocab, self.calls = ids, eos, vocab, 0
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(*hidden.shape[:-1], self.vocab)
+        logits[..., self.ids[self.calls] if self.calls < len(self.ids) else self.eos] = 1e4
+        self.calls += 1
+        return logits
+
+
+BYTE_ANSWER = "Café 日本🙂 ok"  # é, 日, 本 and 🙂 are spelt in byte tokens by the tiny tokenizer
+
+
+def test_streamed_byte_token_answers_never_show_a_replacement_character(loaded, monkeypatch):
+    """chat's terminal streamer and the web demo's SnapshotStreamer, fed by a real generation forced
+    to answer in byte-fallback tokens: every piece shown is valid text, the shown text only grows,
+    and it ends as the whole answer (a plain decode of the partial ids shows U+FFFD: the control)."""
+    from mmgpt.inference.chat import TerminalStreamer
+    from mmgpt.inference.serve import SnapshotStreamer
+
+    model, tok = loaded
+    ids = tok.encode(BYTE_ANSWER, add_special_tokens=False)
+    assert sum(p.startswith("<0x") for p in tok.convert_ids_to_tokens(ids)) >= 10
+    assert any("\ufffd" in tok.decode(ids[:k]) for k in range(len(ids)))  # what a naive streamer shows
+    for make in (lambda: TerminalStreamer(tok, io.StringIO()), lambda: SnapshotStreamer(tok)):
+        monkeypatch.setattr(model.language_model, "lm_head", ForcedHead(ids, tok.eos_token_id, len(tok)))
+        chat = session(loaded, max_new_tokens=len(ids) + 1)
+        streamer = make()
+        writes: list[str] = []
+        if isinstance(streamer, TerminalStreamer):
+            streamer.out.write = writes.append  # type: ignore[method-assign]
+            assert chat.ask("Say it", streamer=streamer) == BYTE_ANSWER
+            shown = ["".join(writes[:k]) for k in range(1, len(writes) + 1)]
+            assert shown[-1] == BYTE_ANSWER + "\n"
+        else:
+            assert chat.ask("Say it", streamer=streamer) == BYTE_ANSWER
+            shown = list(streamer)
+            assert shown[-1] == BYTE_ANSWER
+        assert not any("\ufffd" in text for text in shown), shown
+        assert all(b.startswith(a) for a, b in zip(shown, shown[1:])), shown
+        assert len(shown) >= 5  # it streamed

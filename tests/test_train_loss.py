@@ -156,3 +156,8 @@ def test_only_trainable_parameters_reach_the_optimizer(model):
     assert by_decay == {0.1: 1, 0.0: 3}  # weight decays; bias and norm parameters do not
     with pytest.raises(ValueError, match="no trainable parameters"):
         param_groups(probe.requires_grad_(False), weight_decay=0.1)
+    split = param_groups(flamingo, weight_decay=0.1, cross_attn_lr=0.02)  # schedule.cross_attn_lr
+    names = {id(p): n for n, p in flamingo.named_parameters()}
+    assert sorted(id(p) for g in split for p in g["params"]) == sorted(ids) and len(split) == 2
+    assert all(("gated_cross_attn_layer." in names[id(p)]) == ("lr" in g) for g in split for p in g["params"])
+    assert [g.get("lr") for g in split] == [None, 0.02]

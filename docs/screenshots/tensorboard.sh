@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Writes docs/tensorboard.png: TensorBoard's Scalars page of a demo run (train/loss, eval/loss, the
-# per-side losses, grad norm, lr), taken by headless chromium (tests/browser/tensorboard_shot.js,
-# playwright-core driving /usr/bin/chromium; `bash tests/browser/install.sh` installs both).
+# per-side losses, the held-out colour-question accuracy and its shuffled-image control, grad
+# norm, lr), taken by headless chromium (tests/browser/tensorboard_shot.js, playwright-core driving
+# /usr/bin/chromium; `bash tests/browser/install.sh` installs both).
 #
 #   bash docs/screenshots/tensorboard.sh [RUN_DIR] [PNG]    (RUN_DIR default runs/demo, PNG default docs/tensorboard.png)
 #   bash docs/screenshots/tensorboard.sh --dry-run [RUN_DIR] [PNG]   (print the steps, run nothing)
@@ -16,8 +17,8 @@ REPO="$(cd "$(dirname "$0")/../.." && pwd)"
 PNG="$(realpath -m "${2:-$REPO/docs/tensorboard.png}")"
 if [ -n "${1:-}" ]; then RUN="$(realpath -m "$1")"; else RUN=runs/demo; fi
 cd "$REPO"  # the default run as README's `tensorboard --logdir runs/demo/tensorboard` (its sidebar shows the logdir)
-TAGS='^(train/loss|train/loss_language|train/loss_vl|eval/loss|train/lr|train/grad_norm)$'
-CHARTS=6
+TAGS='^(train/loss|train/loss_language|train/loss_vl|eval/loss|eval/accuracy/shapes/what_color_is_the_shape|eval/accuracy_shuffled/shapes/what_color_is_the_shape|train/lr|train/grad_norm)$'
+CHARTS=8
 DRIVER="$REPO/tests/browser/tensorboard_shot.js"
 
 run() { echo "+ $*"; if [ "$DRY" = 0 ]; then "$@"; fi; }

@@ -5,25 +5,26 @@ import argparse
 
 from mmgpt.commands.chat import add_model_args, model_command
 
-TASK_NAMES = ("aokvqa", "coco_caption", "ocrvqa", "vqa")
+TASK_NAMES = ("aokvqa", "coco_caption", "llava", "ocrvqa", "vqa")
 SHORT_ANSWER_HINT = "Answer the question using a single word or phrase."
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("eval", help="evaluate a model on VQAv2/OK-VQA, A-OKVQA, OCR-VQA or COCO captions")
+    p = subparsers.add_parser("eval", help="evaluate a model on VQAv2/OK-VQA, A-OKVQA, OCR-VQA, COCO captions "
+                                            "or LLaVA-format questions")
     add_model_args(p)
     p.add_argument("--task", required=True, choices=TASK_NAMES)
     p.add_argument("--images", required=True, help="image root the files' image paths are relative to")
     p.add_argument("--questions", help="vqa: VQAv2/OK-VQA questions json")
     p.add_argument("--annotations", help="vqa: VQAv2/OK-VQA annotations json")
-    p.add_argument("--data", help="aokvqa / ocrvqa / coco_caption: the dataset file")
+    p.add_argument("--data", help="aokvqa / ocrvqa / coco_caption / llava: the dataset file")
     p.add_argument("--split", help="aokvqa: image folder split (default val); ocrvqa: train|val|test "
                                    "(default test); Karpathy dataset_coco.json: split (default test)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward")
     p.add_argument("--workers", type=int, default=2, help="image loading processes (0: in the main one)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 10 (vqa, aokvqa), 16 (ocrvqa), "
-                                                                    "30 (coco_caption)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 10 (vqa, aokvqa, llava), "
+                                                                    "16 (ocrvqa), 30 (coco_caption)")
     p.add_argument("--answer-hint", default=SHORT_ANSWER_HINT,
                    help="`### Input:` of question prompts ('' leaves it out)")
     p.add_argument("--no-meteor", action="store_true", help="coco_caption: skip METEOR (a ~10 s Java start)")

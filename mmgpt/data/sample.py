@@ -3,7 +3,9 @@
 Text is generated from templates with a seeded RNG (so the same seed gives byte-identical files)
 with a realistic length mix: long LLaVA descriptions, short captions, Dolly/Alpaca of varying
 length, multi-round LLaVA and OCR-VQA dialogues. Images are tiny deterministic JPEGs (coloured
-shapes) under the file names the records use. Used by the demo, the packing benchmark and anyone trying the pipeline.
+shapes) under the file names the records use. On top of that budget comes the visual task
+(`mmgpt.data.shapes`: questions whose answers only the picture gives), four times as many records,
+plus its held-out file. Used by the demo, the packing benchmark and anyone trying the pipeline.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from typing import Any, Callable
 
 import yaml
 from PIL import Image, ImageDraw
+
+from mmgpt.data import shapes
 
 # Share of the record budget per file (language-only about 40 %, as in the paper's mixture).
 SHARES = {
@@ -30,6 +34,9 @@ SHARES = {
     "generic": 0.05,
 }
 DEFAULT_RECORDS = 4000
+# The visual task's pictures per record of the budget: training (shapes/shapes_train.json) and
+# held-out (shapes/shapes_val.json).
+SHAPES_PER_RECORD, SHAPES_VAL_SHARE = 4, 0.1
 
 ADJECTIVES = (
     "red blue green small large old young wooden bright dark busy quiet crowded empty white black "
@@ -248,6 +255,11 @@ def write_sample(out: Path, records: int = DEFAULT_RECORDS, seed: int = 0, image
         generic.append(rec)
     _dump(out / "my_data" / "conversations.jsonl", generic, lines=True)
 
+    # Three one-word answers per picture (~170 tokens with the template's preamble), four pictures
+    # per record of the budget: the visual task must be a large share of the supervised tokens for
+    # the demo to learn to see in its two minutes (at ~5 % it does not).
+    shapes.write_shapes(out / "shapes", train=SHAPES_PER_RECORD * records,
+                        val=max(8, round(SHAPES_VAL_SHARE * records)), seed=rng.getrandbits(32))
     return _write_mixture(out, seed=42, image_size=image_size, max_length=max_length)
 
 
@@ -265,7 +277,7 @@ def _write_mixture(out: Path, seed: int, image_size: int, max_length: int) -> Pa
     config = {
         "seed": seed,
         "max_length": max_length,
-        "language_vl_ratio": 1.0,
+        "language_vl_ratio": None,  # all of it: 1:1 would drop most of the visual task's records
         "on_error": "skip",
         "image_size": image_size,
         "sources": [
@@ -281,13 +293,14 @@ def _write_mixture(out: Path, seed: int, image_size: int, max_length: int) -> Pa
                 f"{coco}/train2017", 512),
             src("ocrvqa", "ocrvqa", "ocrvqa/dataset.json", "ocrvqa/images", 512),
             src("my_data", "generic", "my_data/conversations.jsonl", coco),
+            src("shapes", "llava", f"shapes/{shapes.TRAIN_FILE}", f"shapes/{shapes.IMAGE_DIR}"),
         ],
     }
     path = out / "mixture.yaml"
     header = (
         "# Written by `mmgpt data sample`. Paths are relative to this file.\n"
         "# Paper default: all of Dolly, Alpaca-GPT4, LLaVA, MiniGPT-4; 5000 A-OKVQA, 512 COCO Caption,\n"
-        "# 512 OCR-VQA; language-only : vision-language = 1 : 1.\n"
+        "# 512 OCR-VQA; language-only : vision-language = 1 : 1 (here off: the shapes task is on top).\n"
     )
     path.write_text(header + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path

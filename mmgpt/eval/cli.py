@@ -5,6 +5,8 @@ Tasks (readers in mmgpt.eval.tasks, metrics in mmgpt.eval.metrics):
   aokvqa        A-OKVQA (--data): multiple choice by likelihood, direct answer by generation.
   ocrvqa        OCR-VQA dataset.json (--data, --split): exact match after normalisation.
   coco_caption  Karpathy split / COCO captions json (--data): CIDEr, BLEU-4, METEOR.
+  llava         LLaVA-format questions (--data; e.g. `mmgpt data sample`'s shapes/shapes_val.json):
+                exact match, no answer hint (the answers are the training's own one-word style).
 
 Prompts are zero-shot and rendered by `encode_prompt`, the training rendering: one `<image>`,
 the question as the instruction (captions: paper Table 3's first instruction, "Can you describe
@@ -52,7 +54,7 @@ from mmgpt.data.conversation import Conversation, Round, encode_prompt, tokenize
 from mmgpt.data.images import Transform, clip_transform, load_image
 from mmgpt.eval import metrics
 from mmgpt.eval.batched import answer_logprobs, generate_batch
-from mmgpt.eval.tasks import EvalItem, read_aokvqa, read_captions, read_ocrvqa, read_vqa
+from mmgpt.eval.tasks import EvalItem, read_aokvqa, read_captions, read_llava, read_ocrvqa, read_vqa
 from mmgpt.export import versions
 from mmgpt.inference.model_dir import (DTYPES, MANIFEST, ModelSource, image_size_of, load_model, resolve_source,
                                        sha256)
@@ -89,7 +91,7 @@ def _score_aokvqa(records: list[Record], args: argparse.Namespace) -> dict[str, 
             "da_accuracy": metrics.aokvqa_da_mean(_by_id(records, "prediction"), targets)}
 
 
-def _score_ocrvqa(records: list[Record], args: argparse.Namespace) -> dict[str, Any]:
+def _score_exact(records: list[Record], args: argparse.Namespace) -> dict[str, Any]:
     hits = [metrics.ocrvqa_exact_match(r["prediction"], r["answers"][0]) for r in records]
     return {"exact_match": sum(hits) / len(hits)}
 
@@ -109,7 +111,8 @@ TASKS: dict[str, Task] = {
     "aokvqa": Task(read=lambda a: read_aokvqa(*_need(a, "data"), split=a.split or "val"),
                    score=_score_aokvqa, max_new_tokens=10, hint=True, choices=True),
     "ocrvqa": Task(read=lambda a: read_ocrvqa(*_need(a, "data"), split=a.split or "test"),
-                   score=_score_ocrvqa, max_new_tokens=16, hint=True),
+                   score=_score_exact, max_new_tokens=16, hint=True),
+    "llava": Task(read=lambda a: read_llava(*_need(a, "data")), score=_score_exact, max_new_tokens=10, hint=False),
     "coco_caption": Task(read=lambda a: read_captions(*_need(a, "data"), split=a.split or "test"),
                          score=lambda r, a: metrics.caption_scores(_by_id(r, "prediction"), _by_id(r, "answers"),
                                                                    meteor=not a.no_meteor),

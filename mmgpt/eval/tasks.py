@@ -15,6 +15,9 @@ instruction the model is asked, and what it is scored against. The files are the
                 `{split}2017/{image_id:012d}.jpg` under the COCO root, as the training reader has it.
   ocrvqa        `dataset.json`: {id: {imageURL, questions, answers, split}} with split 1/2/3 =
                 train/val/test; one item per question, image `{id}{extension of imageURL}`.
+  llava         LLaVA-Instruct's layout ([{id, image, conversations}]), e.g. the sample data's
+                visual task (`shapes/shapes_val.json`): one item per record, its first question
+                (image markers stripped) against its first answer, scored by exact match.
 A malformed record is an error naming the file and record (mmgpt.data.sources.base.RecordError):
 skipping it would quietly change the benchmark's denominator. Missing images are not checked
 here; the evaluation counts and skips them as it loads them.
@@ -27,6 +30,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from mmgpt.data.sources.base import BAD_FIELD, RecordError, expect_list, get, load_json
+from mmgpt.data.sources.llava import parse_turns
 from mmgpt.data.templates import CAPTION_INSTRUCTIONS
 
 # Paper Table 3's first caption instruction: the one zero-shot caption prompt.
@@ -157,4 +161,16 @@ def read_ocrvqa(path: Path, split: str = "test") -> list[EvalItem]:
         suffix = PurePosixPath(urlparse(get(rec, "imageURL", str, path, where)).path).suffix or ".jpg"
         items += [EvalItem(id=f"{key}:{k}", image=key + suffix, question=q, answers=[a])
                   for k, (q, a) in enumerate(zip(questions, answers))]
+    return items
+
+
+def read_llava(path: Path) -> list[EvalItem]:
+    """The first round of each LLaVA record, asked zero-shot as training rendered it."""
+    items = []
+    for i, rec in enumerate(expect_list(path, load_json(path))):
+        where = f"record {i}"
+        first = parse_turns(get(rec, "conversations", list, path, where), path, where)[0]
+        items.append(EvalItem(id=get(rec, "id", (str, int), path, where, default=i),
+                              image=get(rec, "image", str, path, where), question=first.instruction,
+                              answers=[first.response]))
     return items

@@ -18,7 +18,7 @@ from typing import Callable, TextIO
 
 import torch
 from PIL import Image
-from transformers import PreTrainedTokenizerBase, TextStreamer
+from transformers import PreTrainedTokenizerBase
 from transformers.generation.streamers import BaseStreamer
 
 from mmgpt.data.conversation import Conversation, Round, encode_prompt
@@ -26,6 +26,7 @@ from mmgpt.commands.chat import generation_config_from_args
 from mmgpt.data.images import clip_transform, open_rgb
 from mmgpt.inference.generation import GenerationConfig, generate
 from mmgpt.inference.model_dir import DTYPES, image_size_of, load_model, resolve_source
+from mmgpt.inference.text_stream import complete_text
 from mmgpt.models.builder import ModelConfig, build_model, preset_image_size
 from mmgpt.models.flamingo import Flamingo
 
@@ -129,15 +130,26 @@ HELP = ("commands (never sent to the model): /image PATH  start a conversation a
         " /clear  forget the history and image, /help  this list, /quit  leave")
 
 
-class TerminalStreamer(TextStreamer):
-    """transformers' TextStreamer (whole words as they complete), writing to `out`."""
+class TerminalStreamer(BaseStreamer):
+    """Writes the answer to `out` as its characters complete (`complete_text`: a character spelt
+    in byte tokens appears whole, never as U+FFFD), and a newline at the end."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, out: TextIO):
-        super().__init__(tokenizer, skip_special_tokens=True)
+        self.tokenizer = tokenizer
         self.out = out
+        self.tokens: list[int] = []
+        self.shown = ""
 
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        self.out.write(text + ("\n" if stream_end else ""))
+    def put(self, value) -> None:
+        self.tokens.extend(int(t) for t in value.reshape(-1).tolist())
+        text = complete_text(self.tokenizer, self.tokens)
+        if text.startswith(self.shown) and text != self.shown:
+            self.out.write(text[len(self.shown):])
+            self.out.flush()
+            self.shown = text
+
+    def end(self) -> None:
+        self.out.write("\n")
         self.out.flush()
 
 

@@ -46,6 +46,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from mmgpt.data.images import open_rgb
 from mmgpt.inference.chat import ChatSession
+from mmgpt.inference.text_stream import complete_text
 from mmgpt.inference.generation_config import GenerationConfig
 from mmgpt.commands.serve import INSTALL_HINT
 from mmgpt.preflight import require
@@ -82,7 +83,7 @@ class SnapshotStreamer(BaseStreamer):
     """The answer so far after every generated token, for a consumer thread to iterate.
 
     transformers' TextIteratorStreamer holds text back until a word ends; this one shows every
-    token (only a possibly incomplete UTF-8 sequence at the end waits for the next token).
+    token (only a character still missing some of its byte tokens waits: `complete_text`).
     `cancel()` makes the next `put` raise Cancelled, which ends the generation."""
 
     def __init__(self, tokenizer):
@@ -96,8 +97,7 @@ class SnapshotStreamer(BaseStreamer):
         if self.cancelled.is_set():
             raise Cancelled
         self.tokens.extend(int(t) for t in value.reshape(-1).tolist())
-        # A trailing U+FFFD may be a character whose next bytes are still to come: held back.
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True).rstrip("\ufffd").lstrip()
+        text = complete_text(self.tokenizer, self.tokens).lstrip()
         if text != self.shown:
             self.shown = text
             self.queue.put(text)

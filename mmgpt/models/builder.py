@@ -7,6 +7,10 @@ construction order), so every process that rebuilds a config — each DeepSpeed 
   demo   tiny with a 10x larger random LM head (std 0.2): what `launch/demo.sh` trains. With LLaMA's
          std 0.02 a unit-RMS final hidden state gives logits of std 0.16 whatever LoRA does, so the
          frozen head caps how peaked a prediction can get and the loss barely moves (6.9 -> 6.8).
+         Its cross-attention gates start open (tanh(1) = 0.76), the demo's stand-in for
+         OpenFlamingo's pretraining: the gates are frozen, and at 0 (a fresh OpenFlamingo block)
+         the images never reach the language model whatever LoRA learns. Never in `9b`, whose
+         gates come from the OpenFlamingo checkpoint.
   small  CPU benchmarks: ViT 224px/16 x 384w x 6L, LLaMA 1024h x 4L with the 32003-entry LLaMA
          vocabulary (the tiny tokenizer's ids are a subset), perceiver depth 2, n=2.
   9b     OpenFlamingo-9B: ViT-L/14 (224px) + LLaMA-7B (32003 vocab), perceiver depth 6, n=4.
@@ -54,6 +58,7 @@ class Preset:
     xattn_dim_head: int = 64
     tokenizer_dir: Path | None = None  # bundled tokenizer used when no tokenizer/llama path is given
     lm_head_std: float | None = None  # random LM head init (None: LLaMA's initializer_range, 0.02)
+    gate_init: float = 0.0  # attn_gate and ff_gate before tanh (0: OpenFlamingo's init, closed)
 
 
 TINY = Preset(
@@ -65,7 +70,7 @@ TINY = Preset(
 
 PRESETS: dict[str, Preset] = {
     "tiny": TINY,
-    "demo": replace(TINY, lm_head_std=0.2),
+    "demo": replace(TINY, lm_head_std=0.2, gate_init=1.0),
     "small": Preset(
         vision=VisionSpec(image_size=224, patch_size=16, width=384, layers=6, head_width=64, output_dim=384),
         llama=dict(hidden_size=1024, intermediate_size=2752, num_hidden_layers=4, num_attention_heads=16,
@@ -158,6 +163,15 @@ def _build_llama(cfg: ModelConfig, preset: Preset, tokenizer: PreTrainedTokenize
     return llama
 
 
+def _open_gates(llama: LlamaForCausalLM, value: float) -> None:
+    """Every gated cross-attention block's two gates set to `value` (see the `demo` preset)."""
+    with torch.no_grad():
+        for layer in llama.model.layers:
+            if layer.gated_cross_attn_layer is not None:
+                layer.gated_cross_attn_layer.attn_gate.fill_(value)
+                layer.gated_cross_attn_layer.ff_gate.fill_(value)
+
+
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                 meta: bool = False, preset: Preset | None = None) -> tuple[Flamingo, PreTrainedTokenizerBase | None]:
     """Assemble (and load) the model; everything but LoRA is frozen.
@@ -180,6 +194,8 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: tor
                             every_n_layers=preset.cross_attn_every_n_layers,
                             heads=preset.xattn_heads, dim_head=preset.xattn_dim_head,
                             backend=cfg.attn_backend)
+        if preset.gate_init:
+            _open_gates(llama, preset.gate_init)
     model = Flamingo(vision, perceiver, llama, image_token_id)
     if not meta:
         if cfg.clip_weights:

@@ -165,7 +165,7 @@ def prepare(cfg, ds: dict[str, Any], mixture_cfg, info, resume: bool):
     ds = fill_optimizer(ds, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay, total_steps=total,
                         warmup_steps=s.warmup_for(total), min_lr_ratio=s.min_lr_ratio,
                         cpu=info.device.type == "cpu")
-    engine = eng.create_engine(model, ds, s.weight_decay)
+    engine = eng.create_engine(model, ds, s.weight_decay, s.cross_attn_lr)
 
     step, position, nonfinite = 0, None, 0
     if resume:

@@ -88,11 +88,20 @@ def init_distributed() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters only, split into decay / no-decay groups (empty groups dropped)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+CROSS_ATTN = "gated_cross_attn_layer."  # in the names of the gated cross-attention blocks' parameters
+
+
+def param_groups(model: nn.Module, weight_decay: float, cross_attn_lr: float | None = None) -> list[dict[str, Any]]:
+    """Trainable parameters only, split into decay / no-decay groups (empty groups dropped); with
+    `cross_attn_lr`, the cross-attention blocks' parameters form groups of their own at that
+    learning rate (the scheduler scales each group's own rate)."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    groups = []
+    for cross in (False, True) if cross_attn_lr is not None else (None,):
+        mine = [p for name, p in trainable if cross is None or (CROSS_ATTN in name) == cross]
+        extra = {"lr": cross_attn_lr} if cross else {}
+        groups += [{"params": [p for p in mine if p.ndim >= 2], "weight_decay": weight_decay, **extra},
+                   {"params": [p for p in mine if p.ndim < 2], "weight_decay": 0.0, **extra}]
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError("the model has no trainable parameters (is LoRA disabled with lora: none?)")
@@ -108,10 +117,11 @@ def model_dtype(ds: dict[str, Any]) -> torch.dtype:
     return torch.float32
 
 
-def create_engine(model: nn.Module, ds: dict[str, Any], weight_decay: float) -> deepspeed.DeepSpeedEngine:
+def create_engine(model: nn.Module, ds: dict[str, Any], weight_decay: float,
+                  cross_attn_lr: float | None = None) -> deepspeed.DeepSpeedEngine:
     """deepspeed.initialize with the optimizer and scheduler named in the (filled) JSON, reading
     checkpoints weights-only (see the module docstring)."""
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay),
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, weight_decay, cross_attn_lr),
                                       config=ds)
     if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
         raise ConfigError(f"DeepSpeed chose {type(engine.checkpoint_engine).__name__} (a checkpoint writer "

@@ -6,7 +6,11 @@ training, without grad and in eval mode. Rank r takes held-out positions r, r+w,
 sums token losses and supervised tokens per source and per kind (language / VL), and ONE
 all-reduce gives the global sums, so `eval/loss` is the mean over every held-out supervised token
 whatever the world size or the packing. Rank 0 then decodes a few held-out prompts greedily, for
-TensorBoard text (and each image once), and logs the mean answer length per source.
+TensorBoard text (and each image once), and logs the mean answer length per source. For the
+sources named in `eval.accuracy` it answers every held-out one-image question (batched greedy
+decoding) and scores exact matches, once with each question's own image and once with the images
+moved one question along: the second is the control (chance level when the answers come from the
+pictures, as high as the first when the model guesses from the text).
 
 It must not perturb training (a run with eval on trains bitwise like one with it off): no
 gradients, no optimizer or DeepSpeed engine call (the bare module runs), the RNG states are forked
@@ -17,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -31,6 +36,8 @@ from mmgpt.data.conversation import encode_prompt
 from mmgpt.data.images import CLIP_MEAN, CLIP_STD
 from mmgpt.data.mixture import Mixture
 from mmgpt.data.packing import Packer, PackingConfig
+from mmgpt.eval.batched import generate_batch
+from mmgpt.eval.metrics import ocrvqa_exact_match
 from mmgpt.inference.generation import generate
 from mmgpt.inference.generation_config import GenerationConfig
 from mmgpt.media import inference_mode, splitmix64
@@ -95,8 +102,12 @@ class Evaluator:
         self.writer = writer
         self.image_token_id = model.image_token_id
         self.sources = [src.name for src in holdout.cfg.sources]
+        unknown = sorted(set(cfg.accuracy) - set(self.sources))
+        if unknown:
+            raise ValueError(f"eval.accuracy names {unknown}, not sources of the mixture ({self.sources})")
         self.prompts = self._pick_prompts(cfg.samples) if dist_info.is_rank0 else []
         self.last_step: int | None = None
+        self._questions: dict[str, int] = {}  # per accuracy source, at the last evaluation
         self._images_logged = False
 
     def _pick_prompts(self, n: int) -> list[int]:
@@ -123,14 +134,25 @@ class Evaluator:
         loss = self.loss()
         loss_time = time.perf_counter() - start
         answers = self.generations()
+        accuracy = self.accuracy() if self.dist.is_rank0 else {}
         seconds = time.perf_counter() - start
         self.last_step = step
         if self.writer is not None:
             self._write(step, loss, answers, seconds)
+            for tag, value in accuracy.items():
+                self.writer.add_scalar(tag, value, step)
+            self.writer.flush()
         per_source = ", ".join(f"{k.removeprefix('eval/loss/')} {v:.4f}" for k, v in loss.scalars().items()
                                if k.startswith("eval/loss/"))
         log.info("eval at step %d: loss %.4f (%s) on %d held-out samples; %.1fs (loss %.1fs, %d generations)",
                  step, loss.loss, per_source, len(self.holdout), seconds, loss_time, len(answers))
+        for name in self.cfg.accuracy:
+            if f"eval/accuracy/{name}" in accuracy:
+                per_question = ", ".join(f"{tag.rsplit('/', 1)[1]} {value:.3f}" for tag, value in accuracy.items()
+                                         if tag.startswith(f"eval/accuracy/{name}/"))
+                log.info("eval at step %d: accuracy %s %.3f (%s), with shuffled images %.3f (exact match, %d "
+                         "held-out questions)", step, name, accuracy[f"eval/accuracy/{name}"], per_question,
+                         accuracy[f"eval/accuracy_shuffled/{name}"], self._questions[name])
         return loss
 
     @contextlib.contextmanager
@@ -199,6 +221,45 @@ class Evaluator:
                                       len(new), sample.images))
         return answers
 
+    def accuracy(self) -> dict[str, float]:
+        """`eval/accuracy/<source>` and `eval/accuracy_shuffled/<source>` of each `eval.accuracy`
+        source with held-out one-image questions, and the same per question (`.../<source>/<slug>`,
+        e.g. `what_color_is_the_shape`) so an easy and a hard question are not averaged away
+        (rank 0; no collective)."""
+        values: dict[str, float] = {}
+        with self._evaluating():
+            for name, (prompts, images, references, questions) in self._accuracy_items().items():
+                latents = self.model.encode_images(torch.stack(images).to(self.dist.device))
+                for tag, shown in (("accuracy", latents), ("accuracy_shuffled", latents.roll(1, dims=0))):
+                    new = generate_batch(self.model, self.tokenizer, prompts, shown, self.cfg.max_new_tokens,
+                                         inference_mode(self.media_attention))
+                    hits = [ocrvqa_exact_match(self.tokenizer.decode(ids, skip_special_tokens=True), reference)
+                            for ids, reference in zip(new, references)]
+                    values[f"eval/{tag}/{name}"] = sum(hits) / len(hits)
+                    for question in sorted(set(questions)):
+                        mine = [h for h, q in zip(hits, questions) if q == question]
+                        values[f"eval/{tag}/{name}/{_slug(question)}"] = sum(mine) / len(mine)
+                self._questions[name] = len(prompts)
+        return values
+
+    def _accuracy_items(self) -> dict[str, tuple[list[list[int]], list[torch.Tensor], list[str], list[str]]]:
+        """Per `eval.accuracy` source: the prompts, images, reference answers and questions of its
+        held-out records with exactly one image (the last round is the question)."""
+        items: dict[str, tuple[list[list[int]], list[torch.Tensor], list[str], list[str]]] = {}
+        for i in range(len(self.holdout)):
+            conv = self.holdout.conversation(i)
+            if conv.source not in self.cfg.accuracy or len(conv.images) != 1:
+                continue
+            sample = self.holdout.load(i)
+            if sample is None:
+                continue
+            prompts, images, references, questions = items.setdefault(conv.source, ([], [], [], []))
+            prompts.append(encode_prompt(conv, self.tokenizer))
+            images.append(sample.images[0])
+            references.append(conv.rounds[-1].response)
+            questions.append(conv.rounds[-1].instruction)
+        return items
+
     def _write(self, step: int, loss: EvalLoss, answers: list[Answer], seconds: float) -> None:
         for tag, value in loss.scalars().items():
             self.writer.add_scalar(tag, value, step)
@@ -216,6 +277,11 @@ class Evaluator:
         for source, counts in lengths.items():
             self.writer.add_scalar(f"eval/answer_tokens/{source}", sum(counts) / len(counts), step)
         self.writer.flush()
+
+
+def _slug(question: str) -> str:
+    """A TensorBoard tag part for a question: `What color is the shape?` -> `what_color_is_the_shape`."""
+    return re.sub(r"[^a-z0-9]+", "_", question.lower()).strip("_")
 
 
 def _viewable(image: torch.Tensor) -> torch.Tensor:
