@@ -148,7 +148,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, engine: Any, model: nn.Module, stream: BatchLoader, dist_info: DistInfo,
                  monitor: Monitor, manager: ckpt.CheckpointManager, total_steps: int, step: int = 0,
-                 consecutive_nonfinite: int = 0, evaluator: Evaluator | None = None):
+                 consecutive_nonfinite: int = 0, evaluator: Evaluator | None = None,
+                 record: dict[str, Any] | None = None):
         self.cfg = cfg
         self.engine = engine
         self.model = model
@@ -160,6 +161,7 @@ class Trainer:
         self.step = step
         self.consecutive_nonfinite = consecutive_nonfinite
         self.evaluator = evaluator
+        self.record = record
         self.accum = cfg.schedule.grad_accum
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.monitor.log_config(cfg.to_dict(), step)
@@ -246,7 +248,7 @@ class Trainer:
         state = {"step": self.step, "world": self.dist.world, "data": positions,
                  "consecutive_nonfinite": self.consecutive_nonfinite}
         tag = ckpt.save(self.manager, self.engine, self.step, state, is_rank0=self.dist.is_rank0,
-                        barrier=dist.barrier, adapter=self.model.lang_encoder)
+                        barrier=dist.barrier, adapter=self.model.lang_encoder, record=self.record)
         log.info("saved checkpoint %s", self.manager.root / tag)
         return tag
 
@@ -258,14 +260,15 @@ def _finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-def restore(engine: Any, model: nn.Module, manager: ckpt.CheckpointManager, world: int,
-            rank: int) -> tuple[int, dict[str, Any] | None, int] | None:
+def restore(engine: Any, model: nn.Module, manager: ckpt.CheckpointManager, world: int, rank: int,
+            allow_unverified: bool = False) -> tuple[int, dict[str, Any] | None, int] | None:
     """Load the latest checkpoint: (step, this rank's data position, consecutive non-finite), or
     None when there is none.
 
     Before anything is loaded, rank 0 checks the files against the manifest and loads each one
-    weights-only (`ckpt.verify`; one read of the shared filesystem), and every rank raises the same
-    CheckpointError if that fails. Fails naming any trainable parameter the checkpoint did not restore.
+    weights-only (`ckpt.verify`; one read of the shared filesystem; a checkpoint without a manifest
+    only with `allow_unverified`), and every rank raises the same CheckpointError if that fails.
+    Fails naming any trainable parameter the checkpoint did not restore.
     """
     tag = manager.latest()
     seen = all_gather(tag, world)
@@ -280,7 +283,8 @@ def restore(engine: Any, model: nn.Module, manager: ckpt.CheckpointManager, worl
     problem = None
     if rank == 0:
         try:
-            ckpt.verify(manager, tag, functools.partial(engine.checkpoint_engine.load, map_location="cpu"))
+            ckpt.verify(manager, tag, functools.partial(engine.checkpoint_engine.load, map_location="cpu"),
+                        allow_unverified)
         except ckpt.CheckpointError as err:
             problem = str(err)
     problem = all_gather(problem, world)[0]
