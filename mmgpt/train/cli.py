@@ -18,6 +18,7 @@ log = logging.getLogger("mmgpt.train")
 
 EXIT_CONFIG = 2  # bad config / DeepSpeed JSON / checkpoint: nothing trained
 EXIT_NONFINITE = 3  # stopped after too many consecutive non-finite losses
+EXIT_STOPPED = 143  # stopped by SIGTERM/SIGINT (to any rank) or the launcher's exit, checkpoint saved (stop.py)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -140,13 +141,16 @@ def _train(cfg, ds: dict[str, Any], mixture_cfg, resume: bool, stop_at_step: int
         write_data_report()
         raise
     write_data_report()
-    if info.is_rank0:
+    if info.is_rank0 and trainer.stopped is not None:
+        log.info("%s. Checkpoint: %s (--resume auto continues from it)", reason,
+                 trainer.manager.root / trainer.manager.latest())
+    elif info.is_rank0:
         trainer.model.lang_encoder.save_pretrained(str(out / "adapter"))
         log.info("%s at step %d. TensorBoard: %s  checkpoints: %s  adapter: %s", reason, trainer.step,
                  out / "tensorboard", trainer.manager.root, out / "adapter")
     dist.barrier()
     dist.destroy_process_group()
-    return 0
+    return EXIT_STOPPED if trainer.stopped is not None else 0
 
 
 def prepare(cfg, ds: dict[str, Any], mixture_cfg, info, resume: bool, allow_unverified: bool = False):
