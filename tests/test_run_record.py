@@ -126,3 +126,11 @@ def test_missing_manifest_is_refused_before_any_model_build_unless_asked(trained
                                               r"cannot be verified; .*no earlier checkpoint is verified"):
         validate(config(trained, mixture), resume=True)
     validate(config(trained, mixture), resume=True, allow_unverified=True)
+
+
+@pytest.mark.parametrize("text, problem", [("{", "is unreadable"), ("[]", "has no `fields` mapping")])
+def test_a_damaged_record_is_one_line(trained, mixture, text, problem):
+    path = trained / "checkpoints" / tag_for(STEP) / run_record.RECORD
+    path.write_text(text)
+    with pytest.raises(CheckpointError, match=rf"^{path} {problem}.*; refusing to resume$"):
+        validate(config(trained, mixture), resume=True)

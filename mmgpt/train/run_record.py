@@ -95,10 +95,12 @@ def read(step_dir: Path) -> dict[str, Any] | None:
         return None
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-        record["fields"], record["changes"]  # noqa: B018 (both must be present)
-        return record
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError) as err:
         raise CheckpointError(f"{path} is unreadable ({err}); refusing to resume") from err
+    if not (isinstance(record, dict) and isinstance(record.get("fields"), dict)
+            and isinstance(record.get("changes"), list)):
+        raise CheckpointError(f"{path} has no `fields` mapping and `changes` list; refusing to resume")
+    return record
 
 
 def _sources(value: str) -> list[str]:
