@@ -7,6 +7,8 @@
            whole epoch): learns the text and learns to see (held-out shape questions, chat, eval)
   resume   same config with a background data worker per rank (data_workers 1): --stop-at-step 5,
            then --resume auto to step 8
+  sigterm  as resume, but SIGTERM to the `deepspeed` launcher itself after step 2 (every rank must stop
+           and save), then --resume auto to step 8
   nodes    launch/multi_node.sh --no-ssh twice (node_rank 0 and 1, one rank each, 127.0.0.1)
   offload  as demo, with ds_configs/zero2_offload.json (DeepSpeed CPU Adam)
   nonfin   plain `mmgpt train` (1 rank): NaN at steps 2 and 3, limit 2 in a row -> exit 3
@@ -20,12 +22,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -102,6 +108,22 @@ def finish(proc: subprocess.Popen) -> int:
         raise
 
 
+def interrupt(proc: subprocess.Popen, order_log: Path, after_steps: int) -> dict:
+    """SIGTERM the launcher `proc` once `order_log` lists `after_steps` steps; how every process it
+    had started ended: the launcher's code, the seconds until the last one exited, any still alive
+    after 120 s (then killed)."""
+    while proc.poll() is None and not (order_log.is_file() and len(order_log.read_text().splitlines()) >= after_steps):
+        time.sleep(0.1)
+    tree = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    code = finish(proc)
+    gone, alive = psutil.wait_procs(tree, timeout=120)
+    for p in alive:
+        p.kill()
+    return {"code": code, "ranks": len(tree), "seconds": time.monotonic() - sent, "alive": len(alive)}
+
+
 def deepspeed_cmd(config: Path, *args: str, port: int) -> list[str]:
     return ["deepspeed", "--num_gpus", "2", "--master_port", str(port), "--module", "mmgpt.train.cli",
             "--config", str(config), *args]
@@ -111,11 +133,12 @@ def deepspeed_cmd(config: Path, *args: str, port: int) -> list[str]:
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("launch")
     out = {name: root / name for name in ("demo", "noeval", "resume", "nodes", "offload", "nonfin", "planted",
-                                          "learn")}
+                                          "learn", "sigterm")}
     mixture = write_sample(out["demo"] / "data", records=200, max_length=512)  # what demo.sh would write
     hostfile = root / "hostfile"
     hostfile.write_text("# two 'nodes' on loopback\nnode0 slots=1\nnode1 slots=1\n")
     resume_cfg = train_config(root / "resume.yaml", mixture, out["resume"], data_workers=1)
+    sigterm_cfg = train_config(root / "sigterm.yaml", mixture, out["sigterm"], data_workers=1)
     nodes_cfg = train_config(root / "nodes.yaml", mixture, out["nodes"])
     offload_cfg = train_config(root / "offload.yaml", mixture, out["offload"],
                                deepspeed=str(REPO / "ds_configs" / "zero2_offload.json"))
@@ -139,11 +162,14 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         "node1": start(["bash", "launch/multi_node.sh", "--no-ssh", str(nodes_cfg), str(hostfile), "1"],
                        root / "node1.log", NODE_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=nodes_port),
     }
+    sigterm = start(deepspeed_cmd(sigterm_cfg, port=free_port()), root / "sigterm1.log")
+    out["interrupted"] = interrupt(sigterm, out["sigterm"] / "data_order" / "rank_000.jsonl", after_steps=2)
     codes = {name: finish(p) for name, p in procs.items()}
     if codes["resume1"] == 0:
         plant(out["resume"], out["planted"])
     procs = {
         "resume2": start(deepspeed_cmd(resume_cfg, "--resume", "auto", port=free_port()), root / "resume2.log"),
+        "sigterm2": start(deepspeed_cmd(sigterm_cfg, "--resume", "auto", port=free_port()), root / "sigterm2.log"),
         "planted": start(deepspeed_cmd(planted_cfg, "--resume", "auto", port=free_port()), root / "planted.log"),
         "nonfin": start([sys.executable, "-m", "mmgpt.cli", "train", "--config", str(nonfin_cfg)],
                         root / "nonfin.log", MASTER_PORT=str(free_port()), MMGPT_TEST_NONFINITE_STEPS="2,3"),
@@ -363,21 +389,26 @@ def test_checkpoint_holds_no_frozen_weights(runs):
     assert not (ckpts / f"step_{STEPS:08d}" / "latest").exists()
 
 
+def assert_trains_like(resumed_run: Path, full_run: Path) -> None:
+    """The same samples per step, losses and final adapter as the uninterrupted run."""
+    assert data_order(resumed_run) == data_order(full_run)
+    assert len(data_order(full_run)["rank_001.jsonl"]) == STEPS
+    full, resumed = adapter(full_run), adapter(resumed_run)
+    assert full.keys() == resumed.keys()
+    for name in full:  # bf16 weights: state restored exactly, so equal to bf16 rounding at most
+        torch.testing.assert_close(resumed[name].float(), full[name].float(), rtol=8e-3, atol=1e-6, msg=name)
+    loss_full, loss_resumed = scalars(full_run)["train/loss"], scalars(resumed_run)["train/loss"]
+    assert loss_resumed.keys() == loss_full.keys()
+    for step in loss_full:
+        assert loss_resumed[step] == pytest.approx(loss_full[step], rel=1e-4), step
+
+
 def test_resume_equals_uninterrupted(runs):
     """Resumed with data workers == uninterrupted in-process: the checkpoint holds the consumed position."""
     expect_success(runs, "demo", "resume1", "resume2")
     assert f"resumed from {runs['resume'] / 'checkpoints' / f'step_{STOP:08d}'} at step {STOP}" in \
         (runs["resume"] / "train.log").read_text()
-    assert data_order(runs["resume"]) == data_order(runs["demo"])
-    assert len(data_order(runs["demo"])["rank_001.jsonl"]) == STEPS
-    full, resumed = adapter(runs["demo"]), adapter(runs["resume"])
-    assert full.keys() == resumed.keys()
-    for name in full:  # bf16 weights: state restored exactly, so equal to bf16 rounding at most
-        torch.testing.assert_close(resumed[name].float(), full[name].float(), rtol=8e-3, atol=1e-6, msg=name)
-    loss_full, loss_resumed = scalars(runs["demo"])["train/loss"], scalars(runs["resume"])["train/loss"]
-    assert loss_resumed.keys() == loss_full.keys()
-    for step in loss_full:
-        assert loss_resumed[step] == pytest.approx(loss_full[step], rel=1e-4), step
+    assert_trains_like(runs["resume"], runs["demo"])
     assert set(scalars(runs["resume"])["throughput/data_wait_s"]) == set(range(1, STEPS + 1))
     eval_full, eval_resumed = scalars(runs["demo"])["eval/loss"], scalars(runs["resume"])["eval/loss"]
     assert set(eval_resumed) == {STOP, STEPS}  # every 20 steps in demo_tiny.yaml: at the end of each job
@@ -386,13 +417,73 @@ def test_resume_equals_uninterrupted(runs):
     assert sum(src["kept"] for src in report["sources"].values()) > 0
 
 
+def test_sigterm_to_the_launcher_stops_every_rank_and_resume_equals_uninterrupted(runs):
+    """`deepspeed` forwards no signal on one node: its SIGTERM must still stop both ranks and their
+    data workers, after the current step and a saved checkpoint; --resume auto then trains exactly
+    as the uninterrupted run."""
+    expect_success(runs, "demo", "sigterm2")
+    stopped = runs["interrupted"]
+    first = (runs["logs"] / "sigterm1.log").read_text()
+    assert stopped["code"] == -signal.SIGTERM and stopped["ranks"] >= 3, (stopped, first[-3000:])
+    assert stopped["alive"] == 0, stopped  # all gone within 120 s (measured 20 s idle, 64 s on a loaded machine)
+    log = (runs["sigterm"] / "train.log").read_text()
+    step = int(re.search(r"stopped after step (\d+): [12] rank\(s\) asked to stop", log)[1])
+    assert 2 <= step < STEPS and "exits with return code = 143" in first
+    assert f"resumed from {runs['sigterm'] / 'checkpoints' / f'step_{step:08d}'} at step {step}" in log
+    assert_trains_like(runs["sigterm"], runs["demo"])
+
+
+def resume_copy(runs, tmp_path: Path, world: int, damage=lambda run: None) -> subprocess.CompletedProcess:
+    """`mmgpt train --resume auto` (no launcher; WORLD_SIZE as a launcher would set it) on a copy of
+    the finished resume run, after `damage(copy)`."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["resume"], run)
+    damage(run)
+    return subprocess.run([sys.executable, "-m", "mmgpt.cli", "train", "--config", str(runs["logs"] / "resume.yaml"),
+                           "--output-dir", str(run), "--resume", "auto"], cwd=REPO, env=env(WORLD_SIZE=str(world)),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_resume_on_fewer_ranks_is_one_line_before_deepspeed_loads(runs, tmp_path):
+    expect_success(runs, "resume2")
+    done = resume_copy(runs, tmp_path, world=1)
+    assert done.returncode == 2 and done.stderr.strip() == (
+        f"mmgpt train: error: checkpoint step_{STEPS:08d}: world was 2 when it was trained, now 1: each rank's data "
+        "position is stored (sample i goes to rank i mod world): resume with the same number of ranks; refusing "
+        "to resume (restore the old value, or start a new output_dir)"), done.stderr
+
+
+def test_altered_checkpoint_without_manifest_is_refused(runs, tmp_path):
+    """The manifest deleted and a LoRA byte flipped: refused in one line naming the verified step."""
+    expect_success(runs, "resume2")
+
+    def damage(run: Path) -> None:
+        step_dir = run / "checkpoints" / f"step_{STEPS:08d}"
+        (step_dir / ckpt.MANIFEST).unlink()
+        weights = step_dir / "adapter" / "adapter_model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-3] ^= 0x40
+        weights.write_bytes(bytes(data))
+
+    done = resume_copy(runs, tmp_path, world=2, damage=damage)
+    earlier = ckpt.CheckpointManager(runs["resume"] / "checkpoints", keep_last=2).tags()[0]
+    assert done.returncode == 2 and done.stderr.strip() == (
+        f"mmgpt train: error: checkpoint step_{STEPS:08d} has no manifest.json, so its bytes cannot be verified; "
+        f"refusing to resume; {earlier} is verified (to resume from it, write {earlier} into "
+        f"{tmp_path / 'run' / 'checkpoints' / 'latest'}); to resume from step_{STEPS:08d} anyway, pass "
+        "--resume-unverified"), done.stderr
+
+
 def test_checkpoints_carry_a_manifest_of_every_file(runs):
     expect_success(runs, "demo")
     step_dir = runs["demo"] / "checkpoints" / f"step_{STEPS:08d}"
     listed = json.loads((step_dir / ckpt.MANIFEST).read_text())["files"]
     assert sorted(listed) == sorted(p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*")
                                     if p.is_file() and p.name != ckpt.MANIFEST)
-    assert {"mp_rank_00_model_states.pt", RANK1_SHARD, "adapter/adapter_model.safetensors"} <= listed.keys()
+    assert {"mp_rank_00_model_states.pt", RANK1_SHARD, "adapter/adapter_model.safetensors",
+            "trained_with.json"} <= listed.keys()
+    record = json.loads((step_dir / "trained_with.json").read_text())
+    assert record["fields"]["world"] == 2 and record["fields"]["schedule.lr"] == 5e-3 and record["changes"] == []
 
 
 def test_planted_pickle_in_a_rank_shard_is_refused_on_every_rank(runs):

@@ -6,6 +6,8 @@
           listening on 127.0.0.2 / 127.0.0.3 (its own host key, a user key made for the test)
   slurm   `sbatch --wait launch/slurm.sbatch CONFIG` on a throwaway one-node Slurm cluster
           (munged, slurmctld, slurmd in the foreground; tests/launch/loopback_cluster.py)
+  scancel the same job cancelled with `scancel` after step 2 (Slurm's SIGTERM to every process of
+          the job, SIGKILL after KillWait), then the same sbatch again (it always resumes)
 
 Same config, seed, data and steps as tests/test_launch.py; the three runs go concurrently and must
 produce bitwise the same losses, data order and adapter tensors. The packages come
@@ -14,16 +16,18 @@ from tests/launch/install.sh (.ci/run calls it): under CI=true a missing one fai
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from mmgpt.data.sample import write_sample
-from test_launch import STEPS, adapter, data_order, scalars, train_config
+from test_launch import STEPS, adapter, assert_trains_like, data_order, scalars, train_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "launch"))
 from loopback_cluster import NODES, Slurm, Sshd, free_port, missing_prerequisites  # noqa: E402
@@ -55,13 +59,28 @@ def finish(procs: dict[str, subprocess.Popen]) -> dict[str, int]:
         raise
 
 
+def sbatch(name: str, job_log: Path, config: Path) -> list[str]:
+    """The batch script fitted to this node (it asks for 2 nodes x 8 GPUs), waited for."""
+    return ["sbatch", "--wait", f"--job-name={name}", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1",
+            f"--output={job_log}", "launch/slurm.sbatch", str(config)]
+
+
+def scancel_after(order_log: Path, steps: int, job: str, slurm_env: dict[str, str]) -> None:
+    """`scancel` job `job` once its rank 0 has logged `steps` steps."""
+    deadline = time.monotonic() + TIMEOUT
+    while not (order_log.is_file() and len(order_log.read_text().splitlines()) >= steps):
+        assert time.monotonic() < deadline, f"{order_log} never reached step {steps}"
+        time.sleep(0.2)
+    subprocess.run(["scancel", f"--name={job}"], env=env(**slurm_env), check=True, timeout=60)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     missing = missing_prerequisites()
     if missing:
         pytest.skip(f"needs sshd, pdsh and slurm: missing {', '.join(missing)} (bash tests/launch/install.sh)")
     root = tmp_path_factory.mktemp("paths")
-    out = {name: root / name for name in ("single", "pdsh", "slurm")}
+    out = {name: root / name for name in ("single", "pdsh", "slurm", "scancel")}
     mixture = write_sample(root / "data", records=200, max_length=512)
     cfgs = {name: train_config(root / f"{name}.yaml", mixture, out[name]) for name in out}
     hostfile = root / "hostfile"
@@ -78,12 +97,17 @@ def runs(tmp_path_factory) -> dict:
                               root / "pdsh.log", **sshd.env(), MASTER_ADDR=NODES["node0"],
                               MASTER_PORT=str(free_port()), MMGPT_EXPORT="OMP_NUM_THREADS TOKENIZERS_PARALLELISM"),
                 # the batch script asks for 2 nodes x 8 GPUs: the command line fits it to this node
-                "slurm": start(["sbatch", "--wait", "--job-name=mmgpt-test", "--nodes=1", "--gpus-per-node=0",
-                                "--cpus-per-task=1", f"--output={root / 'slurm-job.log'}", "launch/slurm.sbatch",
-                                str(cfgs["slurm"])], root / "slurm.log", **slurm.env(),
-                               MMGPT_GPUS_PER_NODE="2", MASTER_PORT=str(free_port())),
+                "slurm": start(sbatch("mmgpt-test", root / "slurm-job.log", cfgs["slurm"]), root / "slurm.log",
+                               **slurm.env(), MMGPT_GPUS_PER_NODE="2", MASTER_PORT=str(free_port())),
             }
+            procs["scancel1"] = start(sbatch("mmgpt-scancel", root / "scancel-job1.log", cfgs["scancel"]),
+                                      root / "scancel1.log", **slurm.env(), MMGPT_GPUS_PER_NODE="2",
+                                      MASTER_PORT=str(free_port()))
+            scancel_after(out["scancel"] / "data_order" / "rank_000.jsonl", 2, "mmgpt-scancel", slurm.env())
             codes = finish(procs)
+            codes.update(finish({"scancel2": start(sbatch("mmgpt-scancel", root / "scancel-job2.log", cfgs["scancel"]),
+                                                   root / "scancel2.log", **slurm.env(), MMGPT_GPUS_PER_NODE="2",
+                                                   MASTER_PORT=str(free_port()))}))
             deepspeed_env = DS_ENV.read_text() if DS_ENV.exists() else None
     finally:
         if saved_env is None:
@@ -152,3 +176,15 @@ def test_slurm_job_launched_through_srun(runs):
     assert "launch_check: ok: world 2" in job
     assert "nnodes=1, num_local_procs=2, node_rank=0" in job  # deepspeed --no_ssh --node_rank $SLURM_NODEID
     assert not list(REPO.glob(".hostfile.*"))  # the job's generated hostfile is removed on exit
+
+
+def test_scancel_stops_every_rank_after_a_saved_checkpoint_and_the_job_resumes(runs):
+    """Slurm's cancel (SIGTERM to every process of the job): the ranks finish the step, save, exit;
+    the same sbatch again resumes and trains as the uninterrupted single-node run."""
+    expect_success(runs, "single", "scancel2")
+    assert runs["codes"]["scancel1"] != 0, log(runs, "scancel1")
+    train_log = (runs["scancel"] / "train.log").read_text()
+    step = int(re.search(r"stopped after step (\d+): [12] rank\(s\) asked to stop", train_log)[1])
+    assert 2 <= step < STEPS, train_log[-3000:]
+    assert f"resumed from {runs['scancel'] / 'checkpoints' / f'step_{step:08d}'} at step {step}" in train_log
+    assert_trains_like(runs["scancel"], runs["single"])

@@ -7,6 +7,7 @@ uses), two saved steps through `checkpoint.save`, and `loop.restore`: the exact 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import shutil
@@ -38,10 +39,23 @@ class Planted:
         return open, (self.marker, "w")
 
 
+def make_engine(lr: float, total_steps: int):
+    """(model, engine, filled DeepSpeed JSON): the bundled ZeRO-2 JSON over a two-layer model."""
+    from mmgpt.train.engine import create_engine
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)).to(torch.bfloat16)
+    model[0].requires_grad_(False)
+    ds = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    ds.update(train_batch_size=1, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
+    ds = fill_optimizer(ds, lr=lr, betas=(0.9, 0.95), weight_decay=0.1, total_steps=total_steps, warmup_steps=1,
+                        min_lr_ratio=0.1, cpu=True)
+    return model, create_engine(model, ds, 0.1), ds
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(engine, model, checkpoint root with step_1 and step_2 saved, trainable weights at step 2)."""
-    from mmgpt.train.engine import create_engine, init_distributed
+    from mmgpt.train.engine import init_distributed
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -52,13 +66,7 @@ def trained(tmp_path_factory):
         mp.setenv("MASTER_PORT", str(port))
         init_distributed()
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)).to(torch.bfloat16)
-        model[0].requires_grad_(False)
-        ds = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
-        ds.update(train_batch_size=1, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
-        ds = fill_optimizer(ds, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, total_steps=10, warmup_steps=1,
-                            min_lr_ratio=0.1, cpu=True)
-        engine = create_engine(model, ds, 0.1)
+        model, engine = make_engine(lr=1e-2, total_steps=10)[:2]
         manager = ckpt.CheckpointManager(tmp_path_factory.mktemp("run") / "checkpoints", keep_last=2)
         for step in (1, 2):
             engine.backward(engine(torch.randn(3, 4, dtype=torch.bfloat16)).float().square().sum())
@@ -171,3 +179,33 @@ def test_truncated_deepspeed_file_is_refused_by_the_manifest(trained, tmp_path):
         restore(engine, model, manager, world=1, rank=0)
     (manager.root / "latest").write_text(ckpt.tag_for(1))
     assert restore(engine, model, manager, world=1, rank=0)[0] == 1
+
+
+def scheduled_lr(peak: float, iteration: int, total: int, warmup: int = 2, floor: float = 0.1) -> float:
+    """WarmupCosineLR's lr at `iteration` (linear warmup, then cosine to `floor` x peak), as documented."""
+    if iteration < warmup:
+        return peak * iteration / warmup
+    progress = min(1.0, (iteration - warmup + 1) / (total - warmup))
+    return peak * (floor + (1 - floor) * (1 + math.cos(math.pi * progress)) / 2)
+
+
+def test_a_changed_lr_and_schedule_length_take_effect_on_resume(trained, tmp_path):
+    """Resumed with a 5x peak lr and a 20-step schedule, every step from the first uses the new
+    schedule at the restored position (DeepSpeed alone restores the old lr for the first step)."""
+    from mmgpt.train.engine import apply_schedule
+    from mmgpt.train.loop import restore
+
+    old_engine, _, root, _ = trained
+    manager = copy_run(root, tmp_path)
+    model, engine, _ = make_engine(lr=5e-2, total_steps=20)
+    assert restore(engine, model, manager, world=1, rank=0)[0] == 2
+    iteration = engine.lr_scheduler.last_batch_iteration
+    assert iteration == old_engine.lr_scheduler.last_batch_iteration
+    assert engine.get_lr()[0] == pytest.approx(scheduled_lr(1e-2, iteration, 10))  # restored as saved
+    apply_schedule(engine)
+    for _ in range(3):
+        assert engine.get_lr()[0] == pytest.approx(scheduled_lr(5e-2, iteration, 20))
+        engine.backward(engine(torch.randn(3, 4, dtype=torch.bfloat16)).float().square().sum())
+        engine.step()
+        iteration += 1
+    assert engine.get_lr()[0] != pytest.approx(scheduled_lr(5e-2, iteration, 10))  # the new length, too

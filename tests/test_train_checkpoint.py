@@ -151,19 +151,29 @@ def test_damaged_only_checkpoint_says_there_is_no_fallback(tmp_path):
         verify(manager, tag_for(10), weights_only)
 
 
-def test_checkpoint_without_manifest_warns_and_is_still_loaded_weights_only(tmp_path, caplog):
-    manager = CheckpointManager(tmp_path / "checkpoints", keep_last=2)
-    do_save(manager, 10)
-    do_save(manager, 20)
-    for tag in (tag_for(10), tag_for(20)):
-        (manager.root / tag / MANIFEST).unlink()  # as written before manifests existed
-    with caplog.at_level(logging.WARNING, logger="mmgpt.train"):
-        verify(manager, tag_for(20), weights_only)
-    assert f"checkpoint {tag_for(20)} has no manifest.json" in caplog.text
-    _truncate(manager.root / tag_for(20) / "part2.pt")  # unverifiable, but a truncated file still fails to load
+def test_checkpoint_without_manifest_is_refused_unless_asked_naming_the_verified_step(tmp_path, caplog):
+    manager = CheckpointManager(tmp_path / "checkpoints", keep_last=3)
+    for step in (10, 20, 30):
+        do_save(manager, step)
+    (manager.root / tag_for(30) / MANIFEST).unlink()  # deleted, and the weights altered
+    _flip_byte(manager.root / tag_for(30) / "part1.pt")
+    _flip_byte(manager.root / tag_for(20) / "part0.pt")  # step 20 does not verify either
+    with pytest.raises(CheckpointError) as err:
+        verify(manager, tag_for(30), weights_only)
+    assert str(err.value) == (
+        f"checkpoint {tag_for(30)} has no manifest.json, so its bytes cannot be verified; refusing to resume; "
+        f"{tag_for(10)} is verified (to resume from it, write {tag_for(10)} into {manager.root / 'latest'}); "
+        f"to resume from {tag_for(30)} anyway, pass --resume-unverified")
+    with caplog.at_level(logging.WARNING, logger="mmgpt.train"):  # asked for explicitly: loaded weights-only
+        verify(manager, tag_for(30), weights_only, allow_unverified=True)
+    assert f"checkpoint {tag_for(30)} has no manifest.json: resuming from it unverified" in caplog.text
+    _truncate(manager.root / tag_for(30) / "part2.pt")  # unverifiable, but a truncated file still fails to load
     with pytest.raises(CheckpointError, match=rf"part2.pt cannot be read \(.*\); refusing to resume; "
-                                              rf"previous checkpoint: {tag_for(10)}"):
-        verify(manager, tag_for(20), weights_only)
+                                              rf"previous checkpoint: {tag_for(20)}"):
+        verify(manager, tag_for(30), weights_only, allow_unverified=True)
+    (manager.root / tag_for(10) / MANIFEST).unlink()
+    with pytest.raises(CheckpointError, match="refusing to resume; no earlier checkpoint is verified; "):
+        verify(manager, tag_for(30), weights_only)
 
 
 class FailingEngine(FakeEngine):

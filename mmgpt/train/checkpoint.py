@@ -1,7 +1,8 @@
 """Checkpoint directory layout, the atomic `latest` pointer, keep-last-K, and verified resume.
 
     OUT/checkpoints/step_00000100/   DeepSpeed files (LoRA weights + optimizer + scheduler, no
-                                     frozen weights), adapter/ (peft format) and manifest.json
+                                     frozen weights), adapter/ (peft format), trained_with.json
+                                     (what it was trained with: run_record.py) and manifest.json
                                      (size + sha256 of every other file)
     OUT/checkpoints/latest           the tag of the newest COMPLETE checkpoint
 
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from mmgpt.run_layout import LATEST, CheckpointError, is_tag, read_latest, step_of, tag_for
+from mmgpt.train import run_record
 
 MANIFEST = "manifest.json"
 MIN_FREE_BYTES = 64 * 2**20  # below this after a failed write, the disk was the cause
@@ -167,17 +169,38 @@ def refusal(err: pickle.UnpicklingError) -> str:
     return match[1] if match else str(err).splitlines()[0]
 
 
-def verify(manager: CheckpointManager, tag: str, load: Callable[[str], object]) -> None:
+def verified_before(manager: CheckpointManager, tag: str) -> str:
+    """The newest checkpoint older than `tag` whose files match its manifest, as advice for a refusal."""
+    for older in reversed([t for t in manager.tags() if step_of(t) < step_of(tag)]):
+        if (manager.root / older / MANIFEST).is_file() and _manifest_problem(manager.root / older) is None:
+            return f"{older} is verified (to resume from it, write {older} into {manager.root / LATEST})"
+    return "no earlier checkpoint is verified"
+
+
+def require_manifest(manager: CheckpointManager, tag: str, allow_unverified: bool) -> None:
+    """Refuse `tag` when it has no manifest, unless `allow_unverified` (then warn). A file check
+    only: cheap enough to run before any model is built (the hashes are checked by `verify`)."""
+    if (manager.root / tag / MANIFEST).is_file():
+        return
+    if not allow_unverified:
+        raise CheckpointError(f"checkpoint {tag} has no {MANIFEST}, so its bytes cannot be verified; refusing to "
+                              f"resume; {verified_before(manager, tag)}; to resume from {tag} anyway, pass "
+                              "--resume-unverified")
+    log.warning("checkpoint %s has no %s: resuming from it unverified (--resume-unverified); its files are "
+                "loaded weights-only but altered bytes would go unnoticed", tag, MANIFEST)
+
+
+def verify(manager: CheckpointManager, tag: str, load: Callable[[str], object], allow_unverified: bool = False) -> None:
     """Refuse checkpoint `tag` unless its files match the manifest and every .pt loads with `load`.
 
     `load` is the engine's weights-only loader. Loading every file here, on one rank, before
     DeepSpeed's load (where each rank reads only its own optimizer shard, then joins collectives)
     turns a bad file in any rank's shard into one error on all ranks instead of a hang.
 
-    No manifest (a checkpoint written before manifests existed): a warning, and resume goes on.
-    Its files are still loaded weights-only, so nothing in them can run, and a truncated file still
-    fails to load; only altered tensor bytes would go unnoticed. Refusing would strand such runs
-    for no gain in safety.
+    No manifest (written before manifests existed, or deleted): refused unless `allow_unverified`,
+    because altered tensor bytes would be trained on unnoticed; the message names the newest
+    earlier checkpoint that verifies. Allowed, its files are still loaded weights-only (nothing in
+    them can run) and a truncated file still fails to load.
     """
     step_dir = manager.root / tag
     if (step_dir / MANIFEST).is_file():
@@ -185,8 +208,7 @@ def verify(manager: CheckpointManager, tag: str, load: Callable[[str], object]) 
         if problem is not None:
             raise CheckpointError(f"checkpoint {tag}: {problem}; refusing to resume; {manager.fallback(tag)}")
     else:
-        log.warning("checkpoint %s has no %s (written before manifests existed): its files are loaded "
-                    "weights-only but their bytes cannot be verified", tag, MANIFEST)
+        require_manifest(manager, tag, allow_unverified)
     for path in sorted(step_dir.glob("*.pt")):
         try:
             load(str(path))
@@ -218,9 +240,11 @@ def save_failure(manager: CheckpointManager, tag: str, err: BaseException) -> Ch
 
 
 def save(manager: CheckpointManager, engine: SavingEngine, step: int, client_state: dict[str, Any], *,
-         is_rank0: bool, barrier: Callable[[], None], adapter: nn.Module | None = None) -> str:
+         is_rank0: bool, barrier: Callable[[], None], adapter: nn.Module | None = None,
+         record: dict[str, Any] | None = None) -> str:
     """Collective save of step `step`; returns the tag. `latest` moves only after every rank is done
-    and rank 0 has recorded the manifest (the files are on one filesystem shared by all ranks)."""
+    and rank 0 has recorded the manifest (the files are on one filesystem shared by all ranks).
+    `record`: what the run was trained with (run_record.py), written beside the weights."""
     tag = tag_for(step)
     if is_rank0:
         manager.prepare(tag)
@@ -230,6 +254,8 @@ def save(manager: CheckpointManager, engine: SavingEngine, step: int, client_sta
                                exclude_frozen_parameters=True)
         if is_rank0 and adapter is not None:
             adapter.save_pretrained(str(manager.root / tag / "adapter"))
+        if is_rank0 and record is not None:
+            run_record.write(manager.root / tag, record)
     except (OSError, RuntimeError) as err:  # a full disk, a permission, torch's "unexpected pos"
         raise save_failure(manager, tag, err) from err
     barrier()

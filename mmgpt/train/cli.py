@@ -18,12 +18,17 @@ log = logging.getLogger("mmgpt.train")
 
 EXIT_CONFIG = 2  # bad config / DeepSpeed JSON / checkpoint: nothing trained
 EXIT_NONFINITE = 3  # stopped after too many consecutive non-finite losses
+EXIT_STOPPED = 143  # stopped by SIGTERM/SIGINT (to any rank) or the launcher's exit, checkpoint saved (stop.py)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, type=Path, help="train config (YAML/JSON)")
     parser.add_argument("--resume", choices=("auto", "none"), default="none",
-                        help="auto: continue from OUT/checkpoints/latest if present")
+                        help="auto: continue from OUT/checkpoints/latest if present (settings that may not "
+                             "change are refused; safe changes are logged and recorded)")
+    parser.add_argument("--resume-unverified", action="store_true",
+                        help="with --resume auto: resume even from a checkpoint without manifest.json "
+                             "(its bytes cannot be verified)")
     parser.add_argument("--max-steps", type=int, help="override schedule.max_steps (sets the LR schedule length)")
     parser.add_argument("--stop-at-step", type=int,
                         help="save and exit at this step without changing the schedule (split a run into jobs)")
@@ -55,14 +60,17 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"output_dir={Path(args.output_dir).resolve()}")
     try:
         cfg = TrainConfig.load(args.config, overrides)
-        ds, mixture_cfg = validate(cfg, resume=args.resume == "auto")
+        if args.resume_unverified and args.resume != "auto":
+            raise ConfigError("--resume-unverified only applies with --resume auto")
+        ds, mixture_cfg = validate(cfg, resume=args.resume == "auto", allow_unverified=args.resume_unverified)
     except (ConfigError, DSConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
         print(f"mmgpt train: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     if int(os.environ.get("RANK", "0")) == 0 and (note := jit_build_notice(ds, cuda=torch.cuda.is_available())):
         print(f"mmgpt train: note: {note}", file=sys.stderr, flush=True)
     try:
-        return _train(cfg, ds, mixture_cfg, resume=args.resume == "auto", stop_at_step=args.stop_at_step)
+        return _train(cfg, ds, mixture_cfg, resume=args.resume == "auto", stop_at_step=args.stop_at_step,
+                      allow_unverified=args.resume_unverified)
     except (ConfigError, CheckpointError) as err:  # found after start-up: too little data, bad checkpoint
         print(f"mmgpt train: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
@@ -72,28 +80,37 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_NONFINITE
 
 
-def validate(cfg, resume: bool) -> tuple[dict[str, Any], Any]:
+def validate(cfg, resume: bool, allow_unverified: bool = False) -> tuple[dict[str, Any], Any]:
     """Every check that needs no process group, so a bad input fails before any rank waits on
     another: the DeepSpeed JSON and batch split (world size from the launcher's WORLD_SIZE), the
-    mixture file, rows long enough for its samples, and no accidental restart over a finished run."""
+    mixture file, rows long enough for its samples, no accidental restart over a finished run, and
+    no resume from a checkpoint without a manifest (unless `allow_unverified`) or whose settings
+    differ from this run's in a field that may not change (the world size included, before
+    DeepSpeed's own load would fail on it)."""
     from mmgpt.config import ConfigError
     from mmgpt.data.mixture import MixtureConfig
-    from mmgpt.train.checkpoint import CheckpointError, CheckpointManager
+    from mmgpt.run_layout import step_of
+    from mmgpt.train import run_record
+    from mmgpt.train.checkpoint import CheckpointError, CheckpointManager, require_manifest
     from mmgpt.train.ds_config import load_ds_config, resolve_batch
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     ds = load_ds_config(cfg.deepspeed)
-    ds = resolve_batch(ds, cfg.packing.rows_per_batch, cfg.schedule.grad_accum,
-                       int(os.environ.get("WORLD_SIZE", "1")), where=cfg.deepspeed)
+    ds = resolve_batch(ds, cfg.packing.rows_per_batch, cfg.schedule.grad_accum, world, where=cfg.deepspeed)
     mixture_cfg = MixtureConfig.load(cfg.mixture)
     cfg.check_rows(mixture_cfg.max_length)
     manager = CheckpointManager(Path(cfg.output_dir) / "checkpoints", cfg.keep_last)
     if not resume and manager.latest() is not None:
         raise CheckpointError(f"{manager.root} already has checkpoints (latest {manager.latest()}): "
                               "pass --resume auto to continue, or choose another output_dir")
+    if resume and (tag := manager.latest()) is not None:
+        require_manifest(manager, tag, allow_unverified)
+        run_record.resume(manager.root / tag, run_record.build(cfg, mixture_cfg, ds, world), step_of(tag))
     return ds, mixture_cfg
 
 
-def _train(cfg, ds: dict[str, Any], mixture_cfg, resume: bool, stop_at_step: int | None) -> int:
+def _train(cfg, ds: dict[str, Any], mixture_cfg, resume: bool, stop_at_step: int | None,
+           allow_unverified: bool) -> int:
     import torch.distributed as dist
 
     from mmgpt.train import engine as eng
@@ -107,7 +124,7 @@ def _train(cfg, ds: dict[str, Any], mixture_cfg, resume: bool, stop_at_step: int
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     setup_logging(out, info.is_rank0)
-    trainer = prepare(cfg, ds, mixture_cfg, info, resume)
+    trainer = prepare(cfg, ds, mixture_cfg, info, resume, allow_unverified)
 
     def write_data_report() -> None:  # collective: every rank's share of the drops
         trainer.stream.close()
@@ -122,22 +139,26 @@ def _train(cfg, ds: dict[str, Any], mixture_cfg, resume: bool, stop_at_step: int
         write_data_report()
         raise
     write_data_report()
-    if info.is_rank0:
+    if info.is_rank0 and trainer.stopped is not None:
+        log.info("%s. Checkpoint: %s (--resume auto continues from it)", reason,
+                 trainer.manager.root / trainer.manager.latest())
+    elif info.is_rank0:
         trainer.model.lang_encoder.save_pretrained(str(out / "adapter"))
         log.info("%s at step %d. TensorBoard: %s  checkpoints: %s  adapter: %s", reason, trainer.step,
                  out / "tensorboard", trainer.manager.root, out / "adapter")
     dist.barrier()
     dist.destroy_process_group()
-    return 0
+    return EXIT_STOPPED if trainer.stopped is not None else 0
 
 
-def prepare(cfg, ds: dict[str, Any], mixture_cfg, info, resume: bool):
+def prepare(cfg, ds: dict[str, Any], mixture_cfg, info, resume: bool, allow_unverified: bool = False):
     """Everything a run needs once the process group is up: model, data, engine, restored state,
     monitor, as a Trainer (also what `mmgpt bench train` times). Collective."""
     from mmgpt.config import ConfigError
     from mmgpt.data.mixture import Mixture
     from mmgpt.models.builder import build_model, preset_image_size
     from mmgpt.train import engine as eng
+    from mmgpt.train import run_record
     from mmgpt.train.checkpoint import CheckpointManager
     from mmgpt.train.data import BatchLoader, RankStream, count_batches, steps_per_epoch
     from mmgpt.train.eval import Evaluator
@@ -162,6 +183,7 @@ def prepare(cfg, ds: dict[str, Any], mixture_cfg, info, resume: bool):
                           "`mmgpt data inspect --train-config` shows the drops)")
     total = cfg.schedule.max_steps or per_epoch * cfg.schedule.epochs
     s = cfg.schedule
+    record = run_record.build(cfg, mixture_cfg, ds, info.world)
     ds = fill_optimizer(ds, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay, total_steps=total,
                         warmup_steps=s.warmup_for(total), min_lr_ratio=s.min_lr_ratio,
                         cpu=info.device.type == "cpu")
@@ -169,10 +191,11 @@ def prepare(cfg, ds: dict[str, Any], mixture_cfg, info, resume: bool):
 
     step, position, nonfinite = 0, None, 0
     if resume:
-        restored = restore(engine, model, manager, info.world, info.rank)
+        restored = restore(engine, model, manager, info.world, info.rank, allow_unverified)
         if restored is not None:
             step, position, nonfinite = restored
             log.info("resumed from %s at step %d", manager.root / manager.latest(), step)
+            record = apply_changes(engine, manager.root / manager.latest(), record, step)
     stream = RankStream(mixture, cfg.packing, image_token_id, image_size, info.rank, info.world,
                         s.epochs, state=position, media_attention=cfg.model.media_attention)
     loader = BatchLoader(stream, cfg.data_workers, prefetch=2 * s.grad_accum, pin_memory=info.device.type == "cuda")
@@ -193,7 +216,22 @@ def prepare(cfg, ds: dict[str, Any], mixture_cfg, info, resume: bool):
                  ", ".join(f"{name} {r.held_out}" for name, r in mixture.report.sources.items()), when)
         evaluator = Evaluator(cfg.eval, model, tokenizer, holdout, cfg.packing, image_size,
                               cfg.model.media_attention, info, monitor.writer)
-    return Trainer(cfg, engine, model, loader, info, monitor, manager, total, step, nonfinite, evaluator)
+    return Trainer(cfg, engine, model, loader, info, monitor, manager, total, step, nonfinite, evaluator, record)
+
+
+def apply_changes(engine, step_dir: Path, record: dict[str, Any], step: int) -> dict[str, Any]:
+    """Log the safe setting changes of this resume (one line each), make a changed schedule take
+    effect, and return the record (with its change history) that later checkpoints carry."""
+    from mmgpt.train import engine as eng
+    from mmgpt.train import run_record
+
+    record, changes = run_record.resume(step_dir, record, step)
+    for change in changes:
+        log.info("resume at step %d: %s changed from %r to %r: %s (recorded in %s of later checkpoints)",
+                 step, change["field"], change["old"], change["new"], change["effect"], run_record.RECORD)
+    if any(change["field"].startswith("schedule.") for change in changes):
+        eng.apply_schedule(engine)
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import signal
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -162,7 +163,8 @@ class BatchLoader:
         if workers:
             # iterated once (RankStream runs the epochs), so the worker lives as long as the iterator
             self._items = iter(DataLoader(_WorkerItems(stream), batch_size=None, num_workers=workers,
-                                          prefetch_factor=prefetch, pin_memory=pin_memory))
+                                          prefetch_factor=prefetch, pin_memory=pin_memory,
+                                          worker_init_fn=_ignore_stop_signals))
         else:
             self._items = stream.items()
 
@@ -210,6 +212,13 @@ class BatchLoader:
     def close(self) -> None:
         """Stop the worker (idempotent); the loader then reports the end of the data."""
         self._items = None
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """The worker outlives SIGTERM/SIGINT (a Ctrl-C or DeepSpeed's launch.py signals the whole
+    process tree): its rank finishes the step and saves first (train/stop.py), then closes it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @dataclass

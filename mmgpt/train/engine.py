@@ -131,6 +131,21 @@ def create_engine(model: nn.Module, ds: dict[str, Any], weight_decay: float,
     return engine
 
 
+def apply_schedule(engine: deepspeed.DeepSpeedEngine) -> None:
+    """Make a restored engine use its own (new) schedule from the current step on.
+
+    The scheduler is built from this run's JSON (peak lr, length) and its saved state is only the
+    step counter, but DeepSpeed restores the optimizer's param groups with the lr they had when
+    saved, and the scheduler sets them again only after the next step: the first resumed step
+    would use the old lr. Setting the current step's lr now closes that gap.
+    """
+    scheduler = engine.lr_scheduler
+    if not hasattr(scheduler, "last_batch_iteration"):
+        raise ConfigError(f"the schedule changed on resume but the DeepSpeed scheduler "
+                          f"{type(scheduler).__name__} cannot be moved to the restored step: keep the old settings")
+    scheduler.step(scheduler.last_batch_iteration)
+
+
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum a few numbers over ranks in one collective (float64: exact for token counts)."""
     tensor = torch.tensor(values, dtype=torch.float64, device=device)

@@ -51,6 +51,7 @@ from mmgpt.train.data import BatchLoader
 from mmgpt.train.engine import DistInfo, WeightsOnlyCheckpointEngine, all_gather, all_reduce_sum
 from mmgpt.train.eval import Evaluator
 from mmgpt.train.monitor import Monitor, StepMetrics, gate_values
+from mmgpt.train.stop import StopRequest, stop_on_signals
 
 log = logging.getLogger("mmgpt.train")
 
@@ -82,7 +83,8 @@ def gradient_anchor(params: list[Tensor]) -> Tensor:
 
 
 DEVICE_SUMS = ("loss_sum", "language_loss_sum", "language_supervised", "vl_loss_sum", "vl_supervised")
-HOST_SUMS = ("supervised", "tokens", "samples", "images", "capacity", "flops", "data_wait", "epoch_samples")
+HOST_SUMS = ("supervised", "tokens", "samples", "images", "capacity", "flops", "data_wait", "epoch_samples",
+             "stop")
 
 
 class WindowStats:
@@ -114,11 +116,13 @@ class WindowStats:
         by_source = per_sample.new_zeros(len(self.sources), 2).index_add_(0, source, per_sample)
         self.losses += torch.cat([out.loss_sum.detach().double().reshape(1), by_kind.flatten(), by_source.flatten()])
 
-    def totals(self, epoch_samples: float) -> dict[str, Any]:
+    def totals(self, epoch_samples: float, stop: bool = False) -> dict[str, Any]:
         """Every sum over all ranks (a collective; the step's one device-to-host read), with the
         per-source sums as `source_loss_sum` / `source_supervised` dicts. `epoch_samples`: this
-        rank's part of `epoch_progress` (samples of the epoch consumed, plus whole epochs done)."""
+        rank's part of `epoch_progress` (samples of the epoch consumed, plus whole epochs done);
+        `stop`: whether this rank was asked to stop (summed: how many were)."""
         self.host["epoch_samples"] = epoch_samples
+        self.host["stop"] = float(stop)
         host = torch.tensor(list(self.host.values()), dtype=torch.float64, device=self.losses.device)
         values = torch.cat([self.losses, host])
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
@@ -148,7 +152,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, engine: Any, model: nn.Module, stream: BatchLoader, dist_info: DistInfo,
                  monitor: Monitor, manager: ckpt.CheckpointManager, total_steps: int, step: int = 0,
-                 consecutive_nonfinite: int = 0, evaluator: Evaluator | None = None):
+                 consecutive_nonfinite: int = 0, evaluator: Evaluator | None = None,
+                 record: dict[str, Any] | None = None):
         self.cfg = cfg
         self.engine = engine
         self.model = model
@@ -160,6 +165,9 @@ class Trainer:
         self.step = step
         self.consecutive_nonfinite = consecutive_nonfinite
         self.evaluator = evaluator
+        self.record = record
+        self.stopped: str | None = None  # why every rank stops after this step, once one was asked to
+        self._stop = StopRequest()
         self.accum = cfg.schedule.grad_accum
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.monitor.log_config(cfg.to_dict(), step)
@@ -167,23 +175,28 @@ class Trainer:
         self._order_log = open_order_log(out / "data_order" / f"rank_{dist_info.rank:03d}.jsonl", step)
 
     def train(self, stop_at_step: int | None = None) -> str:
-        """Train until total_steps, the end of the data, or stop_at_step; returns why it stopped."""
+        """Train until total_steps, the end of the data, stop_at_step or a stop request (a signal
+        to any rank, the launcher gone: `stop.py`); returns why it stopped."""
         last = min(self.total_steps, stop_at_step or self.total_steps)
         reason = "finished"
-        while self.step < last:
-            if self.train_step() is None:
-                reason = "data exhausted"
-                break
-            if self.evaluator is not None and self.evaluator.due(self.step):
-                self.evaluator.run(self.step)
-            if self.step % self.cfg.save_every == 0 and self.step < last:
+        with stop_on_signals() as self._stop:
+            while self.step < last:
+                if self.train_step() is None:
+                    reason = "data exhausted"
+                    break
+                if self.stopped is not None:
+                    reason = self.stopped
+                    break
+                if self.evaluator is not None and self.evaluator.due(self.step):
+                    self.evaluator.run(self.step)
+                if self.step % self.cfg.save_every == 0 and self.step < last:
+                    self.save()
+            if self.step < self.total_steps and reason == "finished":
+                reason = "stopped by --stop-at-step"
+            if self.evaluator is not None and self.stopped is None:  # a stop saves without delay
+                self.evaluator.finish(self.step)
+            if self.manager.latest() != ckpt.tag_for(self.step):  # e.g. resumed a run that had finished
                 self.save()
-        if self.step < self.total_steps and reason == "finished":
-            reason = "stopped by --stop-at-step"
-        if self.evaluator is not None:
-            self.evaluator.finish(self.step)
-        if self.manager.latest() != ckpt.tag_for(self.step):  # e.g. resumed a run that had finished
-            self.save()
         self._order_log.close()
         return reason
 
@@ -215,7 +228,9 @@ class Trainer:
         sample_ids = [i for b in window for i in b.sample_ids]
         self._order_log.write(json.dumps({"step": self.step, "samples": sample_ids}) + "\n")
         self._order_log.flush()
-        totals = stats.totals(epoch_samples(self.stream.state(), self.dist.rank, self.dist.world, len(mixture)))
+        totals = stats.totals(epoch_samples(self.stream.state(), self.dist.rank, self.dist.world, len(mixture)),
+                              stop=self._stop.reason is not None)
+        self._note_stop(int(totals.pop("stop")))
         grad_norm = self.engine.get_global_grad_norm() if applied else None
         metrics = StepMetrics(step=self.step, lr=lr, grad_norm=_finite_or_none(grad_norm),
                               step_time=time.perf_counter() - start, skipped=not applied,
@@ -225,6 +240,13 @@ class Trainer:
         self.monitor.log_step(metrics, gate_values(self.model) if self.monitor.enabled else None)
         self._track_nonfinite(applied, sample_ids)
         return metrics
+
+    def _note_stop(self, ranks: int) -> None:
+        """After a step whose all-reduce counted `ranks` ranks asked to stop: every rank stops."""
+        if ranks and self.stopped is None:
+            self.stopped = f"stopped after step {self.step}: {ranks} rank(s) asked to stop"
+            log.warning("%s (this rank: %s); saving a checkpoint, then exiting; --resume auto continues",
+                        self.stopped, self._stop.reason or "no signal")
 
     def _track_nonfinite(self, applied: bool, sample_ids: list[int]) -> None:
         if applied:
@@ -246,7 +268,7 @@ class Trainer:
         state = {"step": self.step, "world": self.dist.world, "data": positions,
                  "consecutive_nonfinite": self.consecutive_nonfinite}
         tag = ckpt.save(self.manager, self.engine, self.step, state, is_rank0=self.dist.is_rank0,
-                        barrier=dist.barrier, adapter=self.model.lang_encoder)
+                        barrier=dist.barrier, adapter=self.model.lang_encoder, record=self.record)
         log.info("saved checkpoint %s", self.manager.root / tag)
         return tag
 
@@ -258,14 +280,15 @@ def _finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-def restore(engine: Any, model: nn.Module, manager: ckpt.CheckpointManager, world: int,
-            rank: int) -> tuple[int, dict[str, Any] | None, int] | None:
+def restore(engine: Any, model: nn.Module, manager: ckpt.CheckpointManager, world: int, rank: int,
+            allow_unverified: bool = False) -> tuple[int, dict[str, Any] | None, int] | None:
     """Load the latest checkpoint: (step, this rank's data position, consecutive non-finite), or
     None when there is none.
 
     Before anything is loaded, rank 0 checks the files against the manifest and loads each one
-    weights-only (`ckpt.verify`; one read of the shared filesystem), and every rank raises the same
-    CheckpointError if that fails. Fails naming any trainable parameter the checkpoint did not restore.
+    weights-only (`ckpt.verify`; one read of the shared filesystem; a checkpoint without a manifest
+    only with `allow_unverified`), and every rank raises the same CheckpointError if that fails.
+    Fails naming any trainable parameter the checkpoint did not restore.
     """
     tag = manager.latest()
     seen = all_gather(tag, world)
@@ -280,7 +303,8 @@ def restore(engine: Any, model: nn.Module, manager: ckpt.CheckpointManager, worl
     problem = None
     if rank == 0:
         try:
-            ckpt.verify(manager, tag, functools.partial(engine.checkpoint_engine.load, map_location="cpu"))
+            ckpt.verify(manager, tag, functools.partial(engine.checkpoint_engine.load, map_location="cpu"),
+                        allow_unverified)
         except ckpt.CheckpointError as err:
             problem = str(err)
     problem = all_gather(problem, world)[0]
