@@ -265,7 +265,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     model, tokenizer = load_model(source, device=device, dtype=DTYPES[dtype_name])
     loaded = time.time()
     mode = source.model_config.media_attention
-    hint = args.answer_hint if task.hint else ""
+    hint = args.answer_hint if task.hint and not args.shots else ""  # few-shot prompts carry no hint
     max_new_tokens = args.max_new_tokens or task.max_new_tokens
     shard, shard_demos = items[rank::world], demos[rank::world]
     images = Path(args.images)
