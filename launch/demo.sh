@@ -8,6 +8,8 @@
 #
 # Leaves OUT_DIR/tensorboard/ (events), OUT_DIR/checkpoints/ (DeepSpeed, LoRA + optimizer only),
 # OUT_DIR/adapter/ (peft adapter for `mmgpt export`), OUT_DIR/train.log. Rerunning resumes.
+# Master port: MASTER_PORT if set (refused in one line when busy), else a free one, so several
+# demos (or other jobs) can run on one machine at once.
 set -euo pipefail
 OUT="${1:?usage: bash launch/demo.sh OUT_DIR}"
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -15,13 +17,14 @@ CONFIG="$REPO/configs/demo_tiny.yaml"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" TOKENIZERS_PARALLELISM=false
-PORT="${MASTER_PORT:-29500}"
 source "$REPO/launch/accelerator.sh"
 
 if [ ! -f "$OUT/data/mixture.yaml" ]; then
   python -m mmgpt.cli data sample --out "$OUT/data" --n "${DEMO_RECORDS:-400}" --max-length 512
 fi
 python -m mmgpt.train.launch_check --config "$CONFIG" --set "mixture=$OUT/data/mixture.yaml" --num-gpus 2
+PORT="$(python -m mmgpt.train.master_port)" || exit 2
+echo "master port $PORT"
 cd "$REPO"
 deepspeed --num_gpus 2 --master_port "$PORT" --module mmgpt.train.cli \
   --config "$CONFIG" --set "mixture=$OUT/data/mixture.yaml" --output-dir "$OUT" --resume auto "${@:2}"

@@ -11,7 +11,9 @@
 # (re)write ./.deepspeed_env from the current values of those variables. Every node must see the
 # repo, weights and data at the same paths, and the config's output_dir on one shared filesystem
 # (checkpoints are written by every rank; resume checks that all ranks see the same `latest`).
-# MASTER_PORT defaults to 29500.
+# MASTER_PORT defaults to 29500 and is NOT chosen for you (every node must agree on it before any
+# starts): give each multi-node job on shared hosts its own MASTER_PORT. A busy port fails in one
+# line; ranks of another job that join by mistake are refused on every rank (run identity check).
 set -euo pipefail
 NO_SSH=0
 if [ "${1:-}" = "--no-ssh" ]; then NO_SSH=1; shift; fi

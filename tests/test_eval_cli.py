@@ -26,9 +26,10 @@ from mmgpt.data.images import clip_transform, load_image
 from mmgpt.data.packing import collate
 from mmgpt.cli import main
 from mmgpt.commands import eval as eval_cli
+from mmgpt.eval import fewshot
 from mmgpt.eval.cli import TASKS
 from mmgpt.eval.batched import answer_logprobs, generate_batch
-from mmgpt.eval.tasks import CAPTION_PROMPT, read_aokvqa, read_captions, read_ocrvqa, read_vqa
+from mmgpt.eval.tasks import CAPTION_PROMPT, EvalItem, read_aokvqa, read_captions, read_ocrvqa, read_vqa
 from mmgpt.export import export
 from mmgpt.inference.generation import GenerationConfig, generate
 from mmgpt.media import row_layout
@@ -344,3 +345,92 @@ def test_two_gloo_ranks_give_the_single_process_predictions(memorised, tmp_path)
 
 def test_parser_task_names_are_the_tasks():
     assert eval_cli.TASK_NAMES == tuple(sorted(TASKS))
+
+
+# ------------------------------------------------------------- few-shot, OpenFlamingo's format
+
+def test_fewshot_prompt_ids_are_openflamingos_format(tiny_tokenizer):
+    tok = tiny_tokenizer
+    demos = [EvalItem(1, "a.jpg", "What colour is the bus?", ["red", "dark red"]),
+             EvalItem(2, "b.jpg", "Is it raining?", ["no"])]
+    query = EvalItem(3, "c.jpg", "How many cats?", ["two"])
+    vqa = ("<image>Question:What colour is the bus? Short answer:red<|endofchunk|>\n"
+           "<image>Question:Is it raining? Short answer:no<|endofchunk|>\n"
+           "<image>Question:How many cats? Short answer:")
+    assert fewshot.fewshot_text("vqa", demos, query) == vqa
+    captions = [EvalItem(1, "a.jpg", CAPTION_PROMPT, [" A red bus. ", "a bus"])]
+    caption = "<image>Output:A red bus.<|endofchunk|>\n<image>Output:"
+    assert fewshot.fewshot_text("caption", captions, query) == caption
+    for kind, shown, text in (("vqa", demos, vqa), ("caption", captions, caption)):
+        ids = fewshot.fewshot_ids(kind, shown, query, tok)
+        assert ids == tok(text)["input_ids"] and ids[0] == tok.bos_token_id
+        assert ids.count(tok.convert_tokens_to_ids("<image>")) == len(shown) + 1
+        assert ids.count(tok.convert_tokens_to_ids("<|endofchunk|>")) == len(shown)
+    assert fewshot.postprocess_vqa("red, blue Question:x") == "red"
+    assert fewshot.postprocess_caption('a "red" bus Output:') == "a red bus "
+
+
+def test_fewshot_demonstrations_are_seeded_from_the_train_pool():
+    pool = [EvalItem(k, f"{k}.jpg", "q", ["a"]) for k in range(20)]
+    items = [EvalItem(100 + k, f"{k}.jpg", "q", ["a"]) for k in range(5)]  # share images with the pool
+    draw = fewshot.draw_demos(pool, items, 4, seed=42, query_set_size=2048)
+    assert draw == fewshot.draw_demos(pool, items, 4, seed=42, query_set_size=2048)
+    assert draw != fewshot.draw_demos(pool, items, 4, seed=43, query_set_size=2048)
+    assert all(len({d.id for d in demos}) == 4 and item.image not in {d.image for d in demos}
+               for item, demos in zip(items, draw))
+    with pytest.raises(ValueError, match="--shots 30: only 19 demonstrations"):
+        fewshot.draw_demos(pool, items, 30, seed=42, query_set_size=2048)
+
+
+def ocrvqa_books(root: Path) -> Path:
+    """The memorised pictures as OCR-VQA books: the first three in the train split, the rest test."""
+    books = {f"book{k}": {"imageURL": f"http://x/I/{k}.jpg", "questions": [q], "answers": [a],
+                          "split": 1 if k < 3 else 3} for k, (q, a) in enumerate(QA)}
+    return write_json(root / "dataset.json", books)
+
+
+def one_by_one(model, tok, ids: list[int], images: list[str], root: Path, cut: int | None) -> str:
+    """`generate` on one prompt; greedy tokens up to the first `cut` token (the stop) decoded."""
+    pixels = torch.stack([load_image(root, image, clip_transform(SIZE)) for image in images])
+    new = generate(model, tok, ids, model.encode_images(pixels), GenerationConfig(max_new_tokens=16), mode="next")
+    return tok.decode(new[:new.index(cut)] if cut in new else new, skip_special_tokens=True)
+
+
+def test_fewshot_eval_equals_generate_on_the_format_and_zero_shots_is_the_instruction_prompt(memorised, tmp_path):
+    """`--shots 2` (ocrvqa, demonstrations from its train split): each prediction equals `generate`
+    on the text OpenFlamingo's format gives, with the demonstrations' images first, cut at
+    <|endofchunk|> and post-processed; `--shots 0` equals `generate` on the training rendering."""
+    from mmgpt.inference.model_dir import load_model, resolve_source
+
+    data = ocrvqa_books(tmp_path)
+    images = memorised["images"]
+    model, tok = load_model(resolve_source(str(memorised["run"])), device="cpu", dtype=torch.float32)
+    by_id = {i.id: i for i in read_ocrvqa(data, "train")}
+    reports = {}
+    for shots in (0, 2):
+        argv = ["eval", "--model", str(memorised["run"]), "--task", "ocrvqa", "--images", str(images),
+                "--data", str(data), "--output", str(tmp_path / f"{shots}.json"), "--workers", "0",
+                "--batch-size", "2", "--max-new-tokens", "16", "--shots", str(shots)]
+        assert main(argv) == 0
+        reports[shots] = json.loads((tmp_path / f"{shots}.json").read_text())
+    assert reports[2]["prompt"]["format"] == "openflamingo_vqa" and reports[2]["n"] == len(QA) - 3
+    endofchunk = tok.convert_tokens_to_ids("<|endofchunk|>")
+    for pred in reports[2]["predictions"]:
+        demos = [by_id[d] for d in pred["demonstrations"]]
+        assert len(demos) == 2 and all(d.id.startswith(("book0:", "book1:", "book2:")) for d in demos)
+        query = EvalItem(pred["id"], pred["image"], pred["question"], pred["answers"])
+        ids = tok(fewshot.fewshot_text("vqa", demos, query))["input_ids"]
+        text = one_by_one(model, tok, ids, [d.image for d in demos] + [query.image], images, endofchunk)
+        assert pred["prediction"] == fewshot.postprocess_vqa(text).strip()
+    for pred in reports[0]["predictions"]:
+        assert "demonstrations" not in pred
+        conversation = Conversation([Round(pred["question"], "", input=eval_cli.SHORT_ANSWER_HINT)], [pred["image"]])
+        text = one_by_one(model, tok, encode_prompt(conversation, tok), [pred["image"]], images, None)
+        assert pred["prediction"] == text.strip()
+
+
+def test_fewshot_refuses_a_task_outside_openflamingos_suite(memorised, tmp_path, capsys):
+    argv = ["eval", "--model", str(memorised["run"]), "--task", "aokvqa", "--images", str(memorised["images"]),
+            "--workers", "0", "--shots", "2", *other_task_args("aokvqa", tmp_path)]
+    assert main(argv) != 0
+    assert "--task aokvqa is not in OpenFlamingo's few-shot suite" in capsys.readouterr().err

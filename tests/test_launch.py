@@ -3,8 +3,9 @@
   demo     `bash launch/demo.sh` (deepspeed --num_gpus 2), 8 steps, NaN injected at step 3, data
            packed in-process (data_workers 0), held-out eval every 3 steps and at the end
   noeval   as demo, with eval disabled (the same held-out split): must train bitwise the same
-  learn    `bash launch/demo.sh` exactly as the README runs it (800 records + the shapes task, the
-           whole epoch): learns the text and learns to see (held-out shape questions, chat, eval)
+  learn    `bash launch/demo.sh` exactly as the README runs it (400 text records + the shapes task,
+           two epochs): learns the text and learns to see (held-out colour questions, chat, eval);
+           started at the same time as demo, both without MASTER_PORT: each picks its own free port
   resume   same config with a background data worker per rank (data_workers 1): --stop-at-step 5,
            then --resume auto to step 8
   sigterm  as resume, but SIGTERM to the `deepspeed` launcher itself after step 2 (every rank must stop
@@ -151,9 +152,12 @@ def runs(tmp_path_factory) -> dict[str, Path]:
                               eval={**demo_eval, "enabled": False})
     nodes_port = str(free_port())
     procs = {
+        # demo and learn: two demos at once, each choosing its own master port (MASTER_PORT unset)
         "demo": start(["bash", "launch/demo.sh", str(out["demo"]), "--max-steps", str(STEPS), "--set", "save_every=4",
                        "--set", "data_workers=0", "--set", f"eval.every={EVAL_EVERY}"],
-                      root / "demo.log", MASTER_PORT=str(free_port())),
+                      root / "demo.log", MASTER_PORT=""),
+        "learn": start(["bash", "launch/demo.sh", str(out["learn"])], root / "learn.log", MASTER_PORT="",
+                       MMGPT_TEST_NONFINITE_STEPS=""),
         "noeval": start(deepspeed_cmd(noeval_cfg, port=free_port()), root / "noeval.log"),
         "offload": start(deepspeed_cmd(offload_cfg, port=free_port()), root / "offload.log"),
         "resume1": start(deepspeed_cmd(resume_cfg, "--stop-at-step", str(STOP), port=free_port()), root / "resume1.log"),
@@ -173,8 +177,6 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         "planted": start(deepspeed_cmd(planted_cfg, "--resume", "auto", port=free_port()), root / "planted.log"),
         "nonfin": start([sys.executable, "-m", "mmgpt.cli", "train", "--config", str(nonfin_cfg)],
                         root / "nonfin.log", MASTER_PORT=str(free_port()), MMGPT_TEST_NONFINITE_STEPS="2,3"),
-        "learn": start(["bash", "launch/demo.sh", str(out["learn"])], root / "learn.log",
-                       MASTER_PORT=str(free_port()), MMGPT_TEST_NONFINITE_STEPS=""),
     }
     codes.update({name: finish(p) for name, p in procs.items()})
     out["codes"] = codes
@@ -290,6 +292,22 @@ def test_eval_does_not_perturb_training(runs):
     assert data_order(runs["demo"]) == data_order(runs["noeval"])
     on, off = adapter(runs["demo"]), adapter(runs["noeval"])
     assert on.keys() == off.keys() and all(torch.equal(on[name], off[name]) for name in on)
+
+
+def test_two_demos_at_once_each_finish_with_their_own_checkpoints(runs):
+    """demo and learn ran at the same time on this machine without MASTER_PORT: different master
+    ports, every rank passed the run identity check, each run holds its own complete checkpoints."""
+    expect_success(runs, "demo", "learn")
+    ports = {name: [line for line in (runs["logs"] / f"{name}.log").read_text().splitlines()
+                    if line.startswith("master port ")] for name in ("demo", "learn")}
+    assert len(ports["demo"]) == len(ports["learn"]) == 1 and ports["demo"] != ports["learn"], ports
+    for name in ("demo", "learn"):
+        run = runs[name]
+        assert yaml.safe_load((run / "config.yaml").read_text())["output_dir"] == str(run)
+        latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+        shards = sorted(p.name for p in latest.glob("bf16_zero_pp_rank_*_optim_states.pt"))
+        assert shards == [RANK1_SHARD.replace("rank_1", "rank_0"), RANK1_SHARD], (name, shards)
+        assert (latest / ckpt.MANIFEST).is_file() and ckpt._manifest_problem(latest) is None, name
 
 
 def test_demo_learns(runs):

@@ -21,6 +21,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", help="aokvqa: image folder split (default val); ocrvqa: train|val|test "
                                    "(default test); Karpathy dataset_coco.json: split (default test)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items")
+    p.add_argument("--shots", type=int, default=0, help="in-context demonstrations from the train split, in "
+                   "OpenFlamingo's prompt format (vqa, ocrvqa, coco_caption); 0: mmgpt's instruction prompt")
+    p.add_argument("--seed", type=int, default=42, help="--shots: seed of the demonstrations' draw")
+    p.add_argument("--query-set-size", type=int, default=2048, help="--shots: train items to draw from")
+    p.add_argument("--demo-split", default="train", help="--shots: split of --data the demonstrations come from")
+    p.add_argument("--demo-data", help="--shots: another dataset file for the demonstrations (default --data)")
+    p.add_argument("--demo-questions", help="--shots with vqa: the train questions json")
+    p.add_argument("--demo-annotations", help="--shots with vqa: the train annotations json")
+    p.add_argument("--demo-images", help="--shots: the demonstrations' image root (default --images)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward")
     p.add_argument("--workers", type=int, default=2, help="image loading processes (0: in the main one)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 10 (vqa, aokvqa, llava), "

@@ -57,11 +57,14 @@ def _image_counts(ids: Tensor, image_token_id: int, latents: Tensor,
 
 @torch.no_grad()
 def generate_batch(model: Flamingo, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]],
-                   latents: Tensor, max_new_tokens: int, mode: str = "next") -> list[list[int]]:
+                   latents: Tensor, max_new_tokens: int, mode: str = "next",
+                   stop_ids: set[int] = frozenset()) -> list[list[int]]:
     """Greedy continuations (EOS excluded) of several prompts; `latents` are the images of row 0,
-    then row 1, ...; `mode` the model's media attention."""
+    then row 1, ...; `mode` the model's media attention; `stop_ids` end a row as EOS does (few-shot
+    prompts: `<|endofchunk|>`)."""
     device = next(model.parameters()).device
     image_token_id, eos, banned = special_token_ids(tokenizer)
+    eos = eos | set(stop_ids)
     pad_id = tokenizer.pad_token_id
     processors = logits_processors(GenerationConfig(max_new_tokens=max_new_tokens), banned)
     ids, mask, positions = left_pad(prompts, pad_id, device)

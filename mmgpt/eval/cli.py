@@ -8,7 +8,9 @@ Tasks (readers in mmgpt.eval.tasks, metrics in mmgpt.eval.metrics):
   llava         LLaVA-format questions (--data; e.g. `mmgpt data sample`'s shapes/shapes_val.json):
                 exact match, no answer hint (the answers are the training's own one-word style).
 
-Prompts are zero-shot and rendered by `encode_prompt`, the training rendering: one `<image>`,
+--shots N (vqa, ocrvqa, coco_caption) puts N demonstrations from the train split before each item
+in OpenFlamingo's eval-suite format (mmgpt.eval.fewshot), so numbers compare with its table.
+With --shots 0 (the default) prompts are rendered by `encode_prompt`, the training rendering: one `<image>`,
 the question as the instruction (captions: paper Table 3's first instruction, "Can you describe
 the image?"). Question tasks add a short-answer hint as the template's `### Input:` field
 (--answer-hint; "" leaves it out), since the training answers (e.g. A-OKVQA's "The answer is X.
@@ -52,7 +54,8 @@ from transformers import PreTrainedTokenizerBase
 from mmgpt import model_card
 from mmgpt.data.conversation import Conversation, Round, encode_prompt, tokenize
 from mmgpt.data.images import Transform, clip_transform, load_image
-from mmgpt.eval import metrics
+from mmgpt.contracts import ENDOFCHUNK
+from mmgpt.eval import fewshot, metrics
 from mmgpt.eval.batched import answer_logprobs, generate_batch
 from mmgpt.eval.tasks import EvalItem, read_aokvqa, read_captions, read_llava, read_ocrvqa, read_vqa
 from mmgpt.export import versions
@@ -73,6 +76,7 @@ class Task:
     score: Callable[[list[Record], argparse.Namespace], dict[str, Any]]
     max_new_tokens: int  # default decoding budget: a phrase for questions, a sentence for captions
     hint: bool  # the short-answer hint applies
+    fewshot: str | None  # OpenFlamingo's prompt format for --shots > 0 (mmgpt.eval.fewshot), None: zero-shot only
     choices: bool = False  # also rank the item's choices by likelihood
 
 
@@ -107,30 +111,54 @@ TASKS: dict[str, Task] = {
     "vqa": Task(read=lambda a: read_vqa(*_need(a, "questions", "annotations")),
                 score=lambda r, a: {"accuracy": metrics.vqa_accuracy_mean(_by_id(r, "prediction"),
                                                                           _by_id(r, "answers"))},
-                max_new_tokens=10, hint=True),
+                max_new_tokens=10, hint=True, fewshot="vqa"),
     "aokvqa": Task(read=lambda a: read_aokvqa(*_need(a, "data"), split=a.split or "val"),
-                   score=_score_aokvqa, max_new_tokens=10, hint=True, choices=True),
+                   score=_score_aokvqa, max_new_tokens=10, hint=True, fewshot=None, choices=True),
     "ocrvqa": Task(read=lambda a: read_ocrvqa(*_need(a, "data"), split=a.split or "test"),
-                   score=_score_exact, max_new_tokens=16, hint=True),
-    "llava": Task(read=lambda a: read_llava(*_need(a, "data")), score=_score_exact, max_new_tokens=10, hint=False),
+                   score=_score_exact, max_new_tokens=16, hint=True, fewshot="vqa"),
+    "llava": Task(read=lambda a: read_llava(*_need(a, "data")), score=_score_exact, max_new_tokens=10, hint=False,
+                  fewshot=None),
     "coco_caption": Task(read=lambda a: read_captions(*_need(a, "data"), split=a.split or "test"),
                          score=lambda r, a: metrics.caption_scores(_by_id(r, "prediction"), _by_id(r, "answers"),
                                                                    meteor=not a.no_meteor),
-                         max_new_tokens=30, hint=False),
+                         max_new_tokens=30, hint=False, fewshot="caption"),
 }
 
 
-class _ImageFiles(Dataset):
-    """(position, pixels or the reason the image is unusable) per item, for a DataLoader."""
+def _demo_pool(task: Task, args: argparse.Namespace) -> list[EvalItem]:
+    """The train split the demonstrations come from: the --demo-* files, else the task's own files
+    with --demo-split."""
+    if task.fewshot is None:
+        raise ValueError(f"--shots {args.shots}: --task {args.task} is not in OpenFlamingo's few-shot suite "
+                         "(few-shot: vqa, ocrvqa, coco_caption)")
+    demo_args = argparse.Namespace(**{**vars(args), "split": args.demo_split, "data": args.demo_data or args.data,
+                                      "questions": args.demo_questions, "annotations": args.demo_annotations})
+    if args.task == "vqa" and (args.demo_questions is None or args.demo_annotations is None):
+        raise ValueError("--task vqa --shots N needs --demo-questions and --demo-annotations (the train split)")
+    return task.read(demo_args)
 
-    def __init__(self, items: list[EvalItem], root: Path, transform: Transform):
+
+class _ImageFiles(Dataset):
+    """(position, pixels [demonstrations + 1, 3, H, W] or the reason an image is unusable) per item,
+    for a DataLoader; the demonstrations' images come first, as in the prompt."""
+
+    def __init__(self, items: list[EvalItem], root: Path, transform: Transform,
+                 demos: list[list[EvalItem]], demo_root: Path):
         self.items, self.root, self.transform = items, root, transform
+        self.demos, self.demo_root = demos, demo_root
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | str]:
-        return i, load_image(self.root, self.items[i].image, self.transform)
+        images = [(self.demo_root, d.image, "demonstration ") for d in self.demos[i]]
+        pixels = []
+        for root, image, what in [*images, (self.root, self.items[i].image, "")]:
+            loaded = load_image(root, image, self.transform)
+            if isinstance(loaded, str):
+                return i, what + loaded
+            pixels.append(loaded)
+        return i, torch.stack(pixels)
 
 
 def _conversation(item: EvalItem, hint: str, response: str = "") -> Conversation:
@@ -149,18 +177,31 @@ def _choice_ids(item: EvalItem, hint: str, prompt: list[int],
     return out
 
 
+def _prompts(task: Task, items: list[EvalItem], demos: list[list[EvalItem]], hint: str,
+             tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """Zero-shot: the training rendering; with demonstrations: OpenFlamingo's format."""
+    if not any(demos):
+        return [encode_prompt(_conversation(item, hint), tokenizer) for item in items]
+    return [fewshot.fewshot_ids(task.fewshot, d, item, tokenizer) for item, d in zip(items, demos)]
+
+
 def _evaluate_batch(model: Flamingo, tokenizer: PreTrainedTokenizerBase, task: Task, items: list[EvalItem],
-                    pixels: torch.Tensor, hint: str, max_new_tokens: int, mode: str) -> list[Record]:
-    """Predictions for items whose images loaded (`pixels` [B, 3, H, W], one per item)."""
+                    demos: list[list[EvalItem]], pixels: torch.Tensor, hint: str, max_new_tokens: int,
+                    mode: str) -> list[Record]:
+    """Predictions for items whose images loaded (`pixels`: each item's demonstrations' images and
+    its own, item after item)."""
     device = next(model.parameters()).device
     latents = model.encode_images(pixels.to(device))
-    prompts = [encode_prompt(_conversation(item, hint), tokenizer) for item in items]
-    generated = generate_batch(model, tokenizer, prompts, latents, max_new_tokens, mode)
+    prompts = _prompts(task, items, demos, hint, tokenizer)
+    shots = any(demos)
+    stops = {tokenizer.convert_tokens_to_ids(ENDOFCHUNK)} if shots else set()
+    generated = generate_batch(model, tokenizer, prompts, latents, max_new_tokens, mode, stop_ids=stops)
+    post = fewshot.POSTPROCESS[task.fewshot] if shots else (lambda text: text)
     records = []
-    for item, new in zip(items, generated):
+    for item, new, shown in zip(items, generated, demos):
         records.append({"id": item.id, "image": item.image, "question": item.question,
-                        "prediction": tokenizer.decode(new, skip_special_tokens=True).strip(),
-                        "answers": item.answers})
+                        "prediction": post(tokenizer.decode(new, skip_special_tokens=True)).strip(),
+                        "answers": item.answers, **({"demonstrations": [d.id for d in shown]} if shots else {})})
     if task.choices:
         rows, owners = [], []
         for b, (item, prompt) in enumerate(zip(items, prompts)):
@@ -218,16 +259,22 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     if world > 1 and str(device).startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
+    if args.shots < 0:
+        raise ValueError(f"--shots must be >= 0, got {args.shots}")
     items = task.read(args)[: args.limit]
+    demos = (fewshot.draw_demos(_demo_pool(task, args), items, args.shots, args.seed, args.query_set_size)
+             if args.shots else [[] for _ in items])
     source = resolve_source(args.model)
     dtype_name = args.dtype or ("bf16" if str(device).startswith("cuda") else "fp32")
     model, tokenizer = load_model(source, device=device, dtype=DTYPES[dtype_name])
     loaded = time.time()
     mode = source.model_config.media_attention
-    hint = args.answer_hint if task.hint else ""
+    hint = args.answer_hint if task.hint and not args.shots else ""  # few-shot prompts carry no hint
     max_new_tokens = args.max_new_tokens or task.max_new_tokens
-    shard = items[rank::world]
-    loader = DataLoader(_ImageFiles(shard, Path(args.images), clip_transform(image_size_of(source))),
+    shard, shard_demos = items[rank::world], demos[rank::world]
+    images = Path(args.images)
+    loader = DataLoader(_ImageFiles(shard, images, clip_transform(image_size_of(source)), shard_demos,
+                                    Path(args.demo_images) if args.demo_images else images),
                         batch_size=args.batch_size, collate_fn=list, num_workers=args.workers)
     records: list[Record] = []
     skipped: list[Record] = []
@@ -238,7 +285,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
                         for i, px in batch if isinstance(px, str)]
             if good:
                 records += _evaluate_batch(model, tokenizer, task, [shard[i] for i, _ in good],
-                                           torch.stack([px for _, px in good]), hint, max_new_tokens, mode)
+                                           [shard_demos[i] for i, _ in good], torch.cat([px for _, px in good]),
+                                           hint, max_new_tokens, mode)
             bar.update(len(batch))
     finished = time.time()
     parts = _gather((records, skipped), world)
@@ -253,7 +301,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     return {
         "task": args.task, "metrics": task.score(records, args), "n": len(records),
         "skipped": {"count": len(skipped), "reasons": dict(Counter(s["reason"] for s in skipped)), "items": skipped},
-        "prompt": {"hint": hint, "max_new_tokens": max_new_tokens, "decoding": "greedy"},
+        "prompt": {"hint": hint, "max_new_tokens": max_new_tokens, "decoding": "greedy", "shots": args.shots,
+                   **({"format": f"openflamingo_{task.fewshot}", "seed": args.seed} if args.shots else {})},
         "config": {"args": config, "model": asdict(source.model_config), "source_kind": source.kind,
                    "dtype": dtype_name, "world_size": world},
         "model_hashes": model_hashes(source), "versions": versions(),

@@ -52,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
 
     from mmgpt.train.ds_config import DSConfigError, jit_build_notice
     from mmgpt.train.loop import NonFiniteLossError
+    from mmgpt.train.master_port import PortError
+    from mmgpt.train.run_identity import RunIdentityError
 
     overrides = list(args.overrides)
     if args.max_steps is not None:
@@ -71,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _train(cfg, ds, mixture_cfg, resume=args.resume == "auto", stop_at_step=args.stop_at_step,
                       allow_unverified=args.resume_unverified)
-    except (ConfigError, CheckpointError) as err:  # found after start-up: too little data, bad checkpoint
+    except (ConfigError, CheckpointError, PortError, RunIdentityError) as err:  # found after start-up:
+        # a busy port, another job's ranks in the group, too little data, a bad checkpoint
         print(f"mmgpt train: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     except NonFiniteLossError as err:
@@ -117,8 +120,10 @@ def _train(cfg, ds: dict[str, Any], mixture_cfg, resume: bool, stop_at_step: int
     from mmgpt.train.data import merge_reports
     from mmgpt.train.loop import NonFiniteLossError
     from mmgpt.train.monitor import setup_logging
+    from mmgpt.train.run_identity import RunIdentity, check_run_identity
 
     info = eng.init_distributed()
+    check_run_identity(RunIdentity.of(cfg.to_dict(), cfg.output_dir), info.world)  # before any file is written
     out = Path(cfg.output_dir)
     if info.is_rank0:
         out.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ from deepspeed.utils.tensor_fragment import fragment_address
 from torch import nn
 
 from mmgpt.config import ConfigError
+from mmgpt.train.master_port import PortError, free_port
 
 # The globals DeepSpeed's checkpoint files name beyond torch's weights-only defaults (tensors,
 # storages, torch.Size, dtypes, OrderedDict), found with torch.serialization.
@@ -71,12 +72,15 @@ class DistInfo:
 def init_distributed() -> DistInfo:
     """Join the process group the launcher set up (gloo on the CPU accelerator, nccl on CUDA).
 
-    Run without a launcher (plain `mmgpt train`), it becomes a 1-rank group on 127.0.0.1.
+    Run without a launcher (plain `mmgpt train`), it becomes a 1-rank group on 127.0.0.1 (a free port).
+    A busy or unreachable master port raises PortError (one line naming the port).
     """
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if os.environ["WORLD_SIZE"] == "1":  # alone: any free port, so two such runs never meet
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("MASTER_PORT", "29500")
     accelerator = get_accelerator()
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -84,7 +88,13 @@ def init_distributed() -> DistInfo:
     if accelerator.device_name() != "cpu":  # pick the GPU before NCCL starts, so it binds the right one
         accelerator.set_device(local_rank)
         device = torch.device(accelerator.device_name(local_rank))
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    try:
+        deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    except dist.DistNetworkError as err:  # torch's message is a C++ stack: keep its first line
+        first = str(err).strip().splitlines()[0]
+        reason = "in use by another process" if "EADDRINUSE" in first else first
+        raise PortError(f"master port {os.environ['MASTER_PORT']} (MASTER_PORT) on "
+                        f"{os.environ['MASTER_ADDR']}: {reason}") from None
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
