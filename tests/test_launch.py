@@ -133,6 +133,7 @@ def deepspeed_cmd(config: Path, *args: str, port: int) -> list[str]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("launch")
+    shm_before = shm_buffers()
     out = {name: root / name for name in ("demo", "noeval", "resume", "nodes", "offload", "nonfin", "planted",
                                           "learn", "sigterm")}
     mixture = write_sample(out["demo"] / "data", records=200, max_length=512)  # what demo.sh would write
@@ -181,7 +182,19 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     codes.update({name: finish(p) for name, p in procs.items()})
     out["codes"] = codes
     out["logs"] = root
+    out["shm_left"] = shm_buffers() - shm_before
     return out
+
+
+def shm_buffers() -> set[Path]:
+    return set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+
+
+def test_no_run_leaves_shared_memory_behind(runs):
+    """DeepSpeed's CPU all-reduce files (69 MB a rank, named after the master port) are unlinked by
+    every rank once mapped: with a free port per run they piled up in RAM-backed /dev/shm."""
+    assert Path("/dev/shm").is_dir()
+    assert runs["shm_left"] == set()
 
 
 def expect_success(runs, *names):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import deepspeed
@@ -95,7 +96,23 @@ def init_distributed() -> DistInfo:
         reason = "in use by another process" if "EADDRINUSE" in first else first
         raise PortError(f"master port {os.environ['MASTER_PORT']} (MASTER_PORT) on "
                         f"{os.environ['MASTER_ADDR']}: {reason}") from None
+    if accelerator.device_name() == "cpu":
+        release_shm_buffer(dist.get_rank())
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def release_shm_buffer(rank: int) -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer from /dev/shm once every rank has mapped it.
+
+    DeepSpeed's shm all-reduce (ops/csrc/cpu/comm/shm.cpp) creates one 69 MB file per rank named
+    after MASTER_ADDR/MASTER_PORT and never unlinks it, so with a free port per run every CPU run
+    left 2 x 69 MB of RAM-backed tmpfs behind. Each rank maps all its peers' files before
+    `init_distributed` returns; after a barrier the names can go (the mappings live on), so nothing
+    is left even when a run is killed."""
+    name = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
+                               f"{os.environ['MASTER_PORT']}_{rank}")
+    dist.barrier()
+    name.unlink(missing_ok=True)
 
 
 CROSS_ATTN = "gated_cross_attn_layer."  # in the names of the gated cross-attention blocks' parameters
