@@ -1,7 +1,8 @@
 """Import direction: data flows one way and the packages stay apart.
 
 `mmgpt.models` imports neither `mmgpt.data` nor `mmgpt.train`; `mmgpt.data` imports neither
-`mmgpt.models` nor `mmgpt.train`; `mmgpt.inference` does not import `mmgpt.train`. Shared
+`mmgpt.models` nor `mmgpt.train`; `mmgpt.inference` does not import `mmgpt.train` (one listed
+exception, EXCEPTIONS). Shared
 contracts live in neutral top-level modules (contracts, media, tokenizer, configfile, run_layout).
 Imports inside functions count too. No product module mentions the tests.
 """
@@ -18,6 +19,12 @@ FORBIDDEN = {
     "mmgpt.models": ("mmgpt.data", "mmgpt.train"),
     "mmgpt.data": ("mmgpt.models", "mmgpt.train"),
     "mmgpt.inference": ("mmgpt.train",),
+}
+# Known exceptions, each named: (importing module, imported module). Every one must still occur.
+EXCEPTIONS = {
+    # issue 19: a training run's config.yaml is read through TrainConfig, which moved under train/;
+    # it leaves when the run/export layout gets its one module.
+    ("mmgpt.inference.model_dir", "mmgpt.train.config"),
 }
 NEUTRAL = ("mmgpt.contracts", "mmgpt.media", "mmgpt.tokenizer", "mmgpt.configfile", "mmgpt.run_layout")
 
@@ -39,10 +46,17 @@ def imports(path: Path) -> set[str]:
     return names
 
 
+def within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def excepted(mod: str, name: str) -> bool:
+    return any(mod == importer and within(name, imported) for importer, imported in EXCEPTIONS)
+
+
 def violations(package: str, forbidden: tuple[str, ...], sources: dict[str, set[str]]) -> list[str]:
-    return sorted(f"{mod} imports {name}" for mod, names in sources.items()
-                  if mod == package or mod.startswith(package + ".")
-                  for name in names if any(name == f or name.startswith(f + ".") for f in forbidden))
+    return sorted(f"{mod} imports {name}" for mod, names in sources.items() if within(mod, package)
+                  for name in names if any(within(name, f) for f in forbidden) and not excepted(mod, name))
 
 
 SOURCES = {module_name(p): imports(p) for p in PACKAGE.rglob("*.py")}
@@ -57,6 +71,13 @@ def test_the_check_sees_a_violation():
     """The rule has teeth: a models module importing the data package is reported."""
     fake = {**SOURCES, "mmgpt.models.fake": {"mmgpt.data.packing"}}
     assert violations("mmgpt.models", FORBIDDEN["mmgpt.models"], fake) == ["mmgpt.models.fake imports mmgpt.data.packing"]
+
+
+def test_every_exception_still_occurs():
+    """A listed exception that the code no longer needs is deleted, not kept as a silent allowance."""
+    stale = [pair for pair in EXCEPTIONS
+             if not any(within(name, pair[1]) for name in SOURCES.get(pair[0], ()))]
+    assert stale == []
 
 
 def test_neutral_modules_import_no_package():

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmgpt.config import TrainConfig
+from mmgpt.train.config import TrainConfig
 from mmgpt.data.sample import write_sample
 from mmgpt.run_layout import CheckpointError
 from mmgpt.train import run_record

@@ -58,7 +58,7 @@ def model_config_from_dict(data: dict[str, Any], where: Path) -> ModelConfig:
 
 def _train_model_config(path: Path) -> ModelConfig:
     """The model section of a training run's resolved config.yaml."""
-    from mmgpt.config import TrainConfig
+    from mmgpt.train.config import TrainConfig
 
     cfg = TrainConfig.load(path).model
     written = yaml.safe_load(path.read_text(encoding="utf-8")).get("model") or {}

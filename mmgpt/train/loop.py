@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from mmgpt.config import TrainConfig
+from mmgpt.train.config import TrainConfig
 from mmgpt.contracts import PackedBatch
 from mmgpt.train.loss import LossOutput, packed_loss
 from mmgpt.perf import StepShape, step_flops
