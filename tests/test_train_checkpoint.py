@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmgpt.train.checkpoint import (MANIFEST, CheckpointError, CheckpointManager, check_restored,
+from mmgpt.train.checkpointing import (MANIFEST, CheckpointError, CheckpointManager, check_restored,
                                     poison_trainable, save, tag_for, verify)
 
 weights_only = functools.partial(torch.load, weights_only=True)
@@ -213,7 +213,7 @@ def test_torchs_unexpected_pos_on_a_full_disk_says_no_space(tmp_path, monkeypatc
 
 
 def test_order_log_is_truncated_to_the_resumed_step(tmp_path):
-    from mmgpt.train.loop import open_order_log
+    from mmgpt.train.checkpointing import open_order_log
 
     path = tmp_path / "data_order" / "rank_000.jsonl"
     with open_order_log(path, 0) as log:
