@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -33,11 +32,11 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import nn
 
+from mmgpt.manifest import MANIFEST, file_digests, listed_files, sha256
 from mmgpt.run_layout import LATEST, CheckpointError, is_tag, read_latest, step_of, tag_for
 from mmgpt.train import run_record
 from mmgpt.train.engine import WeightsOnlyCheckpointEngine, all_gather
 
-MANIFEST = "manifest.json"
 MIN_FREE_BYTES = 64 * 2**20  # below this after a failed write, the disk was the cause
 
 log = logging.getLogger("mmgpt.train")
@@ -116,24 +115,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _files(step_dir: Path) -> list[str]:
-    """Every file of a checkpoint except its manifest, as sorted relative POSIX paths."""
-    return sorted(p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*")
-                  if p.is_file() and p.name != MANIFEST)
-
-
 def write_manifest(step_dir: Path) -> None:
     """Record size + sha256 of every file of a complete checkpoint (atomically, like `latest`)."""
-    files = {rel: {"size": (step_dir / rel).stat().st_size, "sha256": _sha256(step_dir / rel)}
-             for rel in _files(step_dir)}
+    files = {rel: {"size": d.size, "sha256": d.sha256} for rel, d in file_digests(step_dir, skip=(MANIFEST,)).items()}
     tmp = step_dir / f".{MANIFEST}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump({"format": 1, "files": files}, f, indent=1)
@@ -158,9 +142,9 @@ def _manifest_problem(step_dir: Path) -> str | None:
             return f"{rel} is truncated ({size} of {want['size']} bytes)"
         if size != want["size"]:
             return f"{rel} has {size} bytes, {want['size']} were written"
-        if _sha256(path) != want["sha256"]:
+        if sha256(path) != want["sha256"]:
             return f"{rel} was altered (sha256 differs from {MANIFEST})"
-    unlisted = [rel for rel in _files(step_dir) if rel not in listed]
+    unlisted = [rel for rel in listed_files(step_dir, skip=(MANIFEST,)) if rel not in listed]
     if unlisted:
         return f"{unlisted[0]} is not in {MANIFEST} (added after the checkpoint was written)"
     return None
