@@ -48,9 +48,9 @@ import mmgpt
 from mmgpt import model_card
 from mmgpt.data.conversation import Conversation, Round, tokenize
 from mmgpt.data.templates import chat_template
-from mmgpt.inference.model_dir import (ADAPTER_DIR, DTYPES, EXPORT_CONFIG, LANGUAGE_MODEL_DIR, MANIFEST,
-                                       OPENFLAMINGO_DIR, OPENFLAMINGO_FILE, ModelSource, image_size_of,
-                                       load_model, resolve_source, sha256)
+from mmgpt.inference.model_dir import (ADAPTER_DIR, DTYPES, EXPORT_CONFIG, LANGUAGE_MODEL_DIR, OPENFLAMINGO_DIR,
+                                       OPENFLAMINGO_FILE, ModelSource, image_size_of, load_model, resolve_source)
+from mmgpt.manifest import MANIFEST, file_digests
 from mmgpt.media import row_layout
 from mmgpt.models.flamingo import Flamingo, MediaContext
 
@@ -203,8 +203,7 @@ def export(checkpoint: str | Path, out: str | Path, merge: bool = False, dtype_n
         (staging / EXPORT_CONFIG).write_text(json.dumps(export_config(source, merge, dtype_name), indent=2))
         summary = model_card.training_summary(model_card.find_run_dir(Path(checkpoint)))
         (staging / "README.md").write_text(model_card.render(source.model_config, lora, merge, dtype_name, summary))
-        files = {str(p.relative_to(staging)): {"sha256": sha256(p), "bytes": p.stat().st_size}
-                 for p in sorted(staging.rglob("*")) if p.is_file()}
+        files = {rel: {"sha256": d.sha256, "bytes": d.size} for rel, d in file_digests(staging).items()}
         manifest = {"format": EXPORT_FORMAT, "created": datetime.now(timezone.utc).isoformat(),
                     "versions": versions(), "source": {"path": str(Path(checkpoint).resolve()),
                                                        "kind": source.kind, "adapter": str(source.adapter_dir.resolve())},

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 
-from mmgpt.config import TrainConfig
+from mmgpt.train.config import TrainConfig
 from mmgpt.models.builder import ModelConfig, get_preset
 from mmgpt.models.clip_forms import read_clip_weights
 from mmgpt.models.pretrained import (WeightsError, load_state_file, read_meta_state, tensor_summary,

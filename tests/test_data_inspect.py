@@ -54,7 +54,7 @@ def test_tiny_tokenizer_fallback_warns_loudly(screened, tmp_path, capsys):
 
 def test_train_config_tokenizer_is_the_one_training_loads(screened, tmp_path, capsys, monkeypatch):
     import mmgpt.tokenizer
-    from mmgpt.config import TrainConfig
+    from mmgpt.train.config import TrainConfig
     from mmgpt.models.builder import tokenizer_path
 
     tok_dir = shutil.copytree(mmgpt.tokenizer.TINY_TOKENIZER_DIR, tmp_path / "run_tokenizer")
@@ -152,7 +152,7 @@ def sample_run(tmp_path_factory) -> Path:
 def test_estimate_matches_the_training_data_path(sample_run, tmp_path, capsys):
     """Rows and steps per epoch are what the training code gets: RankStream's batches (the loader's
     real packed stream) on every rank, and prepare()'s steps formula over count_batches."""
-    from mmgpt.config import TrainConfig
+    from mmgpt.train.config import TrainConfig
     from mmgpt.data.mixture import Mixture, MixtureConfig
     from mmgpt.models.builder import build_model, preset_image_size
     from mmgpt.train.data import RankStream, count_batches

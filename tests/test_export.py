@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from mmgpt import export as export_mod
 from mmgpt.cli import main
-from mmgpt.config import TrainConfig
+from mmgpt.train.config import TrainConfig
 from mmgpt.export import MergeCheckError, export, merge_checked, openflamingo_state, write_language_model
 from mmgpt.inference.model_dir import load_model, resolve_source
 from mmgpt.models.builder import ModelConfig, build_model, preset_image_size

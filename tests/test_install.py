@@ -14,7 +14,7 @@ def test_non_editable_install_resolves_bundled_files(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(REPO)], check=True, cwd=tmp_path,
                    env={**os.environ, "PIP_NO_INPUT": "1"})
-    probe = ("import json, mmgpt, mmgpt.config as c, mmgpt.tokenizer as t; "
+    probe = ("import json, mmgpt, mmgpt.train.config as c, mmgpt.tokenizer as t; "
              "print(mmgpt.__file__); print(c.DS_CONFIG_DIR); "
              "print(json.loads((c.DS_CONFIG_DIR / 'zero2.json').read_text())['zero_optimization']['stage']); "
              "print(len(t.load_tokenizer(t.TINY_TOKENIZER_DIR)))")

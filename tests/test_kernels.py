@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from mmgpt_kernels import (BACKENDS, available_backends, causal_rows_plan, key_rows_plan,
                            resolve_backend, rows_attention, usable_backends, varlen, varlen_attention)
-from mmgpt_kernels.microbench import time_backends
-from mmgpt_kernels.reference import reference_varlen_attention
+from kernel_microbench import time_backends
+from kernel_reference import reference_varlen_attention
 
 CUDA = torch.device("cuda") if torch.cuda.is_available() else None
 HEAD_DIM = 32  # the smallest head dim the fused CUDA backends accept

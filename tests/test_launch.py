@@ -41,7 +41,7 @@ from safetensors.torch import load_file
 from mmgpt.data.sample import write_sample
 from mmgpt.data import shapes
 from mmgpt.models.builder import PRESETS, TINY_VOCAB
-from mmgpt.train import checkpoint as ckpt
+from mmgpt.train import checkpointing as ckpt
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS, STOP, NAN_STEP = 8, 5, 3

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmgpt.cli import main
-from mmgpt.config import TrainConfig
+from mmgpt.train.config import TrainConfig
 from mmgpt.configfile import ConfigError
 from mmgpt.models.builder import ModelConfig, build_model
 from mmgpt.models.lora import LORA_PRESETS, LoraSpec

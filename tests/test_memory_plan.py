@@ -11,7 +11,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from mmgpt import cli
-from mmgpt.config import TrainConfig
+from mmgpt.train.config import TrainConfig
 from mmgpt.models.builder import ModelConfig, build_model
 from mmgpt.train import launch_check, memory_plan
 from mmgpt.train.ds_config import load_ds_config

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmgpt.config import TrainConfig
+from mmgpt.train.config import TrainConfig
 from mmgpt.data.sample import write_sample
 from mmgpt.run_layout import CheckpointError
 from mmgpt.train import run_record
-from mmgpt.train.checkpoint import MANIFEST, CheckpointManager, tag_for, write_manifest
+from mmgpt.train.checkpointing import MANIFEST, CheckpointManager, tag_for, write_manifest
 from mmgpt.train.cli import validate
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,7 +1,7 @@
 """Resume reads real DeepSpeed checkpoints weights-only: a planted pickle is refused and never runs.
 
 One in-process, 1-rank (gloo) DeepSpeed ZeRO-2 bf16 engine from `create_engine` (the JSON training
-uses), two saved steps through `checkpoint.save`, and `loop.restore`: the exact load path of
+uses), two saved steps through `checkpointing.save`, and `checkpointing.restore`: the exact load path of
 `mmgpt train --resume auto`. The real 2-rank launch is in tests/test_launch.py.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mmgpt.train import checkpoint as ckpt
+from mmgpt.train import checkpointing as ckpt
 from mmgpt.train.ds_config import fill_optimizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -115,7 +115,7 @@ def test_allow_list_is_what_deepspeed_writes(trained):
 
 
 def test_intact_checkpoint_resumes_exactly(trained, tmp_path):
-    from mmgpt.train.loop import restore
+    from mmgpt.train.checkpointing import restore
 
     engine, model, root, weights = trained
     manager = copy_run(root, tmp_path)
@@ -129,7 +129,7 @@ def test_intact_checkpoint_resumes_exactly(trained, tmp_path):
 def test_planted_pickle_is_refused_and_never_runs(trained, tmp_path, name):
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
-    from mmgpt.train.loop import restore
+    from mmgpt.train.checkpointing import restore
 
     engine, model, root, _ = trained
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -166,7 +166,7 @@ def test_deepspeed_load_itself_is_weights_only(trained, tmp_path, name):
 
 
 def test_truncated_deepspeed_file_is_refused_by_the_manifest(trained, tmp_path):
-    from mmgpt.train.loop import restore
+    from mmgpt.train.checkpointing import restore
 
     engine, model, root, _ = trained
     manager = copy_run(root, tmp_path)
@@ -193,7 +193,7 @@ def test_a_changed_lr_and_schedule_length_take_effect_on_resume(trained, tmp_pat
     """Resumed with a 5x peak lr and a 20-step schedule, every step from the first uses the new
     schedule at the restored position (DeepSpeed alone restores the old lr for the first step)."""
     from mmgpt.train.engine import apply_schedule
-    from mmgpt.train.loop import restore
+    from mmgpt.train.checkpointing import restore
 
     old_engine, _, root, _ = trained
     manager = copy_run(root, tmp_path)

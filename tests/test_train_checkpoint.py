@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import json
 import logging
 import re
@@ -13,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from mmgpt.train.checkpoint import (MANIFEST, CheckpointError, CheckpointManager, check_restored,
-                                    poison_trainable, save, tag_for, verify)
+from mmgpt.train.checkpointing import (MANIFEST, CheckpointError, CheckpointManager, check_restored,
+                                       poison_trainable, save, tag_for, verify, write_manifest)
 
 weights_only = functools.partial(torch.load, weights_only=True)
 
@@ -213,7 +214,7 @@ def test_torchs_unexpected_pos_on_a_full_disk_says_no_space(tmp_path, monkeypatc
 
 
 def test_order_log_is_truncated_to_the_resumed_step(tmp_path):
-    from mmgpt.train.loop import open_order_log
+    from mmgpt.train.checkpointing import open_order_log
 
     path = tmp_path / "data_order" / "rank_000.jsonl"
     with open_order_log(path, 0) as log:
@@ -223,3 +224,18 @@ def test_order_log_is_truncated_to_the_resumed_step(tmp_path):
         log.write(json.dumps({"step": 6, "samples": [60]}) + "\n")
     steps = [json.loads(line)["step"] for line in path.read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6] and json.loads(path.read_text().splitlines()[-1])["samples"] == [60]
+
+
+def test_manifest_lists_every_nested_file_with_its_size_and_sha256(tmp_path):
+    """The shared hasher (mmgpt/manifest.py) as a checkpoint uses it: POSIX paths, the manifest itself
+    left out, each entry == hashlib over the file's bytes."""
+    (tmp_path / "adapter").mkdir()
+    blobs = {"mp_rank_00_model_states.pt": b"weights" * 1000, "adapter/adapter_config.json": b"{}",
+             "trained_with.json": b""}
+    for rel, data in blobs.items():
+        (tmp_path / rel).write_bytes(data)
+    write_manifest(tmp_path)
+    write_manifest(tmp_path)  # a second write lists the files, never the manifest itself
+    listed = json.loads((tmp_path / MANIFEST).read_text())["files"]
+    assert listed == {rel: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                      for rel, data in sorted(blobs.items())}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mmgpt.config import DS_CONFIG_DIR, ConfigError, TrainConfig
+from mmgpt.train.config import DS_CONFIG_DIR, ConfigError, TrainConfig
 from mmgpt.train import launch_check
 from mmgpt.train.ds_config import DSConfigError, fill_optimizer, load_ds_config, resolve_batch
 from mmgpt.train.launch_check import LaunchError, parse_hostfile, world_size

@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from mmgpt.config import ConfigError, EvalConfig
+from mmgpt.train.config import ConfigError, EvalConfig
 from mmgpt.data.mixture import Mixture, MixtureConfig
 from mmgpt.data.packing import PackingConfig, collate
 from mmgpt.data.sample import write_sample

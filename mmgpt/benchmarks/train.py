@@ -60,7 +60,7 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     import torch.distributed as dist
 
-    from mmgpt.config import DS_CONFIG_DIR, ScheduleConfig, TrainConfig
+    from mmgpt.train.config import DS_CONFIG_DIR, ScheduleConfig, TrainConfig
     from mmgpt.data.packing import PackingConfig
     from mmgpt.data.sample import write_sample
     from mmgpt.models.builder import ModelConfig, get_preset, preset_image_size

@@ -59,8 +59,8 @@ from mmgpt.eval import fewshot, metrics
 from mmgpt.eval.batched import answer_logprobs, generate_batch
 from mmgpt.eval.tasks import EvalItem, read_aokvqa, read_captions, read_llava, read_ocrvqa, read_vqa
 from mmgpt.export import versions
-from mmgpt.inference.model_dir import (DTYPES, MANIFEST, ModelSource, image_size_of, load_model, resolve_source,
-                                       sha256)
+from mmgpt.inference.model_dir import DTYPES, ModelSource, image_size_of, load_model, resolve_source
+from mmgpt.manifest import MANIFEST, sha256
 from mmgpt.models.flamingo import Flamingo
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")

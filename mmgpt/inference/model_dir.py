@@ -8,7 +8,6 @@ our lang_encoder, or the merged export's own LLaMA directory and OpenFlamingo ch
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,6 +19,7 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from mmgpt.configfile import from_dict
+from mmgpt.manifest import MANIFEST, sha256
 from mmgpt.models.builder import ModelConfig, build_model, preset_image_size
 from mmgpt.models.flamingo import Flamingo
 from mmgpt.run_layout import ADAPTER_DIR, CHECKPOINTS_DIR, TRAIN_CONFIG, read_latest
@@ -29,7 +29,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 LANGUAGE_MODEL_DIR = "language_model"
 OPENFLAMINGO_DIR = "openflamingo"
 OPENFLAMINGO_FILE = "checkpoint.safetensors"
-MANIFEST = "manifest.json"
 # The model card: `mmgpt eval --update-card` (and users) edit it after the export; nothing is built from it.
 UNVERIFIED = ("README.md",)
 
@@ -58,7 +57,7 @@ def model_config_from_dict(data: dict[str, Any], where: Path) -> ModelConfig:
 
 def _train_model_config(path: Path) -> ModelConfig:
     """The model section of a training run's resolved config.yaml."""
-    from mmgpt.config import TrainConfig
+    from mmgpt.train.config import TrainConfig
 
     cfg = TrainConfig.load(path).model
     written = yaml.safe_load(path.read_text(encoding="utf-8")).get("model") or {}
@@ -130,14 +129,6 @@ def _adapter_in(adapter_dir: Path) -> Path:
 
 class ExportIntegrityError(ValueError):
     """An export's file does not match its manifest.json (truncated, altered, missing)."""
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify_export(source: ModelSource, full: bool = False) -> str | None:

@@ -46,8 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Validate, then train; problems a human must fix print one line and return non-zero."""
-    from mmgpt.config import ConfigError, TrainConfig
-    from mmgpt.train.checkpoint import CheckpointError
+    from mmgpt.train.config import ConfigError, TrainConfig
+    from mmgpt.train.checkpointing import CheckpointError
     import torch
 
     from mmgpt.train.ds_config import DSConfigError, jit_build_notice
@@ -90,11 +90,11 @@ def validate(cfg, resume: bool, allow_unverified: bool = False) -> tuple[dict[st
     no resume from a checkpoint without a manifest (unless `allow_unverified`) or whose settings
     differ from this run's in a field that may not change (the world size included, before
     DeepSpeed's own load would fail on it)."""
-    from mmgpt.config import ConfigError
+    from mmgpt.train.config import ConfigError
     from mmgpt.data.mixture import MixtureConfig
     from mmgpt.run_layout import step_of
     from mmgpt.train import run_record
-    from mmgpt.train.checkpoint import CheckpointError, CheckpointManager, require_manifest
+    from mmgpt.train.checkpointing import CheckpointError, CheckpointManager, require_manifest
     from mmgpt.train.ds_config import load_ds_config, resolve_batch
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -159,16 +159,16 @@ def _train(cfg, ds: dict[str, Any], mixture_cfg, resume: bool, stop_at_step: int
 def prepare(cfg, ds: dict[str, Any], mixture_cfg, info, resume: bool, allow_unverified: bool = False):
     """Everything a run needs once the process group is up: model, data, engine, restored state,
     monitor, as a Trainer (also what `mmgpt bench train` times). Collective."""
-    from mmgpt.config import ConfigError
+    from mmgpt.train.config import ConfigError
     from mmgpt.data.mixture import Mixture
     from mmgpt.models.builder import build_model, preset_image_size
     from mmgpt.train import engine as eng
     from mmgpt.train import run_record
-    from mmgpt.train.checkpoint import CheckpointManager
+    from mmgpt.train.checkpointing import CheckpointManager, restore
     from mmgpt.train.data import BatchLoader, RankStream, count_batches, steps_per_epoch
     from mmgpt.train.eval import Evaluator
     from mmgpt.train.ds_config import fill_optimizer
-    from mmgpt.train.loop import Trainer, restore
+    from mmgpt.train.loop import Trainer
     from mmgpt.train.monitor import Monitor, device_peak_flops
 
     out = Path(cfg.output_dir)

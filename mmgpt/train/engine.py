@@ -30,7 +30,7 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 from torch import nn
 
-from mmgpt.config import ConfigError
+from mmgpt.train.config import ConfigError
 from mmgpt.train.master_port import PortError, free_port
 
 # The globals DeepSpeed's checkpoint files name beyond torch's weights-only defaults (tensors,

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
-from mmgpt.config import EvalConfig
+from mmgpt.train.config import EvalConfig
 from mmgpt.contracts import PackedBatch
 from mmgpt.data.conversation import encode_prompt
 from mmgpt.data.images import CLIP_MEAN, CLIP_STD

@@ -88,7 +88,7 @@ def _tokenizer_dir(args: argparse.Namespace, train_cfg) -> Path:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from mmgpt.config import TrainConfig
+    from mmgpt.train.config import TrainConfig
     from mmgpt.data.mixture import MixtureConfig
     from mmgpt.tokenizer import load_tokenizer
 

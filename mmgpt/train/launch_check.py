@@ -196,7 +196,7 @@ def check(config: str | Path | None, ds_config: str | Path | None, world: int | 
     problems: list[str] = []
     micro, accum = 1, None
     if config is not None:
-        from mmgpt.config import TrainConfig  # heavy import (transformers), only when asked
+        from mmgpt.train.config import TrainConfig  # heavy import (transformers), only when asked
 
         cfg = TrainConfig.load(config, overrides)  # a config that does not load: nothing else to check
         problems += run_problems(cfg, str(config))
@@ -229,7 +229,7 @@ def _batch_summary(ds: dict, ds_config: str | Path, micro: int, accum: int | Non
 def memory_plan_problems(config: str, overrides: list[str], world: int, gpu: str) -> list[str]:
     """Print the memory plan of the run (and a warning naming the setting to change when it will
     not fit); a config or card that cannot be planned is a problem."""
-    from mmgpt.config import TrainConfig
+    from mmgpt.train.config import TrainConfig
     from mmgpt.train import memory_plan
 
     try:

@@ -1,4 +1,5 @@
-"""The training loop: global-token loss normalisation, non-finite skips, saving and exact resume.
+"""The training loop: global-token loss normalisation, non-finite skips, and what each save holds
+(step, data positions; the checkpoint files themselves: checkpointing.py).
 
 Loss normalisation. The loss of a step is the mean cross-entropy over the supervised tokens of the
 GLOBAL batch (all micro-batches of all ranks). The model returns per-micro-batch SUMS; before the
@@ -28,12 +29,9 @@ mismatch, or silently mixed-up sums). See `gradient_anchor`.
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
-import os
-import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -42,13 +40,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from mmgpt.config import TrainConfig
+from mmgpt.train.config import TrainConfig
 from mmgpt.contracts import PackedBatch
 from mmgpt.train.loss import LossOutput, packed_loss
 from mmgpt.perf import StepShape, step_flops
-from mmgpt.train import checkpoint as ckpt
+from mmgpt.train import checkpointing as ckpt
 from mmgpt.train.data import BatchLoader
-from mmgpt.train.engine import DistInfo, WeightsOnlyCheckpointEngine, all_gather, all_reduce_sum
+from mmgpt.train.engine import DistInfo, all_gather, all_reduce_sum
 from mmgpt.train.eval import Evaluator
 from mmgpt.train.monitor import Monitor, StepMetrics, gate_values
 from mmgpt.train.stop import StopRequest, stop_on_signals
@@ -172,7 +170,7 @@ class Trainer:
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.monitor.log_config(cfg.to_dict(), step)
         out = Path(cfg.output_dir)
-        self._order_log = open_order_log(out / "data_order" / f"rank_{dist_info.rank:03d}.jsonl", step)
+        self._order_log = ckpt.open_order_log(out / "data_order" / f"rank_{dist_info.rank:03d}.jsonl", step)
 
     def train(self, stop_at_step: int | None = None) -> str:
         """Train until total_steps, the end of the data, stop_at_step or a stop request (a signal
@@ -278,68 +276,3 @@ _COUNTS = {"supervised", "language_supervised", "vl_supervised", "tokens", "samp
 
 def _finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
-
-
-def restore(engine: Any, model: nn.Module, manager: ckpt.CheckpointManager, world: int, rank: int,
-            allow_unverified: bool = False) -> tuple[int, dict[str, Any] | None, int] | None:
-    """Load the latest checkpoint: (step, this rank's data position, consecutive non-finite), or
-    None when there is none.
-
-    Before anything is loaded, rank 0 checks the files against the manifest and loads each one
-    weights-only (`ckpt.verify`; one read of the shared filesystem; a checkpoint without a manifest
-    only with `allow_unverified`), and every rank raises the same CheckpointError if that fails.
-    Fails naming any trainable parameter the checkpoint did not restore.
-    """
-    tag = manager.latest()
-    seen = all_gather(tag, world)
-    if len(set(seen)) > 1:
-        raise ckpt.CheckpointError(f"ranks see different checkpoints in {manager.root} (latest per rank: "
-                                   f"{seen}): output_dir must be one filesystem shared by all nodes")
-    if tag is None:
-        return None
-    if not isinstance(engine.checkpoint_engine, WeightsOnlyCheckpointEngine):
-        raise ckpt.CheckpointError(f"refusing to resume from {tag}: the engine would unpickle it unrestricted "
-                                   "(build it with mmgpt.train.engine.create_engine)")
-    problem = None
-    if rank == 0:
-        try:
-            ckpt.verify(manager, tag, functools.partial(engine.checkpoint_engine.load, map_location="cpu"),
-                        allow_unverified)
-        except ckpt.CheckpointError as err:
-            problem = str(err)
-    problem = all_gather(problem, world)[0]
-    if problem is not None:
-        raise ckpt.CheckpointError(problem)
-    ckpt.poison_trainable(model)
-    try:
-        path, client = engine.load_checkpoint(str(manager.root), tag=tag, load_module_strict=False,
-                                              load_optimizer_states=True, load_lr_scheduler_states=True)
-    except pickle.UnpicklingError as err:  # a file replaced after `verify` read it
-        raise ckpt.CheckpointError(f"checkpoint {tag}: refused by the weights-only loader ({ckpt.refusal(err)}; "
-                                   f"nothing in it was run); refusing to resume; {manager.fallback(tag)}") from err
-    if path is None:
-        raise ckpt.CheckpointError(f"DeepSpeed could not load {manager.root / tag}")
-    ckpt.check_restored(model, tag)
-    if client.get("world") != world:
-        raise ckpt.CheckpointError(
-            f"checkpoint {tag} was written by {client.get('world')} ranks; resume with the same "
-            f"number of ranks ({world} now) so the data position maps exactly")
-    return int(client["step"]), client["data"][rank], int(client.get("consecutive_nonfinite", 0))
-
-
-def open_order_log(path: Path, step: int):
-    """The per-rank log of which samples each step used, for appending from `step` on.
-
-    Lines of later steps (written after the checkpoint a resumed run starts from, so they are
-    about to be redone) are dropped first: the log lists every step once, as the run that
-    produced the weights saw it. Rewritten atomically, so a kill leaves the old or the new log.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_file():
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-        if len(kept) != len(lines):
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(kept), encoding="utf-8")
-            os.replace(tmp, path)
-    return open(path, "a", encoding="utf-8")

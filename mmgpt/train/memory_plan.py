@@ -231,7 +231,7 @@ def advice(result: dict) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     """`mmgpt plan` (parser: mmgpt/commands/plan.py)."""
-    from mmgpt.config import TrainConfig
+    from mmgpt.train.config import TrainConfig
     from mmgpt.train.ds_config import load_ds_config
 
     cfg = TrainConfig.load(args.config, args.overrides)

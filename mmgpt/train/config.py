@@ -39,7 +39,7 @@ def _ds_config_dir() -> Path:
     spec = importlib.util.find_spec("mmgpt.ds_configs")  # a data-only (namespace) package
     if spec is not None and spec.submodule_search_locations:
         return Path(next(iter(spec.submodule_search_locations)))
-    return Path(__file__).resolve().parent.parent / "ds_configs"
+    return Path(__file__).resolve().parents[2] / "ds_configs"
 
 
 DS_CONFIG_DIR = _ds_config_dir()

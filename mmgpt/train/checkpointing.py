@@ -1,4 +1,5 @@
-"""Checkpoint directory layout, the atomic `latest` pointer, keep-last-K, and verified resume.
+"""Training checkpoints: directory layout, the atomic `latest` pointer, keep-last-K, the manifest,
+verified restore, and the per-rank data-order log that a resume truncates.
 
     OUT/checkpoints/step_00000100/   DeepSpeed files (LoRA weights + optimizer + scheduler, no
                                      frozen weights), adapter/ (peft format), trained_with.json
@@ -18,7 +19,7 @@ missing, truncated, altered or unlisted file, naming it and the previous checkpo
 from __future__ import annotations
 
 import errno
-import hashlib
+import functools
 import json
 import logging
 import os
@@ -31,10 +32,11 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import nn
 
+from mmgpt.manifest import MANIFEST, file_digests, listed_files, sha256
 from mmgpt.run_layout import LATEST, CheckpointError, is_tag, read_latest, step_of, tag_for
 from mmgpt.train import run_record
+from mmgpt.train.engine import WeightsOnlyCheckpointEngine, all_gather
 
-MANIFEST = "manifest.json"
 MIN_FREE_BYTES = 64 * 2**20  # below this after a failed write, the disk was the cause
 
 log = logging.getLogger("mmgpt.train")
@@ -113,24 +115,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _files(step_dir: Path) -> list[str]:
-    """Every file of a checkpoint except its manifest, as sorted relative POSIX paths."""
-    return sorted(p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*")
-                  if p.is_file() and p.name != MANIFEST)
-
-
 def write_manifest(step_dir: Path) -> None:
     """Record size + sha256 of every file of a complete checkpoint (atomically, like `latest`)."""
-    files = {rel: {"size": (step_dir / rel).stat().st_size, "sha256": _sha256(step_dir / rel)}
-             for rel in _files(step_dir)}
+    files = {rel: {"size": d.size, "sha256": d.sha256} for rel, d in file_digests(step_dir, skip=(MANIFEST,)).items()}
     tmp = step_dir / f".{MANIFEST}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump({"format": 1, "files": files}, f, indent=1)
@@ -155,9 +142,9 @@ def _manifest_problem(step_dir: Path) -> str | None:
             return f"{rel} is truncated ({size} of {want['size']} bytes)"
         if size != want["size"]:
             return f"{rel} has {size} bytes, {want['size']} were written"
-        if _sha256(path) != want["sha256"]:
+        if sha256(path) != want["sha256"]:
             return f"{rel} was altered (sha256 differs from {MANIFEST})"
-    unlisted = [rel for rel in _files(step_dir) if rel not in listed]
+    unlisted = [rel for rel in listed_files(step_dir, skip=(MANIFEST,)) if rel not in listed]
     if unlisted:
         return f"{unlisted[0]} is not in {MANIFEST} (added after the checkpoint was written)"
     return None
@@ -288,3 +275,68 @@ def check_restored(model: nn.Module, tag: str) -> None:
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise CheckpointError(f"checkpoint {tag}: trainable parameter(s) not restored: {shown}")
+
+
+def restore(engine: Any, model: nn.Module, manager: CheckpointManager, world: int, rank: int,
+            allow_unverified: bool = False) -> tuple[int, dict[str, Any] | None, int] | None:
+    """Load the latest checkpoint: (step, this rank's data position, consecutive non-finite), or
+    None when there is none.
+
+    Before anything is loaded, rank 0 checks the files against the manifest and loads each one
+    weights-only (`verify`; one read of the shared filesystem; a checkpoint without a manifest
+    only with `allow_unverified`), and every rank raises the same CheckpointError if that fails.
+    Fails naming any trainable parameter the checkpoint did not restore.
+    """
+    tag = manager.latest()
+    seen = all_gather(tag, world)
+    if len(set(seen)) > 1:
+        raise CheckpointError(f"ranks see different checkpoints in {manager.root} (latest per rank: "
+                                   f"{seen}): output_dir must be one filesystem shared by all nodes")
+    if tag is None:
+        return None
+    if not isinstance(engine.checkpoint_engine, WeightsOnlyCheckpointEngine):
+        raise CheckpointError(f"refusing to resume from {tag}: the engine would unpickle it unrestricted "
+                                   "(build it with mmgpt.train.engine.create_engine)")
+    problem = None
+    if rank == 0:
+        try:
+            verify(manager, tag, functools.partial(engine.checkpoint_engine.load, map_location="cpu"),
+                        allow_unverified)
+        except CheckpointError as err:
+            problem = str(err)
+    problem = all_gather(problem, world)[0]
+    if problem is not None:
+        raise CheckpointError(problem)
+    poison_trainable(model)
+    try:
+        path, client = engine.load_checkpoint(str(manager.root), tag=tag, load_module_strict=False,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+    except pickle.UnpicklingError as err:  # a file replaced after `verify` read it
+        raise CheckpointError(f"checkpoint {tag}: refused by the weights-only loader ({refusal(err)}; "
+                                   f"nothing in it was run); refusing to resume; {manager.fallback(tag)}") from err
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load {manager.root / tag}")
+    check_restored(model, tag)
+    if client.get("world") != world:
+        raise CheckpointError(
+            f"checkpoint {tag} was written by {client.get('world')} ranks; resume with the same "
+            f"number of ranks ({world} now) so the data position maps exactly")
+    return int(client["step"]), client["data"][rank], int(client.get("consecutive_nonfinite", 0))
+
+
+def open_order_log(path: Path, step: int):
+    """The per-rank log of which samples each step used, for appending from `step` on.
+
+    Lines of later steps (written after the checkpoint a resumed run starts from, so they are
+    about to be redone) are dropped first: the log lists every step once, as the run that
+    produced the weights saw it. Rewritten atomically, so a kill leaves the old or the new log.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file():
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        if len(kept) != len(lines):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            os.replace(tmp, path)
+    return open(path, "a", encoding="utf-8")
