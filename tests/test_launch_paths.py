@@ -8,6 +8,10 @@
           (munged, slurmctld, slurmd in the foreground; tests/launch/loopback_cluster.py)
   scancel the same job cancelled with `scancel` after step 2 (Slurm's SIGTERM to every process of
           the job, SIGKILL after KillWait), then the same sbatch again (it always resumes)
+  pdshstop the pdsh launch with SIGTERM to its `deepspeed` runner after step 2, then the same
+          command again (multi_node.sh always resumes). Run alone: DeepSpeed's runner, signalled,
+          runs `pkill -f "<python> -u -m deepspeed.launcher.launch"` on every host, which on this
+          one machine would stop the other runs' launch.py too
 
 Same config, seed, data and steps as tests/test_launch.py; the three runs go concurrently and must
 produce bitwise the same losses, data order and adapter tensors. The packages come
@@ -23,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -67,11 +72,31 @@ def sbatch(name: str, job_log: Path, config: Path) -> list[str]:
 
 def scancel_after(order_log: Path, steps: int, job: str, slurm_env: dict[str, str]) -> None:
     """`scancel` job `job` once its rank 0 has logged `steps` steps."""
+    wait_for_steps(order_log, steps)
+    subprocess.run(["scancel", f"--name={job}"], env=env(**slurm_env), check=True, timeout=60)
+
+
+def wait_for_steps(order_log: Path, steps: int) -> None:
     deadline = time.monotonic() + TIMEOUT
     while not (order_log.is_file() and len(order_log.read_text().splitlines()) >= steps):
         assert time.monotonic() < deadline, f"{order_log} never reached step {steps}"
         time.sleep(0.2)
-    subprocess.run(["scancel", f"--name={job}"], env=env(**slurm_env), check=True, timeout=60)
+
+
+def sigterm_after(proc: subprocess.Popen, order_log: Path, steps: int, config: Path) -> dict:
+    """SIGTERM the `deepspeed` runner `proc` (multi_node.sh execs it) once rank 0 has logged `steps`
+    steps; how it and the ranks ended. The ranks are not its descendants (sshd started them): they
+    (and their data workers) are found by their command line; any alive 120 s after the signal is killed."""
+    wait_for_steps(order_log, steps)
+    ranks = [p for p in psutil.process_iter(["cmdline"])
+             if "-m mmgpt.train.cli --local_rank=" in (cmd := " ".join(p.info["cmdline"] or [])) and str(config) in cmd]
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    code = finish({"runner": proc})["runner"]
+    gone, alive = psutil.wait_procs(ranks, timeout=120)
+    for p in alive:
+        p.kill()
+    return {"code": code, "ranks": len(ranks), "alive": len(alive), "seconds": time.monotonic() - sent}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +105,7 @@ def runs(tmp_path_factory) -> dict:
     if missing:
         pytest.skip(f"needs sshd, pdsh and slurm: missing {', '.join(missing)} (bash tests/launch/install.sh)")
     root = tmp_path_factory.mktemp("paths")
-    out = {name: root / name for name in ("single", "pdsh", "slurm", "scancel")}
+    out = {name: root / name for name in ("single", "pdsh", "slurm", "scancel", "pdshstop")}
     mixture = write_sample(root / "data", records=200, max_length=512)
     cfgs = {name: train_config(root / f"{name}.yaml", mixture, out[name]) for name in out}
     hostfile = root / "hostfile"
@@ -88,14 +113,17 @@ def runs(tmp_path_factory) -> dict:
     saved_env = DS_ENV.read_bytes() if DS_ENV.exists() else None  # multi_node.sh (re)writes it
     try:
         with Sshd(root) as sshd, Slurm(root) as slurm:
+            def multi_node(name: str, log: str) -> subprocess.Popen:
+                # the remote ranks get a login shell's environment: what they need travels in
+                # .deepspeed_env (MMGPT_EXPORT), PYTHONPATH is exported by DeepSpeed itself
+                return start(["bash", "launch/multi_node.sh", str(cfgs[name]), str(hostfile), "1"], root / log,
+                             **sshd.env(), MASTER_ADDR=NODES["node0"], MASTER_PORT=str(free_port()),
+                             MMGPT_EXPORT="OMP_NUM_THREADS TOKENIZERS_PARALLELISM")
+
             procs = {
                 "single": start(["bash", "launch/single_node.sh", str(cfgs["single"]), "2"], root / "single.log",
                                 MASTER_PORT=str(free_port())),
-                # the remote ranks get a login shell's environment: what they need travels in
-                # .deepspeed_env (MMGPT_EXPORT), PYTHONPATH is exported by DeepSpeed itself
-                "pdsh": start(["bash", "launch/multi_node.sh", str(cfgs["pdsh"]), str(hostfile), "1"],
-                              root / "pdsh.log", **sshd.env(), MASTER_ADDR=NODES["node0"],
-                              MASTER_PORT=str(free_port()), MMGPT_EXPORT="OMP_NUM_THREADS TOKENIZERS_PARALLELISM"),
+                "pdsh": multi_node("pdsh", "pdsh.log"),
                 # the batch script asks for 2 nodes x 8 GPUs: the command line fits it to this node
                 "slurm": start(sbatch("mmgpt-test", root / "slurm-job.log", cfgs["slurm"]), root / "slurm.log",
                                **slurm.env(), MMGPT_GPUS_PER_NODE="2", MASTER_PORT=str(free_port())),
@@ -105,16 +133,20 @@ def runs(tmp_path_factory) -> dict:
                                       MASTER_PORT=str(free_port()))
             scancel_after(out["scancel"] / "data_order" / "rank_000.jsonl", 2, "mmgpt-scancel", slurm.env())
             codes = finish(procs)
+            pdsh_stopped = sigterm_after(multi_node("pdshstop", "pdshstop1.log"),
+                                         out["pdshstop"] / "data_order" / "rank_000.jsonl", 2, cfgs["pdshstop"])
             codes.update(finish({"scancel2": start(sbatch("mmgpt-scancel", root / "scancel-job2.log", cfgs["scancel"]),
                                                    root / "scancel2.log", **slurm.env(), MMGPT_GPUS_PER_NODE="2",
-                                                   MASTER_PORT=str(free_port()))}))
+                                                   MASTER_PORT=str(free_port())),
+                                 "pdshstop2": multi_node("pdshstop", "pdshstop2.log")}))
             deepspeed_env = DS_ENV.read_text() if DS_ENV.exists() else None
     finally:
         if saved_env is None:
             DS_ENV.unlink(missing_ok=True)
         else:
             DS_ENV.write_bytes(saved_env)
-    return {**out, "codes": codes, "logs": root, "sshd": sshd, "deepspeed_env": deepspeed_env, "saved_env": saved_env}
+    return {**out, "codes": codes, "logs": root, "sshd": sshd, "deepspeed_env": deepspeed_env, "saved_env": saved_env,
+            "pdsh_stopped": pdsh_stopped}
 
 
 def log(runs, name: str) -> str:
@@ -188,3 +220,21 @@ def test_scancel_stops_every_rank_after_a_saved_checkpoint_and_the_job_resumes(r
     assert 2 <= step < STEPS, train_log[-3000:]
     assert f"resumed from {runs['scancel'] / 'checkpoints' / f'step_{step:08d}'} at step {step}" in train_log
     assert_trains_like(runs["scancel"], runs["single"])
+
+
+def test_sigterm_to_the_pdsh_launch_stops_every_rank_after_a_saved_checkpoint_and_resumes(runs):
+    """SIGTERM to the `deepspeed` runner of a pdsh launch (what a Ctrl-C or a scheduler sends): the
+    runner SIGINTs/SIGTERMs pdsh (the ranks' stdout, through ssh, closes) and pkills launch.py on
+    every host, which SIGTERMs its rank; both ranks finish the step, save, exit, and the same command
+    again resumes and trains as the uninterrupted single-node run."""
+    expect_success(runs, "single", "pdshstop2")
+    stopped = runs["pdsh_stopped"]
+    first = log(runs, "pdshstop1")[-3000:]
+    assert stopped["code"] != 0 and stopped["ranks"] >= 2, (stopped, first)  # the ranks and their data workers
+    assert stopped["alive"] == 0, (stopped, first)  # all gone within 120 s of the signal (measured: 5-8 s)
+    train_log = (runs["pdshstop"] / "train.log").read_text()
+    step = int(re.search(r"stopped after step (\d+): [12] rank\(s\) asked to stop", train_log)[1])
+    assert 2 <= step < STEPS, train_log[-3000:]
+    assert f"saved checkpoint {runs['pdshstop'] / 'checkpoints' / f'step_{step:08d}'}" in train_log
+    assert f"resumed from {runs['pdshstop'] / 'checkpoints' / f'step_{step:08d}'} at step {step}" in train_log
+    assert_trains_like(runs["pdshstop"], runs["single"])
