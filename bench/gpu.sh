@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything mmgpt checks on one CUDA card (issues 10 and 23), in at most 6 minutes on an H100/H200:
-#   fake_cuda   tests/test_fake_cuda.py with MMGPT_REAL_CUDA=1: the full 9B step that CI traces on
+#   fake_cuda   tests/test_fake_cuda.py (on a CUDA machine it also runs its real-number half): the full 9B step that CI traces on
 #               fake CUDA tensors, run for real (loss and LoRA grads of torch_varlen vs sdpa)
 #   cuda_tests  the tests that skip elsewhere with "needs CUDA" (the fused kernels' parametrisations)
 #   step_matrix the 9B packed training step, RANDOM weights built on the card in bf16 (nothing is
@@ -89,7 +89,7 @@ step gpu_info 10 nvidia-smi --query-gpu=name,memory.total,driver_version --forma
 step versions 60 python3 -c "import torch, transformers, peft, open_clip, deepspeed; \
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, \
 'peft', peft.__version__, 'open_clip', open_clip.__version__, 'deepspeed', deepspeed.__version__)"
-step fake_cuda 90 env MMGPT_REAL_CUDA=1 python3 -m pytest -q -rs tests/test_fake_cuda.py
+step fake_cuda 90 python3 -m pytest -q -rs tests/test_fake_cuda.py
 step cuda_tests 60 python3 -m pytest -q -rs tests/test_kernels.py \
     tests/test_model.py::test_auto_runs_fused_self_and_cross_attention_for_9b_on_cuda
 # ~1 min build + 8 combinations x (warm-up + timed) x 2 rows; liger's first call compiles Triton.
