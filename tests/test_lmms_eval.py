@@ -54,6 +54,11 @@ def test_lmms_eval_equals_mmgpt_eval_on_the_sample_shapes(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "kernels")]),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets")}
     out = tmp_path / "lmms_out"
+    registered = subprocess.run([python, "-c", "from importlib.metadata import entry_points; print(sorted(e.value "
+                                 "for e in entry_points(group='lmms_eval.models') if e.name == 'mmgpt'))"],
+                                env=env, capture_output=True, text=True, timeout=60)
+    assert registered.stdout.strip() == "['mmgpt.eval.lmms:manifest']", (
+        f"{python} does not see mmgpt's lmms_eval.models entry point (pip install -e . first): {registered}")
     proc = subprocess.run([python, "-m", "lmms_eval", "--model", "mmgpt", "--model_args", f"pretrained={model}",
                            "--tasks", "mmgpt_shapes", "--include_path", str(TASKS), "--limit", str(LIMIT),
                            "--batch_size", "4", "--output_path", str(out), "--log_samples"],

@@ -38,14 +38,17 @@ def manifest() -> ModelManifest:
 
 
 class MMGPT(lmms):
-    """`--model_args pretrained=DIR[,device=cpu,dtype=fp32,batch_size=4]`; greedy only."""
+    """`--model_args pretrained=DIR[,dtype=fp32]`; lmms-eval's --device and --batch_size arrive as
+    keyword arguments too. Greedy only."""
 
-    def __init__(self, pretrained: str, device: str = "cpu", dtype: str | None = None, batch_size: int | str = 4,
+    def __init__(self, pretrained: str, device: str = "cpu", dtype: str | None = None, batch_size: int | str = 1,
                  **kwargs: Any) -> None:
         super().__init__()
         if kwargs:
-            raise ValueError(f"mmgpt: unknown --model_args {sorted(kwargs)} (known: pretrained, device, dtype, "
-                             "batch_size)")
+            raise ValueError(f"mmgpt: unknown --model_args {sorted(kwargs)} (known: pretrained, dtype; "
+                             "--device and --batch_size are lmms-eval's own flags)")
+        if not str(batch_size).isdigit():
+            raise ValueError(f"mmgpt: --batch_size must be a number, got {batch_size!r}")
         source = resolve_source(pretrained)
         dtype_name = dtype or ("bf16" if str(device).startswith("cuda") else "fp32")
         self.model, self.tokenizer = load_model(source, device=device, dtype=DTYPES[dtype_name])
