@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lmms_eval.api.instance import Instance
+from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 from PIL import Image
@@ -88,10 +88,14 @@ class MMGPT(lmms):
                                 request.args[1].get("until") or []).strip())
         return out
 
-    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+    def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
         """(log p(continuation + EOS | prompt), is_greedy); -inf for a continuation that cannot be
-        a response (mmgpt eval never chooses such a choice either)."""
-        out: list[tuple[float, bool]] = []
+        a response (mmgpt eval never chooses such a choice either).
+
+        Each pair travels inside a GenerationResult: lmms-eval 0.7.3's evaluator
+        (`unwrap_generation_output`) turns a bare (float, bool) into its str, which breaks every
+        multiple_choice task; a GenerationResult's payload reaches process_results untouched."""
+        out: list[GenerationResult] = []
         for batch in self._batches(requests):
             rows, owners = [], []
             for b, request in enumerate(batch):
@@ -106,7 +110,7 @@ class MMGPT(lmms):
                 scored = answer_scores(self.model, self.tokenizer, rows, self._latents(batch), owners, self.mode)
                 for b, value in zip(owners, scored):
                     results[b] = value
-            out += results
+            out += [GenerationResult(text=pair) for pair in results]  # type: ignore[arg-type]
         return out
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
