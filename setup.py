@@ -14,7 +14,8 @@ setup(
     packages=find_packages(include=["mmgpt", "mmgpt.*"]) + ["mmgpt_kernels", "mmgpt.ds_configs"],
     package_dir={"mmgpt_kernels": "kernels/mmgpt_kernels", "mmgpt.ds_configs": "ds_configs"},
     include_package_data=True,
-    package_data={"mmgpt": ["resources/*", "resources/*/*"], "mmgpt.ds_configs": ["*.json"]},
+    package_data={"mmgpt": ["resources/*", "resources/*/*"], "mmgpt.ds_configs": ["*.json"],
+                  "mmgpt.eval": ["lmms_tasks/*.yaml", "lmms_tasks/*.py"]},
     install_requires=[
         "torch==2.14.1",
         "torchvision==0.29.1",
@@ -39,5 +40,8 @@ setup(
         "dev": ["pytest>=8", "pycocoevalcap>=1.2,<2", "pycocotools>=2.0.2", "gradio>=6,<7"],
         "flash": ["flash-attn>=2.7"],
     },
-    entry_points={"console_scripts": ["mmgpt=mmgpt.cli:main"]},
+    # `python -m lmms_eval --model mmgpt` (lmms-eval's plugin route: the entry-point group
+    # `lmms_eval.models`; lmms-eval itself is not a dependency, mmgpt.eval.lmms imports it).
+    entry_points={"console_scripts": ["mmgpt=mmgpt.cli:main"],
+                  "lmms_eval.models": ["mmgpt=mmgpt.eval.lmms:manifest"]},
 )

@@ -26,6 +26,8 @@ SKIP_REASONS = {  # reason prefix -> when it happens (the README's testing secti
     "needs sshd, pdsh and slurm": "the pdsh and Slurm launch-path tests without openssh-server, pdsh, "
                                   "slurm-wlm and munge (bash tests/launch/install.sh)",
     "needs the shared real samples": "the real-format reader tests outside this project's workspace",
+    "needs lmms-eval": "the lmms-eval integration test without lmms-eval importable or MMGPT_LMMS_PYTHON "
+                       "(.ci/run makes that venv)",
 }
 CI_ALLOWED_SKIPS = ("needs CUDA",)
 

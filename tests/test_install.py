@@ -22,3 +22,7 @@ def test_non_editable_install_resolves_bundled_files(tmp_path):
                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)}).stdout.split()
     assert Path(out[0]).is_relative_to(target) and Path(out[1]).is_relative_to(target)  # not the checkout
     assert out[2:] == ["2", "1003"]
+    # the lmms-eval task files ship, and the model's entry point is registered (mmgpt.eval.lmms)
+    assert {f.name for f in (target / "mmgpt" / "eval" / "lmms_tasks").iterdir()} >= {"mmgpt_shapes.yaml", "utils.py"}
+    [entry_points] = target.glob("mmgpt-*.dist-info/entry_points.txt")
+    assert "[lmms_eval.models]\nmmgpt = mmgpt.eval.lmms:manifest" in entry_points.read_text()

@@ -94,12 +94,19 @@ def generate_batch(model: Flamingo, tokenizer: PreTrainedTokenizerBase, prompts:
     return generated
 
 
-@torch.no_grad()
 def answer_logprobs(model: Flamingo, tokenizer: PreTrainedTokenizerBase, rows: list[tuple[list[int], list[int]]],
                     latents: Tensor, image_offsets: list[int], mode: str = "next") -> list[float]:
     """Sum of log p(answer tokens | prompt) per row (prompt ids, answer ids), in one forward; row r
     attends the images from `latents[image_offsets[r]]` on, so several rows can share one image
     (every choice of a question) without copying its latents."""
+    return [score for score, _ in answer_scores(model, tokenizer, rows, latents, image_offsets, mode)]
+
+
+@torch.no_grad()
+def answer_scores(model: Flamingo, tokenizer: PreTrainedTokenizerBase, rows: list[tuple[list[int], list[int]]],
+                  latents: Tensor, image_offsets: list[int], mode: str = "next") -> list[tuple[float, bool]]:
+    """`answer_logprobs` with, per row, whether every answer token is the argmax (lmms-eval's
+    `is_greedy`)."""
     device = next(model.parameters()).device
     image_token_id = special_token_ids(tokenizer)[0]
     ids, mask, positions = left_pad([p + a for p, a in rows], tokenizer.pad_token_id, device)
@@ -114,5 +121,6 @@ def answer_logprobs(model: Flamingo, tokenizer: PreTrainedTokenizerBase, rows: l
             raise ValueError(f"row {b}: empty answer")
         targets = ids[b, width - len(answer):]
         logp = logits[b, width - len(answer) - 1:width - 1].float().log_softmax(dim=-1)
-        scores.append(float(logp.gather(1, targets[:, None]).sum()))
+        greedy = bool((logp.argmax(dim=-1) == targets).all())
+        scores.append((float(logp.gather(1, targets[:, None]).sum()), greedy))
     return scores

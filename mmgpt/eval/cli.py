@@ -161,27 +161,32 @@ class _ImageFiles(Dataset):
         return i, torch.stack(pixels)
 
 
-def _conversation(item: EvalItem, hint: str, response: str = "") -> Conversation:
-    return Conversation(rounds=[Round(item.question, response, input=hint)], images=[item.image])
+def question_prompt(question: str, image: str, hint: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The zero-shot prompt ids: one image, the question as training rendered an instruction (also
+    the prompt of mmgpt.eval.lmms, so both harnesses ask the same thing)."""
+    return encode_prompt(Conversation(rounds=[Round(question, "", input=hint)], images=[image]), tokenizer)
+
+
+def response_ids(question: str, image: str, hint: str, response: str, prompt: list[int],
+                 tokenizer: PreTrainedTokenizerBase) -> list[int] | None:
+    """`response`'s training-tokenised ids (EOS included) after `prompt`; None when it cannot be a
+    response (empty, or a token spanning the prompt boundary)."""
+    conv = Conversation(rounds=[Round(question, response, input=hint)], images=[image])
+    sample = tokenize(conv, tokenizer, max_length=1 << 30)
+    ok = not isinstance(sample, str) and sample.input_ids[:len(prompt)] == prompt
+    return sample.input_ids[len(prompt):] if ok else None
 
 
 def _choice_ids(item: EvalItem, hint: str, prompt: list[int],
                 tokenizer: PreTrainedTokenizerBase) -> list[list[int] | None]:
-    """Each choice's training-tokenised response ids (EOS included) after `prompt`; None when the
-    choice cannot be a response (empty, or a token spanning the prompt boundary)."""
-    out: list[list[int] | None] = []
-    for choice in item.choices:
-        sample = tokenize(_conversation(item, hint, choice), tokenizer, max_length=1 << 30)
-        ok = not isinstance(sample, str) and sample.input_ids[:len(prompt)] == prompt
-        out.append(sample.input_ids[len(prompt):] if ok else None)
-    return out
+    return [response_ids(item.question, item.image, hint, choice, prompt, tokenizer) for choice in item.choices]
 
 
 def _prompts(task: Task, items: list[EvalItem], demos: list[list[EvalItem]], hint: str,
              tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
     """Zero-shot: the training rendering; with demonstrations: OpenFlamingo's format."""
     if not any(demos):
-        return [encode_prompt(_conversation(item, hint), tokenizer) for item in items]
+        return [question_prompt(item.question, item.image, hint, tokenizer) for item in items]
     return [fewshot.fewshot_ids(task.fewshot, d, item, tokenizer) for item, d in zip(items, demos)]
 
 

@@ -123,6 +123,11 @@ def read_captions(path: Path, split: str = "test") -> list[EvalItem]:
     return [EvalItem(id=k, image=image, question=CAPTION_PROMPT, answers=caps) for k, (image, caps) in refs.items()]
 
 
+def aokvqa_image(split: str, image_id: int) -> str:
+    """An A-OKVQA record's COCO 2017 image, relative to the COCO root."""
+    return f"{split}2017/{image_id:012d}.jpg"
+
+
 def read_aokvqa(path: Path, split: str = "val") -> list[EvalItem]:
     """A-OKVQA questions with choices and direct answers (the test split, which withholds both,
     cannot be scored locally)."""
@@ -136,7 +141,7 @@ def read_aokvqa(path: Path, split: str = "val") -> list[EvalItem]:
         image_id = get(rec, "image_id", int, path, where)
         record_split = get(rec, "split", str, path, where, default=split)
         items.append(EvalItem(
-            id=get(rec, "question_id", str, path, where), image=f"{record_split}2017/{image_id:012d}.jpg",
+            id=get(rec, "question_id", str, path, where), image=aokvqa_image(record_split, image_id),
             question=get(rec, "question", str, path, where), answers=_strings(rec, "direct_answers", path, where),
             choices=choices, correct_choice=correct,
             difficult=get(rec, "difficult_direct_answer", bool, path, where, default=False)))
