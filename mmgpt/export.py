@@ -27,7 +27,6 @@ the model is loaded so an unwritable place fails first, and renamed to DIR at th
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -218,10 +217,3 @@ def export(checkpoint: str | Path, out: str | Path, merge: bool = False, dtype_n
         raise
     return out
 
-
-def run(args: argparse.Namespace) -> int:
-    """`mmgpt export` (parser and path checks: mmgpt/commands/export.py; bad input and a refused
-    merge are reported by mmgpt/cli.py as one line, exit 2)."""
-    out = export(args.checkpoint, args.out, merge=args.merge, dtype_name=args.dtype)
-    print(f"exported to {out}")
-    return 0

@@ -8,6 +8,7 @@ files loaded onto the meta device), never reading the tensors of a large file.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import tempfile
@@ -34,6 +35,14 @@ def require(problems: list[str]) -> None:
     """Raise PreflightError if there is any problem."""
     if problems:
         raise PreflightError(problems)
+
+
+GRADIO_HINT = "the web demo needs gradio, an optional dependency: pip install -e '.[demo]'"
+
+
+def gradio_problem() -> str | None:
+    """GRADIO_HINT when gradio is not installed (looked up, not imported: the check stays light)."""
+    return GRADIO_HINT if importlib.util.find_spec("gradio") is None else None
 
 
 def path_problem(path: str | Path | None, what: str, kind: str = "file") -> str | None:

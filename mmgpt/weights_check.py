@@ -84,9 +84,3 @@ def report(config: Path) -> tuple[list[str], bool]:
     lines.append(f"weights check: {verdict} ({given} weight path(s), preset {cfg.preset!r}, lora {cfg.lora!r})")
     return lines, not problems
 
-
-def run_command(args) -> int:
-    """`mmgpt weights check CONFIG` (parser: mmgpt/commands/weights.py): 0 when every file fits, else 1."""
-    lines, ok = report(args.config)
-    print("\n".join(lines))
-    return 0 if ok else 1

@@ -2,7 +2,10 @@
 
 No import cycle between packages (package level: `mmgpt.train.loop` counts as `mmgpt.train`, a
 top-level module as itself), and nothing under mmgpt imports the command line `mmgpt.cli` (the
-entry point setup.py names), apart from the CLI itself.
+entry point setup.py names), apart from the CLI itself and the stub DeepSpeed's `--module` starts.
+A module named `cli` holds no library logic: the only ones are the `mmgpt.cli` package and that
+stub, which defines nothing (it only calls the command), and no module of the package loads the
+model stack when imported (its commands import the library when they run).
 
 `mmgpt.models` imports neither `mmgpt.data` nor `mmgpt.train`; `mmgpt.data` imports neither
 `mmgpt.models` nor `mmgpt.train`; `mmgpt.inference` does not import `mmgpt.train` (one listed
@@ -32,17 +35,16 @@ EXCEPTIONS = {
     # issue 19: a training run's config.yaml is read through TrainConfig, which moved under train/;
     # it leaves when the run/export layout gets its one module.
     ("mmgpt.inference.model_dir", "mmgpt.train.config"),
-    # issue 19 item 1 (the command line in one package): library modules that import parser helpers
-    # of mmgpt.commands, which itself imports inference (commands/chat.py): cycles until then.
-    ("mmgpt.inference.chat", "mmgpt.commands"),
-    ("mmgpt.inference.serve", "mmgpt.commands"),
-    ("mmgpt.data.cli", "mmgpt.commands"),
     # issue 19: the memory plan measures benchmarks.packing's synthetic samples while the benchmarks
     # import train (train <-> benchmarks).
     ("mmgpt.train.memory_plan", "mmgpt.benchmarks"),
 }
 NEUTRAL = ("mmgpt.contracts", "mmgpt.media", "mmgpt.tokenizer", "mmgpt.configfile", "mmgpt.run_layout",
-           "mmgpt.manifest")
+           "mmgpt.manifest", "mmgpt.names", "mmgpt.logs")
+# `deepspeed --module mmgpt.train.cli` (README, launch/*.sh) starts this module on every rank: it stays,
+# as a stub that only calls the command, and is the one module outside the CLI that imports it.
+CLI_STUB = ("mmgpt.train.cli", "mmgpt.cli.train")
+MODEL_STACK = ("torch", "transformers", "deepspeed", "peft", "open_clip", "gradio")  # `mmgpt --help` loads none
 
 
 def module_name(path: Path) -> str:
@@ -67,7 +69,7 @@ def within(name: str, prefix: str) -> bool:
 
 
 def excepted(mod: str, name: str) -> bool:
-    return any(mod == importer and within(name, imported) for importer, imported in EXCEPTIONS)
+    return any(mod == importer and within(name, imported) for importer, imported in {*EXCEPTIONS, CLI_STUB})
 
 
 def violations(package: str, forbidden: tuple[str, ...], sources: dict[str, set[str]]) -> list[str]:
@@ -128,7 +130,74 @@ def all_violations(sources: dict[str, set[str]]) -> list[str]:
     return found + cli_importers(sources) + ([" -> ".join(cycle)] if cycle else [])
 
 
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return isinstance(test, ast.Name) and test.id == "TYPE_CHECKING"
+
+
+def on_import(path: Path) -> tuple[set[str], set[str]]:
+    """(what importing `path` imports at once, the names it defines): its module-level statements,
+    not function bodies nor `if TYPE_CHECKING:` blocks."""
+    names: set[str] = set()
+    defined: set[str] = set()
+
+    def visit(body: list[ast.stmt]) -> None:
+        for node in body:
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.update({node.module} | {f"{node.module}.{alias.name}" for alias in node.names})
+            elif isinstance(node, ast.If) and not _is_type_checking(node.test):
+                visit(node.body + node.orelse)
+            elif isinstance(node, ast.Try):
+                visit(node.body + [s for h in node.handlers for s in h.body] + node.orelse + node.finalbody)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                defined.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                defined.update(t.id for t in targets if isinstance(t, ast.Name))
+
+    visit(ast.parse(path.read_text(encoding="utf-8")).body)
+    return names, defined
+
+
+def loaded_by(module: str, top: dict[str, set[str]]) -> set[str]:
+    """The packages outside mmgpt that importing `module` loads: through the mmgpt modules it (and
+    every package above it) imports at module level, transitively."""
+    def with_parents(name: str) -> list[str]:
+        parts = name.split(".")
+        return [p for i in range(1, len(parts) + 1) if (p := ".".join(parts[:i])) in top]
+
+    seen: set[str] = set()
+    todo, outside = with_parents(module), set()
+    while todo:
+        if (mod := todo.pop()) in seen:
+            continue
+        seen.add(mod)
+        for name in top[mod]:
+            if within(name, "mmgpt"):
+                todo += with_parents(name)
+            else:
+                outside.add(name.split(".")[0])
+    return outside
+
+
+def cli_logic(top: dict[str, set[str]], defined: dict[str, set[str]]) -> list[str]:
+    """Library logic where the command line is: another module named `cli`, a stub that does more
+    than call the command, a command module that loads the model stack when imported."""
+    found = [f"{mod} is a cli module outside {CLI}" for mod in sorted(top)
+             if mod.split(".")[-1] == "cli" and not within(mod, CLI) and mod != CLI_STUB[0]]
+    stub, command = CLI_STUB
+    if defined.get(stub) or not top.get(stub, set()) <= {"sys", command, f"{command}.main"}:
+        found.append(f"{stub} does more than call {command}.main")
+    return found + [f"{mod} loads {pkg} when imported" for mod in sorted(top) if within(mod, CLI)
+                    for pkg in sorted(loaded_by(mod, top) & set(MODEL_STACK))]
+
+
 SOURCES = {module_name(p): imports(p) for p in PACKAGE.rglob("*.py")}
+ON_IMPORT = {module_name(p): on_import(p) for p in PACKAGE.rglob("*.py")}
+TOP = {mod: names for mod, (names, _) in ON_IMPORT.items()}
+DEFINED = {mod: defined for mod, (_, defined) in ON_IMPORT.items()}
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
@@ -184,3 +253,20 @@ def test_no_product_module_mentions_the_tests():
                 if re.search(r"\btests/|\bpytest\b|\bunit tests?\b|\btest_[a-z]|\bconftest\b|\bthe tests\b",
                              p.read_text(encoding="utf-8"), re.IGNORECASE)]
     assert mentions == []
+
+
+def test_a_module_named_cli_holds_no_library_logic():
+    assert cli_logic(TOP, DEFINED) == []
+
+
+def test_the_cli_logic_check_sees_violations():
+    """A parser module outside the package, a stub with a function, a command module importing the
+    library at module level (directly, or through an mmgpt module that does) are each reported."""
+    fake_top = {**TOP, "mmgpt.data.cli": {"argparse"}, "mmgpt.cli.fake": {"mmgpt.inference.chat"},
+                "mmgpt.cli.fake2": {"torch"}}
+    fake_defined = {**DEFINED, CLI_STUB[0]: {"validate"}}
+    found = cli_logic(fake_top, fake_defined)
+    assert "mmgpt.data.cli is a cli module outside mmgpt.cli" in found
+    assert "mmgpt.train.cli does more than call mmgpt.cli.train.main" in found
+    assert {"mmgpt.cli.fake loads torch when imported", "mmgpt.cli.fake loads transformers when imported",
+            "mmgpt.cli.fake2 loads torch when imported"} <= set(found)

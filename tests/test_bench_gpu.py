@@ -10,8 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mmgpt.benchmarks.packing import run_step_matrix
-from mmgpt.commands import bench
+from mmgpt.benchmarks.packing import PackingBenchOptions, run_step_matrix
+from mmgpt.cli import bench, options
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -88,7 +88,7 @@ def test_step_matrix_covers_backend_checkpointing_liger_on_cpu():
     bench.register(parser.add_subparsers())
     args = parser.parse_args(["bench", "packing", "--matrix", "--preset", "tiny", "--samples", "30",
                               "--max-tokens", "128", "--steps", "1"])
-    result = run_step_matrix(args)
+    result = run_step_matrix(options(PackingBenchOptions, args))
     combos = {(e["attn_backend"], e["gradient_checkpointing"], e["liger"]) for e in result["matrix"]}
     assert combos == {(b, c, liger) for b in ("sdpa", "fused") for c in ("full", "off")
                       for liger in (False, True)}

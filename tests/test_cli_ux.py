@@ -51,7 +51,7 @@ def test_help_is_fast_and_shows_defaults():
 
 
 def test_dtype_choices_match_the_loader():
-    from mmgpt.commands.chat import DTYPE_NAMES
+    from mmgpt.names import DTYPE_NAMES
     from mmgpt.inference.model_dir import DTYPES
 
     assert sorted(DTYPE_NAMES) == sorted(DTYPES)

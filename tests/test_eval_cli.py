@@ -25,9 +25,9 @@ from mmgpt.data.conversation import Conversation, Round, encode_prompt, tokenize
 from mmgpt.data.images import clip_transform, load_image
 from mmgpt.data.packing import collate
 from mmgpt.cli import main
-from mmgpt.commands import eval as eval_cli
+from mmgpt.cli import eval as eval_cli
 from mmgpt.eval import fewshot
-from mmgpt.eval.cli import TASKS
+from mmgpt.eval.benchmark import TASKS
 from mmgpt.eval.batched import answer_logprobs, generate_batch
 from mmgpt.eval.tasks import CAPTION_PROMPT, EvalItem, read_aokvqa, read_captions, read_ocrvqa, read_vqa
 from mmgpt.export import export

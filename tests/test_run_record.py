@@ -1,6 +1,6 @@
 """Resume compares what a checkpoint was trained with to the new run: safe changes are listed
 with what takes effect, every other difference is one refusal naming the field, and it all
-happens in `validate` (before any process group or model build). The configs are the README
+happens in `TrainRecipe.validate` (before any process group or model build). The configs are the README
 demo's (configs/demo_tiny.yaml) over `mmgpt data sample` data; the record is written by the writer
 checkpoints use. Real 2-rank resumes: tests/test_launch.py."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from mmgpt.data.sample import write_sample
 from mmgpt.run_layout import CheckpointError
 from mmgpt.train import run_record
 from mmgpt.train.checkpointing import MANIFEST, CheckpointManager, tag_for, write_manifest
-from mmgpt.train.cli import validate
+from mmgpt.train.recipe import RunOptions, TrainRecipe
 
 REPO = Path(__file__).resolve().parent.parent
 STEP = 5
@@ -24,6 +24,10 @@ STEP = 5
 @pytest.fixture(scope="module")
 def mixture(tmp_path_factory) -> Path:
     return write_sample(tmp_path_factory.mktemp("data"), records=40, max_length=512)
+
+
+def validate(cfg: TrainConfig, resume: bool, allow_unverified: bool = False):
+    return TrainRecipe(cfg, RunOptions(resume=resume, allow_unverified=allow_unverified)).validate()
 
 
 def config(out: Path, mixture: Path, *overrides: str) -> TrainConfig:

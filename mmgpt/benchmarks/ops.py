@@ -23,13 +23,12 @@ drifting load then biases neither.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,14 +97,31 @@ def _time_summary(times: list[float]) -> dict[str, Any]:
     return {"step_time_s": statistics.median(times), "step_time_min_s": min(times), "step_times_s": times}
 
 
-def run_ops_bench(args: argparse.Namespace) -> dict[str, Any]:
+@dataclass(frozen=True)
+class OpsBenchOptions:
+    """`mmgpt bench ops`'s settings (flags, defaults and their help: mmgpt/cli/bench.py)."""
+
+    json: str | None
+    preset: list[str]  # one measurement each
+    max_tokens: int
+    samples: int
+    attn_backend: str
+    gradient_checkpointing: int  # every K-th layer; 0: off
+    repeats: int
+    compare: bool
+    threads: int  # 0: torch's default
+    seed: int
+
+
+def run_ops_bench(args: OpsBenchOptions, preset_name: str) -> dict[str, Any]:
+    """The counts and times of one preset's packed row."""
     from mmgpt.data.packing import collate
     from mmgpt.models.builder import ModelConfig, build_model
     from mmgpt.train.loss import packed_loss
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    base, preset = preset_for(args.preset)
+    base, preset = preset_for(preset_name)
     cfg = ModelConfig(preset=base, attn_backend=args.attn_backend, seed=args.seed,
                       gradient_checkpointing=args.gradient_checkpointing)
     model, _ = build_model(cfg, preset=preset)
@@ -135,7 +151,7 @@ def run_ops_bench(args: argparse.Namespace) -> dict[str, Any]:
         counts[name].update(_time_summary(times[name]))
     config = model.language_model.config
     return {
-        "preset": args.preset,
+        "preset": preset_name,
         "layers": config.num_hidden_layers,
         "cross_attention_layers": len(model.cross_attn_blocks()),
         "hidden_size": config.hidden_size,
@@ -158,12 +174,11 @@ def run_ops_bench(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def run(args: argparse.Namespace) -> int:
-    """`mmgpt bench ops` (parser: mmgpt/commands/bench.py): print the counts, write the JSON."""
+def run(args: OpsBenchOptions) -> int:
+    """`mmgpt bench ops`: print the counts, write the JSON."""
     results = []
     for name in args.preset:
-        args_one = argparse.Namespace(**{**vars(args), "preset": name})
-        r = run_ops_bench(args_one)
+        r = run_ops_bench(args, name)
         results.append(r)
         print(f"{r['preset']} ({r['layers']} layers, {r['cross_attention_layers']} cross-attention): "
               f"row of {r['row_tokens']} tokens, {r['row_samples']} samples, {r['row_images']} images; "

@@ -14,7 +14,6 @@ LLaMA's, so it would misstate LLaMA-sized rows.)
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -30,6 +29,25 @@ from mmgpt.contracts import IGNORE_INDEX, PackedBatch, TokenizedSample
 from mmgpt.data.packing import Packer, PackingConfig, collate, packing_efficiency
 from mmgpt.perf import StepShape, peak_bf16_flops, step_flops
 from mmgpt.train.loss import packed_loss
+
+
+@dataclass(frozen=True)
+class PackingBenchOptions:
+    """`mmgpt bench packing`'s settings (flags, defaults and their help: mmgpt/cli/bench.py)."""
+
+    json: str | None
+    preset: str
+    device: str
+    dtype: str  # float32 | bfloat16
+    samples: int
+    max_tokens: int
+    steps: int
+    attn_backend: str
+    gradient_checkpointing: int  # every K-th layer; 0: off
+    matrix: bool
+    threads: int  # 0: torch's default
+    peak_tflops: float | None
+    seed: int
 
 
 @dataclass(frozen=True)
@@ -189,7 +207,7 @@ class _Setup:
     efficiency: float
 
     @classmethod
-    def prepare(cls, args: argparse.Namespace) -> "_Setup":
+    def prepare(cls, args: PackingBenchOptions) -> "_Setup":
         from mmgpt.models.builder import ModelConfig, build_model, preset_image_size
 
         if args.threads:
@@ -228,7 +246,7 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def _peak_flops(args: argparse.Namespace, device: torch.device) -> float | None:
+def _peak_flops(args: PackingBenchOptions, device: torch.device) -> float | None:
     """MFU denominator: the override, else the card's bf16 peak (None on the CPU)."""
     if args.peak_tflops:
         return args.peak_tflops * 1e12
@@ -241,7 +259,7 @@ MATRIX_BACKENDS = {"sdpa": "sdpa", "fused": "auto"}
 MATRIX_CHECKPOINTING = {"full": True, "off": False}
 
 
-def run_step_matrix(args: argparse.Namespace) -> dict:
+def run_step_matrix(args: PackingBenchOptions) -> dict:
     """Time the packed training step (forward + backward on `args.steps` packed rows) for every
     backend x checkpointing x liger combination on ONE built model, so the matrix costs one
     model build. Liger patches modules in place, so its "on" half runs last."""
@@ -289,7 +307,7 @@ def run_step_matrix(args: argparse.Namespace) -> dict:
             "matrix": entries}
 
 
-def run_packing_bench(args: argparse.Namespace) -> dict:
+def run_packing_bench(args: PackingBenchOptions) -> dict:
     """Pack `args.samples` samples, then time the three variants on the samples of `args.steps` rows.
 
     The timed rows are split in two halves run in the orders batch1, padded, packed and then
@@ -372,7 +390,7 @@ def run_packing_bench(args: argparse.Namespace) -> dict:
     }
 
 
-def _matrix_main(args: argparse.Namespace) -> int:
+def _matrix_main(args: PackingBenchOptions) -> int:
     result = run_step_matrix(args)
     print(f"{result['device']} {result['preset']} {result['dtype']}: packed step on "
           f"{result['timed_rows']} rows of {result['max_tokens']} tokens")
@@ -395,8 +413,8 @@ def _write_json(path: str | None, result: dict) -> None:
         Path(path).write_text(json.dumps(result, indent=2) + "\n")
 
 
-def run(args: argparse.Namespace) -> int:
-    """`mmgpt bench packing` (parser: mmgpt/commands/bench.py): print the table, write the JSON."""
+def run(args: PackingBenchOptions) -> int:
+    """`mmgpt bench packing`: print the table, write the JSON."""
     if args.matrix:
         return _matrix_main(args)
     result = run_packing_bench(args)

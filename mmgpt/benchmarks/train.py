@@ -15,16 +15,26 @@ so it compares runs on one machine only.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
 import statistics
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from mmgpt.data.packing import PackingConfig
+from mmgpt.data.sample import write_sample
+from mmgpt.models.builder import ModelConfig, get_preset, preset_image_size
+from mmgpt.train.config import DS_CONFIG_DIR, ScheduleConfig, TrainConfig
+from mmgpt.train.monitor import StepMetrics, device_peak_flops, peak_memory_gib
+
+if TYPE_CHECKING:  # imported where used: deepspeed must not load before DS_ACCELERATOR is set
+    from mmgpt.train.engine import DistInfo
+    from mmgpt.train.loop import Trainer
 
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::equal")
 CUDA_SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
@@ -48,11 +58,59 @@ def profile_counts(prof: torch.profiler.profile, cuda: bool) -> dict[str, Any]:
             "host_syncs": sum(found.values()), "host_sync_ops": {op: n for op, n in found.items() if n}}
 
 
-def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
-    """Build the run as `mmgpt train` does, time its steps, profile one; the results as a dict."""
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    os.environ["DS_ACCELERATOR"] = "cpu" if args.device == "cpu" else "cuda"  # before deepspeed loads
+@dataclass(frozen=True)
+class TrainBenchOptions:
+    """`mmgpt bench train`'s settings (flags, defaults and their help: mmgpt/cli/bench.py)."""
+
+    json: str | None
+    preset: str
+    device: str  # auto | cpu | cuda
+    steps: int  # timed optimizer steps
+    warmup: int  # untimed optimizer steps first
+    workers: int
+    grad_accum: int
+    max_tokens: int | None  # None: min(2048, the preset's context)
+    records: int  # `mmgpt data sample` records written
+    deepspeed: str | None  # None: the bundled zero2.json
+    gradient_checkpointing: bool
+    attn_backend: str
+    threads: int  # 0: torch's default
+    peak_tflops: float | None
+
+
+def bench_config(args: TrainBenchOptions, tmp: Path) -> TrainConfig:
+    """A run of `mmgpt data sample` records in `tmp`, long enough for the warm-up and timed steps."""
+    max_tokens = args.max_tokens or min(2048, get_preset(args.preset).llama["max_position_embeddings"])
+    mixture = write_sample(tmp / "data", records=args.records, max_length=max_tokens,
+                           image_size=preset_image_size(args.preset))
+    return TrainConfig(
+        mixture=str(mixture), output_dir=str(tmp / "out"),
+        deepspeed=args.deepspeed or str(DS_CONFIG_DIR / "zero2.json"),
+        model=ModelConfig(preset=args.preset, attn_backend=args.attn_backend,
+                          gradient_checkpointing=args.gradient_checkpointing),
+        packing=PackingConfig(max_tokens=max_tokens, max_images_per_row=16, buffer_size=64),
+        schedule=ScheduleConfig(lr=1e-4, grad_accum=args.grad_accum, epochs=1000,
+                                max_steps=args.warmup + args.steps + 1),
+        data_workers=args.workers, save_every=10**9)
+
+
+def time_steps(trainer: Trainer, args: TrainBenchOptions, cuda: bool) -> tuple[list[StepMetrics], dict[str, Any]]:
+    """The timed steps' metrics (after the warm-up), and the op counts of one more, profiled step."""
+    for _ in range(args.warmup):
+        trainer.train_step()
+    timed = [trainer.train_step() for _ in range(args.steps)]
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        trainer.train_step()
+    return timed, profile_counts(prof, cuda)
+
+
+def run_train_bench(args: TrainBenchOptions) -> dict[str, Any]:
+    """Build the run as `mmgpt train` does (TrainRecipe), time its steps, profile one; the results."""
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    os.environ["DS_ACCELERATOR"] = device  # before deepspeed loads
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.threads:
@@ -60,43 +118,27 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     import torch.distributed as dist
 
-    from mmgpt.train.config import DS_CONFIG_DIR, ScheduleConfig, TrainConfig
-    from mmgpt.data.packing import PackingConfig
-    from mmgpt.data.sample import write_sample
-    from mmgpt.models.builder import ModelConfig, get_preset, preset_image_size
     from mmgpt.train import engine as eng
-    from mmgpt.train.cli import prepare, validate
-    from mmgpt.train.monitor import device_peak_flops, peak_memory_gib
+    from mmgpt.train.recipe import TrainRecipe
 
-    max_tokens = args.max_tokens or min(2048, get_preset(args.preset).llama["max_position_embeddings"])
     with tempfile.TemporaryDirectory(prefix="mmgpt-bench-train-") as tmp:
-        mixture = write_sample(Path(tmp) / "data", records=args.records, max_length=max_tokens,
-                               image_size=preset_image_size(args.preset))
-        cfg = TrainConfig(
-            mixture=str(mixture), output_dir=str(Path(tmp) / "out"),
-            deepspeed=args.deepspeed or str(DS_CONFIG_DIR / "zero2.json"),
-            model=ModelConfig(preset=args.preset, attn_backend=args.attn_backend,
-                              gradient_checkpointing=args.gradient_checkpointing),
-            packing=PackingConfig(max_tokens=max_tokens, max_images_per_row=16, buffer_size=64),
-            schedule=ScheduleConfig(lr=1e-4, grad_accum=args.grad_accum, epochs=1000,
-                                    max_steps=args.warmup + args.steps + 1),
-            data_workers=args.workers, save_every=10**9)
-        ds, mixture_cfg = validate(cfg, resume=False)
+        cfg = bench_config(args, Path(tmp))
+        recipe = TrainRecipe(cfg)
+        ds, _ = recipe.validate()
         info = eng.init_distributed()
         Path(cfg.output_dir).mkdir(parents=True)
-        trainer = prepare(cfg, ds, mixture_cfg, info, resume=False)
-        for _ in range(args.warmup):
-            trainer.train_step()
-        timed = [trainer.train_step() for _ in range(args.steps)]
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if info.device.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities) as prof:
-            trainer.train_step()
-        counts = profile_counts(prof, info.device.type == "cuda")
+        trainer = recipe.setup(info)
+        timed, counts = time_steps(trainer, args, info.device.type == "cuda")
         trainer.stream.close()
         trainer.monitor.close()
         dist.destroy_process_group()
+    return results(args, cfg, ds, info, timed, counts)
+
+
+def results(args: TrainBenchOptions, cfg: TrainConfig, ds: dict[str, Any], info: DistInfo,
+            timed: list[StepMetrics], counts: dict[str, Any]) -> dict[str, Any]:
+    """The report: the run's settings, then per-step means over the timed steps."""
+    from mmgpt.train import engine as eng
 
     seconds = sum(m.step_time for m in timed)
     peak, peak_source = device_peak_flops(args.peak_tflops * 1e12 if args.peak_tflops else None,
@@ -111,7 +153,7 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
         "deepspeed": Path(cfg.deepspeed).name,
         "data_workers": args.workers,
         "grad_accum": args.grad_accum,
-        "max_tokens": max_tokens,
+        "max_tokens": cfg.packing.max_tokens,
         "gradient_checkpointing": args.gradient_checkpointing,
         "attn_backend": args.attn_backend,
         "warmup_steps": args.warmup,
@@ -136,8 +178,8 @@ def run_train_bench(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def run(args: argparse.Namespace) -> int:
-    """`mmgpt bench train` (parser: mmgpt/commands/bench.py): print the lines, write the JSON."""
+def run(args: TrainBenchOptions) -> int:
+    """`mmgpt bench train`: print the lines, write the JSON."""
     r = run_train_bench(args)
     mfu = f"{r['mfu']:.4f} ({r['peak_source']})" if r["mfu"] is not None else "n/a (unknown peak)"
     print(f"{r['device']} {r['preset']} {r['dtype']} ZeRO-2, world {r['world']}, {r['threads']} threads, "

@@ -6,7 +6,7 @@ Registered through lmms-eval's documented plugin route, the entry-point group `l
         --include_path mmgpt/eval/lmms_tasks
 lmms_eval is imported here only (mmgpt imports and runs without it).
 
-Prompts are `mmgpt eval`'s zero-shot ones (mmgpt.eval.cli.question_prompt: the task's text as the
+Prompts are `mmgpt eval`'s zero-shot ones (mmgpt.eval.benchmark.question_prompt: the task's text as the
 instruction, one `<image>`, no answer hint), images go through mmgpt's CLIP transform, decoding is
 greedy with mmgpt's batched generation, and likelihoods are mmgpt eval's answer likelihoods (the
 continuation tokenised as the training response, EOS included), so the two harnesses score the
@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mmgpt.data.images import clip_transform
 from mmgpt.eval.batched import answer_scores, generate_batch
-from mmgpt.eval.cli import question_prompt, response_ids
+from mmgpt.eval.benchmark import question_prompt, response_ids
 from mmgpt.inference.model_dir import DTYPES, image_size_of, load_model, resolve_source
 
 IMAGE = "image"  # the prompt's one image name (the name does not change the ids)

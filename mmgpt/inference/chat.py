@@ -10,9 +10,8 @@ every generated token, in the model's media-attention mode.
 """
 from __future__ import annotations
 
-import argparse
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, TextIO
 
@@ -22,7 +21,6 @@ from transformers import PreTrainedTokenizerBase
 from transformers.generation.streamers import BaseStreamer
 
 from mmgpt.data.conversation import Conversation, Round, encode_prompt
-from mmgpt.commands.chat import generation_config_from_args
 from mmgpt.data.images import clip_transform, open_rgb
 from mmgpt.inference.generation import GenerationConfig, generate
 from mmgpt.inference.model_dir import DTYPES, image_size_of, load_model, resolve_source
@@ -107,8 +105,17 @@ def load_image_file(path: str | Path) -> Image.Image:
     return image
 
 
-def session_factory_from_args(args: argparse.Namespace) -> Callable[[], ChatSession]:
-    """Load the model once; each call makes a fresh conversation on it. Without --model (serve
+@dataclass(frozen=True)
+class LoadOptions:
+    """Which model a chat or the demo loads, and how (flags: mmgpt/cli/chat.py)."""
+
+    model: str | None  # export dir, training output dir or adapter dir; None: the untrained tiny preset
+    device: str  # a torch device ("auto" was resolved by the command line)
+    dtype: str | None  # a key of DTYPES; None: bf16 on CUDA, fp32 on CPU
+
+
+def session_factory(args: LoadOptions, generation: GenerationConfig) -> Callable[[], ChatSession]:
+    """Load the model once; each call makes a fresh conversation on it. Without a model (serve
     only) the untrained tiny preset is used, so the demo page can be tried with no weights."""
     dtype = DTYPES[args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")]
     if args.model is None:
@@ -122,7 +129,6 @@ def session_factory_from_args(args: argparse.Namespace) -> Callable[[], ChatSess
         model_config = source.model_config
         model, tokenizer = load_model(source, device=args.device, dtype=dtype)
         image_size = image_size_of(source)
-    generation = generation_config_from_args(args)
     return lambda: ChatSession(model, tokenizer, image_size, generation, model_config.media_attention)
 
 
@@ -192,14 +198,13 @@ def interact(session: ChatSession, lines: TextIO, out: TextIO) -> None:
             print(f"error: {err}", file=out, flush=True)
 
 
-def run(args: argparse.Namespace) -> int:
-    """`mmgpt chat` (parser and path checks: mmgpt/commands/chat.py; a bad model dir, config, image
-    or question is reported by mmgpt/cli.py as one line, exit 2)."""
-    session = session_factory_from_args(args)()
-    if args.image:
-        session.set_image(load_image_file(args.image))
-    if args.prompt is not None:
-        print(session.ask(args.prompt), flush=True)
+def chat(load: LoadOptions, generation: GenerationConfig, image: str | None, prompt: str | None) -> int:
+    """`mmgpt chat`: about `image` (if any), answer `prompt` and exit, or else talk in the terminal."""
+    session = session_factory(load, generation)()
+    if image:
+        session.set_image(load_image_file(image))
+    if prompt is not None:
+        print(session.ask(prompt), flush=True)
         return 0
     interact(session, sys.stdin, sys.stdout)
     return 0

@@ -32,7 +32,6 @@ page, /clear from an API client).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import queue
 import socket
@@ -45,11 +44,10 @@ from PIL import Image
 from transformers.generation.streamers import BaseStreamer
 
 from mmgpt.data.images import open_rgb
-from mmgpt.inference.chat import ChatSession
+from mmgpt.inference.chat import ChatSession, LoadOptions, session_factory
 from mmgpt.inference.text_stream import complete_text
 from mmgpt.inference.generation_config import GenerationConfig
-from mmgpt.commands.serve import INSTALL_HINT
-from mmgpt.preflight import require
+from mmgpt.preflight import GRADIO_HINT, require
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -71,7 +69,7 @@ def import_gradio():
     try:
         import gradio
     except ImportError as err:
-        require([f"{INSTALL_HINT} ({err})"])
+        require([f"{GRADIO_HINT} ({err})"])
     return gradio
 
 
@@ -313,16 +311,12 @@ def launch(demo: "gr.Blocks", host: str = "127.0.0.1", port: int | None = 7860, 
     return url
 
 
-def run(args: argparse.Namespace) -> int:
-    """`mmgpt serve` (parser and path checks: mmgpt/commands/serve.py)."""
-    # a missing gradio was refused before this ran (mmgpt/commands/serve.py needs_gradio)
-    from mmgpt.commands.chat import generation_config_from_args
-    from mmgpt.inference.chat import session_factory_from_args
-
-    new_session = session_factory_from_args(args)  # bad model dir: one line from mmgpt/cli.py
-    demo = build_demo(new_session, generation_config_from_args(args))
+def serve(load: LoadOptions, generation: GenerationConfig, host: str, port: int | None, share: bool) -> int:
+    """`mmgpt serve`: load the model, serve the demo until Ctrl-C; 2 when the address is unusable."""
+    new_session = session_factory(load, generation)  # bad model dir: a user error, one line
+    demo = build_demo(new_session, generation)
     try:
-        launch(demo, args.host, args.port, args.share)
+        launch(demo, host, port, share)
     except OSError as err:  # port in use, unknown address
         print(f"mmgpt serve: error: {err}", file=sys.stderr)
         return 2

@@ -5,8 +5,9 @@ counted anywhere. (FLOPs for MFU: mmgpt/perf.py.)
 """
 from __future__ import annotations
 
-import argparse
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
@@ -44,8 +45,17 @@ def count_params(model: nn.Module) -> dict[str, int]:
             **{f"{k}_params": v for k, v in parts.items()}}
 
 
-def run(args: argparse.Namespace) -> int:
-    """`mmgpt params` (parser: mmgpt/commands/params.py)."""
+@dataclass(frozen=True)
+class ParamsOptions:
+    """What `mmgpt params` counts (flags and defaults: mmgpt/cli/params.py)."""
+
+    preset: str
+    lora: str  # default | paper | none, or a YAML mapping (parse_lora_option)
+    json: Path | None  # also write the counts here
+
+
+def run(args: ParamsOptions) -> int:
+    """`mmgpt params`: print the counts (and write them as JSON)."""
     lora = parse_lora_option(args.lora)
     model, _ = build_model(ModelConfig(preset=args.preset, lora=lora), meta=True)
     resolved = lora_spec(lora)

@@ -1,8 +1,8 @@
-"""`mmgpt data inspect` (parser: mmgpt/data/cli.py): the mixture as a training run sees it.
+"""`mmgpt data inspect` (parser: mmgpt/cli/data.py): the mixture as a training run sees it.
 
 With `--train-config` everything comes from the run: the tokenizer training loads (the model's:
 model.tokenizer_path, else llama_path, else the preset's bundled one), the mixture built as
-`mmgpt/train/cli.py prepare` builds it (image size, max_images_per_row, eval holdout), and the
+`mmgpt/train/recipe.py prepare` builds it (image size, max_images_per_row, eval holdout), and the
 rows/steps estimate from the planner that sizes the LR schedule (`plan_rank`, the real Packer on
 token lengths), rank by rank for `--world-size`. Without it the bundled tiny tokenizer is used and
 a WARNING says so. Exits 2 after the report when a configured source keeps no record. This lives
@@ -10,9 +10,9 @@ in `mmgpt.train` because `mmgpt.data` may import neither the model builder nor t
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -66,7 +66,20 @@ TINY_FALLBACK_WARNING = (
 )
 
 
-def _tokenizer_dir(args: argparse.Namespace, train_cfg) -> Path:
+@dataclass(frozen=True)
+class InspectOptions:
+    """What `mmgpt data inspect` reads (flags, defaults and their help: mmgpt/cli/data.py)."""
+
+    config: Path | None  # the mixture file; None: the train config's
+    train_config: Path | None
+    json: Path | None  # also write the report here
+    show: int  # rendered examples printed
+    tokenizer: Path | None  # None: the train config's model's, else the bundled tiny one
+    world_size: int
+    progress_every: int  # samples between progress lines; 0: every 2 s
+
+
+def _tokenizer_dir(args: InspectOptions, train_cfg) -> Path:
     """--tokenizer, else the train config's model's (what training loads), else the bundled tiny
     one (run_inspect then warns, once the inputs turned out usable: an error stays one line)."""
     from mmgpt.configfile import ConfigError
@@ -87,7 +100,8 @@ def _tokenizer_dir(args: argparse.Namespace, train_cfg) -> Path:
     return Path(path)
 
 
-def run_inspect(args: argparse.Namespace) -> int:
+def run_inspect(args: InspectOptions) -> int:
+    """Print the report (and write it as JSON); 2 when a configured source keeps no record."""
     from mmgpt.train.config import TrainConfig
     from mmgpt.data.mixture import MixtureConfig
     from mmgpt.tokenizer import load_tokenizer
@@ -96,11 +110,11 @@ def run_inspect(args: argparse.Namespace) -> int:
         raise ValueError("give --config or --train-config")
     if args.world_size < 1:
         raise ValueError(f"--world-size must be >= 1, got {args.world_size}")
-    # an unusable config or source file (where training would stop too): one line from mmgpt/cli.py
+    # an unusable config or source file (where training would stop too): a user error, one line
     train_cfg = TrainConfig.load(args.train_config) if args.train_config else None
     tokenizer = load_tokenizer(_tokenizer_dir(args, train_cfg))
     mixture_cfg = MixtureConfig.load(args.config or train_cfg.mixture)
-    if train_cfg is not None:  # the mixture exactly as training builds it (mmgpt/train/cli.py prepare)
+    if train_cfg is not None:  # the mixture exactly as training builds it (mmgpt/train/recipe.py prepare)
         from mmgpt.models.builder import preset_image_size
 
         holdout = train_cfg.eval.holdout
@@ -133,6 +147,6 @@ def run_inspect(args: argparse.Namespace) -> int:
     empty = [(name, s) for name, s in report["sources"].items() if s["kept"] == 0]
     for name, s in empty:
         why = "; ".join(s["notes"]) or "the source has no records"
-        print(f"{args.command_prog}: error: source {name!r} keeps no records (read {s['read']}): {why}",
+        print(f"mmgpt data inspect: error: source {name!r} keeps no records (read {s['read']}): {why}",
               file=sys.stderr)
     return 2 if empty else 0

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmgpt.commands import quiet
+from mmgpt.logs import quiet
 from mmgpt.preflight import (PreflightError, llama_config_problems, meta_model, model_path_problems,
                              output_dir_problems, path_problem, require, weight_problems, without_files)
 from mmgpt.train.ds_config import DSConfigError, jit_build_notice, load_ds_config, resolve_batch

@@ -20,7 +20,6 @@ the caching allocator's fragmentation, none of which are tensors.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import weakref
@@ -229,8 +228,19 @@ def advice(result: dict) -> str | None:
             if best else f"{where}: the weights alone do not fit; use a larger card")
 
 
-def run(args: argparse.Namespace) -> int:
-    """`mmgpt plan` (parser: mmgpt/commands/plan.py)."""
+@dataclass(frozen=True)
+class PlanOptions:
+    """What `mmgpt plan` plans for (flags and defaults: mmgpt/cli/plan.py)."""
+
+    config: str  # train config (YAML/JSON)
+    overrides: list[str]  # KEY=VALUE, as for mmgpt train
+    world_size: int  # ranks sharing the ZeRO-2 optimizer state
+    gpu: str  # a card name or <N>GiB (gpu_memory_gib)
+    json: Path | None  # also write the plan here
+
+
+def run(args: PlanOptions) -> int:
+    """`mmgpt plan`: print the plan and its verdict (and write it as JSON)."""
     from mmgpt.train.config import TrainConfig
     from mmgpt.train.ds_config import load_ds_config
 

@@ -4,7 +4,7 @@ The preemption pattern of Slurm and Kubernetes is SIGTERM, a grace period, then 
 `stop_on_signals` is active (the training loop), SIGTERM and SIGINT only set a flag; the loop
 adds the flag to the all-reduce every step already makes (`WindowStats.totals`), so a signal to
 ANY rank stops ALL ranks after the same step. They then save one verified checkpoint together
-and exit with 143 (train/cli.py's EXIT_STOPPED); `--resume auto` continues from it exactly.
+and exit with 143 (mmgpt/cli/train.py's EXIT_STOPPED); `--resume auto` continues from it exactly.
 Repeated signals change nothing (a Ctrl-C reaches every rank twice: from the terminal and from
 DeepSpeed's launch.py); SIGKILL remains the way out.
 

@@ -1,18 +1,16 @@
-"""`mmgpt chat` parser, the model/decoding flags `serve` shares, and the checks made before loading.
+"""`mmgpt chat`, the model/decoding flags `serve` and `eval` share, and the checks made before loading.
 
 `model_command` reports a wrong `--model`, `--image` or base-weights path (every one, one line
-each) before any weights are read, instead of a traceback after the model has loaded.
+each: mmgpt.inference.model_dir.check_model) before any weights are read, instead of a traceback
+after the model has loaded.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 
-from mmgpt.commands import Command, lazy
+from mmgpt.cli import Command, options
 from mmgpt.inference.generation_config import GenerationConfig
-from mmgpt.preflight import image_problem, model_path_problems, path_problem, require
-
-DTYPE_NAMES = ("bf16", "fp16", "fp32")  # the keys of mmgpt.inference.model_dir.DTYPES (kept equal)
+from mmgpt.names import DTYPE_NAMES
 
 
 def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -53,26 +51,13 @@ def generation_config_from_args(args: argparse.Namespace) -> GenerationConfig:
     )
 
 
-def check_model(model: str | None, flag: str = "--model", image: str | None = None, verify: bool = False) -> None:
-    """Every path problem of `model` (and `image`), then of the base weights its config names, and an
-    export's files against its manifest (sizes; sha256 too with `verify`), saying which on stderr;
-    no weights are loaded (this imports the model stack)."""
-    require([p for p in (path_problem(model, flag, "dir"), image_problem(image) if image else None) if p])
-    if model is not None:
-        from mmgpt.inference.model_dir import resolve_source, verify_export
-
-        source = resolve_source(model)
-        require(model_path_problems(source.model_config, where=str(source.path)))
-        if (checked := verify_export(source, full=verify)) is not None:
-            print(f"verified: {checked}", file=sys.stderr)
-
-
-def model_command(target: str, flag: str = "--model") -> Command:
-    """`target` ("module:function") run after `check_model` and with `--device auto` resolved."""
-    run = lazy(target)
+def model_command(run: Command, flag: str = "--model") -> Command:
+    """`run` after the model's pre-load checks (`check_model`) and with `--device auto` resolved."""
     dest = flag.lstrip("-").replace("-", "_")
 
     def checked(args: argparse.Namespace) -> int:
+        from mmgpt.inference.model_dir import check_model
+
         check_model(getattr(args, dest), flag, getattr(args, "image", None), getattr(args, "verify", False))
         if getattr(args, "device", None) == "auto":
             import torch
@@ -89,4 +74,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--image", help="image the conversation is about")
     p.add_argument("--prompt", help="answer this one question, print the answer and exit")
     add_generation_args(p)
-    p.set_defaults(func=model_command("mmgpt.inference.chat:run"))
+    p.set_defaults(func=model_command(run))
+
+
+def run(args: argparse.Namespace) -> int:
+    """A bad model dir, config, image or question is a user error: one line from mmgpt.cli, exit 2."""
+    from mmgpt.inference.chat import LoadOptions, chat
+
+    return chat(options(LoadOptions, args), generation_config_from_args(args), args.image, args.prompt)

@@ -1,9 +1,9 @@
-"""`mmgpt bench` parsers: one sub-command per benchmark module (each has `run(args)`)."""
+"""`mmgpt bench`: one sub-command per benchmark module (each has `run(options)`, its typed settings)."""
 from __future__ import annotations
 
 import argparse
 
-from mmgpt.commands import lazy
+from mmgpt.cli import lazy
 from mmgpt.models.preset_names import preset_help
 
 
@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator override")
     p.add_argument("--seed", type=int, default=0, help="sample and weight seed")
-    p.set_defaults(func=lazy("mmgpt.benchmarks.packing:run"))
+    p.set_defaults(func=lazy("mmgpt.benchmarks.packing:run", "PackingBenchOptions"))
 
     o = benches.add_parser("ops", help="aten ops (and time) of one packed row's forward+backward, op histogram")
     o.add_argument("--json", help="write the results to this JSON file")
@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="also the sdpa backend's per-segment path (row plans off), timed interleaved")
     o.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     o.add_argument("--seed", type=int, default=0, help="sample and weight seed")
-    o.set_defaults(func=lazy("mmgpt.benchmarks.ops:run"))
+    o.set_defaults(func=lazy("mmgpt.benchmarks.ops:run", "OpsBenchOptions"))
 
     t = benches.add_parser("train", help="the real DeepSpeed training step: time, tokens/s, MFU, data wait, ops")
     t.add_argument("--json", help="write the results to this JSON file")
@@ -61,4 +61,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--attn-backend", default="auto", help="mmgpt_kernels backend")
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     t.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator override (one device)")
-    t.set_defaults(func=lazy("mmgpt.benchmarks.train:run"))
+    t.set_defaults(func=lazy("mmgpt.benchmarks.train:run", "TrainBenchOptions"))

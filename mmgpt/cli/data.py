@@ -6,10 +6,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from mmgpt.commands import lazy
+from mmgpt.cli import lazy
 from mmgpt.data.sample import DEFAULT_RECORDS
 
 
@@ -34,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="ranks of the run (GPUs in all), for the optimizer steps estimate")
     inspect.add_argument("--progress-every", type=int, default=0,
                          help="a progress line on stderr every N samples (0: every 2 s, so only on long scans)")
-    inspect.set_defaults(func=lazy("mmgpt.train.inspect_data:run_inspect"))
+    inspect.set_defaults(func=lazy("mmgpt.train.inspect_data:run_inspect", "InspectOptions"))
 
     sample = commands.add_parser("sample", help="write a small dataset in the original formats")
     sample.add_argument("--out", required=True, type=Path, help="directory to write (mixture.yaml inside)")

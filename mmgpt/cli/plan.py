@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mmgpt.commands import lazy
+from mmgpt.cli import lazy
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,4 +18,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the plan to this JSON file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, as for mmgpt train")
-    parser.set_defaults(func=lazy("mmgpt.train.memory_plan:run"))
+    parser.set_defaults(func=lazy("mmgpt.train.memory_plan:run", "PlanOptions"))

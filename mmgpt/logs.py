@@ -1,31 +1,12 @@
-"""Argument parsers of the commands whose code needs torch/transformers/deepspeed.
-
-`mmgpt --help` must not wait ~10 s for the model stack, so these modules import only the standard
-library (and light mmgpt modules) at module level; each parser's `func` imports the code it runs
-when it runs (`lazy`).
+"""What a normal run shows: the warnings and log records of the stack that users cannot act on are
+hidden; `--debug` (MMGPT_DEBUG=1, inherited by the ranks a launcher starts) keeps everything.
+Shared by the command line, the training ranks and the launch check.
 """
 from __future__ import annotations
 
-import argparse
-import importlib
 import logging
 import os
 import warnings
-from typing import Callable
-
-Command = Callable[[argparse.Namespace], int]
-
-
-def lazy(target: str) -> Command:
-    """`"package.module:function"` as a command function that imports the module only when called."""
-    module, name = target.split(":")
-
-    def run(args: argparse.Namespace) -> int:
-        return getattr(importlib.import_module(module), name)(args)
-
-    run.__qualname__ = target
-    return run
-
 
 DEBUG_ENV = "MMGPT_DEBUG"  # set by `mmgpt --debug`; inherited by the ranks a launcher starts
 _NOISY_MODULES = r"(torch|torchvision|transformers|peft|deepspeed|open_clip)(\.|$)"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mmgpt.commands import lazy
+from mmgpt.cli import lazy
 from mmgpt.models.preset_names import preset_help
 
 
@@ -17,4 +17,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="LoRA: default | paper | none, or a YAML mapping like '{preset: paper, r: 8, "
                              "alpha: 16, dropout: 0.05, targets: [q_proj, v_proj]}'")
     parser.add_argument("--json", type=Path, default=None, help="also write the counts to this JSON file")
-    parser.set_defaults(func=lazy("mmgpt.models.params:run"))
+    parser.set_defaults(func=lazy("mmgpt.models.params:run", "ParamsOptions"))

@@ -1,14 +1,11 @@
-"""`mmgpt serve` parser (the gradio app lives in mmgpt/inference/serve.py)."""
+"""`mmgpt serve` (the gradio app lives in mmgpt/inference/serve.py)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 
-from mmgpt.commands import Command
-from mmgpt.commands.chat import add_generation_args, add_model_args, model_command
-from mmgpt.preflight import require
-
-INSTALL_HINT = "the web demo needs gradio, an optional dependency: pip install -e '.[demo]'"
+from mmgpt.cli import Command, options
+from mmgpt.cli.chat import add_generation_args, add_model_args, generation_config_from_args, model_command
+from mmgpt.preflight import gradio_problem, require
 
 
 def needs_gradio(command: Command) -> Command:
@@ -16,8 +13,8 @@ def needs_gradio(command: Command) -> Command:
     not installed (looked up, not imported: the parser stays light)."""
 
     def checked(args: argparse.Namespace) -> int:
-        if importlib.util.find_spec("gradio") is None:
-            require([INSTALL_HINT])
+        if (problem := gradio_problem()) is not None:
+            require([problem])
         return command(args)
 
     return checked
@@ -32,4 +29,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--share", action="store_true",
                    help="also open a public gradio.live link (goes through gradio's servers; off by default)")
     add_generation_args(p)
-    p.set_defaults(func=needs_gradio(model_command("mmgpt.inference.serve:run")))
+    p.set_defaults(func=needs_gradio(model_command(run)))
+
+
+def run(args: argparse.Namespace) -> int:
+    from mmgpt.inference.chat import LoadOptions
+    from mmgpt.inference.serve import serve
+
+    return serve(options(LoadOptions, args), generation_config_from_args(args), args.host, args.port, args.share)

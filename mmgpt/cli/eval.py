@@ -1,11 +1,12 @@
-"""`mmgpt eval` parser (the evaluation lives in mmgpt/eval/cli.py)."""
+"""`mmgpt eval` (the evaluation lives in mmgpt/eval/benchmark.py)."""
 from __future__ import annotations
 
 import argparse
 
-from mmgpt.commands.chat import add_model_args, model_command
+from mmgpt.cli import lazy
+from mmgpt.cli.chat import add_model_args, model_command
+from mmgpt.names import TASK_NAMES
 
-TASK_NAMES = ("aokvqa", "coco_caption", "llava", "ocrvqa", "vqa")
 SHORT_ANSWER_HINT = "Answer the question using a single word or phrase."
 
 
@@ -39,4 +40,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-meteor", action="store_true", help="coco_caption: skip METEOR (a ~10 s Java start)")
     p.add_argument("--output", help="report JSON (default eval_<task>.json)")
     p.add_argument("--update-card", action="store_true", help="record the metrics in the export's README.md")
-    p.set_defaults(func=model_command("mmgpt.eval.cli:run"))
+    p.set_defaults(func=model_command(lazy("mmgpt.eval.benchmark:run", "BenchmarkConfig")))

@@ -1,9 +1,11 @@
 """`mmgpt` command line: one subcommand per job.
 
-Every module listed in COMMANDS exposes `register(subparsers)`, which adds its parser and sets
-`func` (a callable taking the parsed args and returning an exit code). These modules import no
-torch/transformers/deepspeed at module level (the heavy code is imported when `func` runs), so
-`mmgpt --help` is instant. A user's mistake (missing file, bad YAML/JSON, unknown preset, ...)
+The whole command line lives in this package: the dispatcher and the error mapping here, one
+module per command. Every module listed in COMMANDS exposes `register(subparsers)`, which adds its
+parser and sets `func` (a callable taking the parsed args and returning an exit code): it builds
+the typed settings the library takes and calls the library, which never sees the parsed args and
+never imports this package. These modules import no torch/transformers/deepspeed at module level
+(the heavy code is imported when `func` runs, `lazy`), so `mmgpt --help` is instant. A user's mistake (missing file, bad YAML/JSON, unknown preset, ...)
 prints `mmgpt <command>: error: <message>`, one line per problem, and exits 2; anything else is a
 bug and keeps its traceback. `--debug` shows the traceback of user errors too, and the warnings
 that normal runs hide.
@@ -11,22 +13,24 @@ that normal runs hide.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
+from typing import Callable
 
-from mmgpt.commands import quiet
+from mmgpt.logs import quiet
 
 COMMANDS: tuple[str, ...] = (
-    "mmgpt.commands.params",  # params
-    "mmgpt.data.cli",  # data inspect | sample
-    "mmgpt.commands.bench",  # bench packing
-    "mmgpt.train.cli",  # train
-    "mmgpt.commands.plan",  # plan
-    "mmgpt.commands.export",  # export
-    "mmgpt.commands.chat",  # chat
-    "mmgpt.commands.serve",  # serve
-    "mmgpt.commands.eval",  # eval
-    "mmgpt.commands.weights",  # weights check
+    "mmgpt.cli.params",  # params
+    "mmgpt.cli.data",  # data inspect | sample
+    "mmgpt.cli.bench",  # bench packing | ops | train
+    "mmgpt.cli.train",  # train
+    "mmgpt.cli.plan",  # plan
+    "mmgpt.cli.export",  # export
+    "mmgpt.cli.chat",  # chat
+    "mmgpt.cli.serve",  # serve
+    "mmgpt.cli.eval",  # eval
+    "mmgpt.cli.weights",  # weights check
 )
 
 EXIT_USER_ERROR = 2
@@ -49,6 +53,28 @@ USER_ERRORS: tuple[tuple[str, str], ...] = (
 )
 FILE_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError,
                UnicodeDecodeError)
+
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def lazy(target: str, settings: str) -> Command:
+    """A command that imports `target` ("module:function", a library function) only when called,
+    and calls it with the dataclass `settings` (a class of that module) filled from the parsed args
+    of the same names: the flags are named after the fields, so the conversion is written once."""
+    module, name = target.split(":")
+
+    def run(args: argparse.Namespace) -> int:
+        library = importlib.import_module(module)
+        return getattr(library, name)(options(getattr(library, settings), args))
+
+    run.__qualname__ = target
+    return run
+
+
+def options(cls: type, args: argparse.Namespace):
+    """The dataclass `cls` filled from the parsed args named like its fields."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
 class Parser(argparse.ArgumentParser):
@@ -101,6 +127,3 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.command_prog}: error: {line}", file=sys.stderr)
         return EXIT_USER_ERROR
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -35,13 +35,12 @@ manifest's hash of README.md then no longer matches; the weights' hashes do).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -62,6 +61,7 @@ from mmgpt.export import versions
 from mmgpt.inference.model_dir import DTYPES, ModelSource, image_size_of, load_model, resolve_source
 from mmgpt.manifest import MANIFEST, sha256
 from mmgpt.models.flamingo import Flamingo
+from mmgpt.names import TASK_NAMES
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -69,11 +69,45 @@ Record = dict[str, Any]  # one item's prediction, as the report lists it
 
 
 @dataclass(frozen=True)
+class BenchmarkConfig:
+    """One benchmark evaluation: the model, the task's files and the decoding (flags, defaults and
+    their help: mmgpt/cli/eval.py); the report records it as `config.args`. Not the held-out loss
+    of a training run (mmgpt.train.config.EvalConfig)."""
+
+    model: str
+    device: str
+    dtype: str | None  # a key of DTYPES; None: bf16 on CUDA, fp32 on CPU
+    verify: bool  # the export's files were checked against their sha256 before loading
+    task: str  # a key of TASKS
+    images: str
+    questions: str | None
+    annotations: str | None
+    data: str | None
+    split: str | None
+    limit: int | None
+    shots: int
+    seed: int
+    query_set_size: int
+    demo_split: str
+    demo_data: str | None
+    demo_questions: str | None
+    demo_annotations: str | None
+    demo_images: str | None
+    batch_size: int
+    workers: int
+    max_new_tokens: int | None  # None: the task's own budget
+    answer_hint: str
+    no_meteor: bool
+    output: str | None  # None: eval_<task>.json
+    update_card: bool
+
+
+@dataclass(frozen=True)
 class Task:
     """How a benchmark is read, prompted and scored."""
 
-    read: Callable[[argparse.Namespace], list[EvalItem]]
-    score: Callable[[list[Record], argparse.Namespace], dict[str, Any]]
+    read: Callable[[BenchmarkConfig], list[EvalItem]]
+    score: Callable[[list[Record], BenchmarkConfig], dict[str, Any]]
     max_new_tokens: int  # default decoding budget: a phrase for questions, a sentence for captions
     hint: bool  # the short-answer hint applies
     fewshot: str | None  # OpenFlamingo's prompt format for --shots > 0 (mmgpt.eval.fewshot), None: zero-shot only
@@ -89,18 +123,18 @@ def _aokvqa_records(records: list[Record]) -> dict[Any, dict[str, Any]]:
                       "direct_answers": r["answers"], "difficult_direct_answer": r["difficult"]} for r in records}
 
 
-def _score_aokvqa(records: list[Record], args: argparse.Namespace) -> dict[str, Any]:
+def _score_aokvqa(records: list[Record], args: BenchmarkConfig) -> dict[str, Any]:
     targets = _aokvqa_records(records)
     return {"mc_accuracy": metrics.aokvqa_mc_accuracy(_by_id(records, "choice_prediction"), targets),
             "da_accuracy": metrics.aokvqa_da_mean(_by_id(records, "prediction"), targets)}
 
 
-def _score_exact(records: list[Record], args: argparse.Namespace) -> dict[str, Any]:
+def _score_exact(records: list[Record], args: BenchmarkConfig) -> dict[str, Any]:
     hits = [metrics.ocrvqa_exact_match(r["prediction"], r["answers"][0]) for r in records]
     return {"exact_match": sum(hits) / len(hits)}
 
 
-def _need(args: argparse.Namespace, *names: str) -> list[Path]:
+def _need(args: BenchmarkConfig, *names: str) -> list[Path]:
     missing = [f"--{n}" for n in names if getattr(args, n) is None]
     if missing:
         raise ValueError(f"--task {args.task} needs {' and '.join(missing)}")
@@ -123,16 +157,18 @@ TASKS: dict[str, Task] = {
                                                                    meteor=not a.no_meteor),
                          max_new_tokens=30, hint=False, fewshot="caption"),
 }
+if tuple(sorted(TASKS)) != TASK_NAMES:  # the parser offers TASK_NAMES without importing this module
+    raise RuntimeError(f"mmgpt/names.py lists {TASK_NAMES}, benchmark.TASKS has {tuple(sorted(TASKS))}")
 
 
-def _demo_pool(task: Task, args: argparse.Namespace) -> list[EvalItem]:
+def _demo_pool(task: Task, args: BenchmarkConfig) -> list[EvalItem]:
     """The train split the demonstrations come from: the --demo-* files, else the task's own files
     with --demo-split."""
     if task.fewshot is None:
         raise ValueError(f"--shots {args.shots}: --task {args.task} is not in OpenFlamingo's few-shot suite "
                          "(few-shot: vqa, ocrvqa, coco_caption)")
-    demo_args = argparse.Namespace(**{**vars(args), "split": args.demo_split, "data": args.demo_data or args.data,
-                                      "questions": args.demo_questions, "annotations": args.demo_annotations})
+    demo_args = replace(args, split=args.demo_split, data=args.demo_data or args.data,
+                        questions=args.demo_questions, annotations=args.demo_annotations)
     if args.task == "vqa" and (args.demo_questions is None or args.demo_annotations is None):
         raise ValueError("--task vqa --shots N needs --demo-questions and --demo-annotations (the train split)")
     return task.read(demo_args)
@@ -255,7 +291,7 @@ def _gather(payload: Any, world: int) -> list[Any]:
     return gathered
 
 
-def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
+def evaluate(args: BenchmarkConfig) -> dict[str, Any] | None:
     """Run the evaluation on this rank's share; rank 0 returns the report (others None)."""
     started = time.time()
     task = TASKS[args.task]
@@ -302,13 +338,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     if not records:
         raise ValueError(f"nothing evaluated: all {len(skipped)} images were skipped "
                          f"({dict(Counter(s['reason'] for s in skipped))})")
-    config = {k: v for k, v in vars(args).items() if k != "func"}
     return {
         "task": args.task, "metrics": task.score(records, args), "n": len(records),
         "skipped": {"count": len(skipped), "reasons": dict(Counter(s["reason"] for s in skipped)), "items": skipped},
         "prompt": {"hint": hint, "max_new_tokens": max_new_tokens, "decoding": "greedy", "shots": args.shots,
                    **({"format": f"openflamingo_{task.fewshot}", "seed": args.seed} if args.shots else {})},
-        "config": {"args": config, "model": asdict(source.model_config), "source_kind": source.kind,
+        "config": {"args": asdict(args), "model": asdict(source.model_config), "source_kind": source.kind,
                    "dtype": dtype_name, "world_size": world},
         "model_hashes": model_hashes(source), "versions": versions(),
         "timing": {"load_s": round(loaded - started, 3), "eval_s": round(finished - loaded, 3),
@@ -324,8 +359,8 @@ def _card_results(report: dict[str, Any]) -> dict[str, Any]:
     return {**numbers, "n": report["n"], "skipped": report["skipped"]["count"]}
 
 
-def run(args: argparse.Namespace) -> int:
-    """`mmgpt eval` (parser: mmgpt/commands/eval.py); user errors reach mmgpt/cli.py's one-line handler."""
+def run(args: BenchmarkConfig) -> int:
+    """`mmgpt eval`: evaluate, write the report, print its summary line (and update the card)."""
     world = _distributed()[1]
     if world > 1:
         torch.distributed.init_process_group("nccl" if str(args.device).startswith("cuda") else "gloo")
