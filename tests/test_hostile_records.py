@@ -121,7 +121,7 @@ def test_pils_own_bomb_limit_and_images_from_memory(tmp_path):
 @pytest.mark.skipif(subprocess.run(["which", "deepspeed"], capture_output=True).returncode != 0,
                     reason="deepspeed launcher not on PATH")
 def test_two_rank_training_counts_the_same_drops(datasets, tmp_path):
-    """What training sees: the same drops (the too_many_images limit needs train/cli.py to pass
+    """What training sees: the same drops (the too_many_images limit needs train/recipe.py to pass
     max_images=cfg.packing.max_images_per_row; with the demo's 16 the 3-image record trains)."""
     cfg = yaml.safe_load((REPO / "configs" / "demo_tiny.yaml").read_text())
     cfg.update({"mixture": str(datasets["hostile"]), "output_dir": str(tmp_path / "run"),

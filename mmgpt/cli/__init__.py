@@ -5,10 +5,10 @@ module per command. Every module listed in COMMANDS exposes `register(subparsers
 parser and sets `func` (a callable taking the parsed args and returning an exit code): it builds
 the typed settings the library takes and calls the library, which never sees the parsed args and
 never imports this package. These modules import no torch/transformers/deepspeed at module level
-(the heavy code is imported when `func` runs, `lazy`), so `mmgpt --help` is instant. A user's mistake (missing file, bad YAML/JSON, unknown preset, ...)
-prints `mmgpt <command>: error: <message>`, one line per problem, and exits 2; anything else is a
-bug and keeps its traceback. `--debug` shows the traceback of user errors too, and the warnings
-that normal runs hide.
+(the heavy code is imported when `func` runs, `lazy`), so `mmgpt --help` is instant. A user's
+mistake (missing file, bad YAML/JSON, unknown preset, ...) prints `mmgpt <command>: error:
+<message>`, one line per problem, and exits 2; anything else is a bug and keeps its traceback.
+`--debug` shows the traceback of user errors too, and the warnings that normal runs hide.
 """
 from __future__ import annotations
 
@@ -53,7 +53,6 @@ USER_ERRORS: tuple[tuple[str, str], ...] = (
 )
 FILE_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError,
                UnicodeDecodeError)
-
 
 Command = Callable[[argparse.Namespace], int]
 

@@ -5,8 +5,8 @@ template, so a conversation has its image from the start; it is shown in the cha
 questions over several rounds and watch the answers stream in, tune decoding with the sliders
 (max_new_tokens, num_beams, temperature, top_k, top_p, repetition_penalty, do_sample; their
 defaults are the command line's), click an example prompt, Clear. `build_demo` makes the app
-without launching it (to drive it with gradio_client or a browser); `launch` serves it; `run` is
-the command.
+without launching it (to drive it with gradio_client or a browser); `launch` serves it; `serve` is
+what `mmgpt serve` runs.
 
 One model serves every browser; each browser's conversation is its own `ChatSession` in a
 `gr.State` (server-side; the history shown is rebuilt from it, never taken from the client).
