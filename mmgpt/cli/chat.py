@@ -1,7 +1,7 @@
 """`mmgpt chat`, the model/decoding flags `serve` and `eval` share, and the checks made before loading.
 
 `model_command` reports a wrong `--model`, `--image` or base-weights path (every one, one line
-each: mmgpt.inference.model_dir.check_model) before any weights are read, instead of a traceback
+each: mmgpt.inference.model_check) before any weights are read, instead of a traceback
 after the model has loaded.
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ def model_command(run: Command, flag: str = "--model") -> Command:
     dest = flag.lstrip("-").replace("-", "_")
 
     def checked(args: argparse.Namespace) -> int:
-        from mmgpt.inference.model_dir import check_model
+        from mmgpt.inference.model_check import check_model
 
         check_model(getattr(args, dest), flag, getattr(args, "image", None), getattr(args, "verify", False))
         if getattr(args, "device", None) == "auto":

@@ -9,7 +9,6 @@ our lang_encoder, or the merged export's own LLaMA directory and OpenFlamingo ch
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ from mmgpt.manifest import MANIFEST, sha256
 from mmgpt.models.builder import ModelConfig, build_model, preset_image_size
 from mmgpt.models.flamingo import Flamingo
 from mmgpt.names import DTYPE_NAMES
-from mmgpt.preflight import image_problem, model_path_problems, path_problem, require
 from mmgpt.run_layout import ADAPTER_DIR, CHECKPOINTS_DIR, TRAIN_CONFIG, read_latest
 
 EXPORT_CONFIG = "mmgpt_config.json"
@@ -193,16 +191,3 @@ def load_model(source: ModelSource, device: str | torch.device = "cpu", dtype: t
 
 def image_size_of(source: ModelSource) -> int:
     return preset_image_size(source.model_config.preset)
-
-
-def check_model(model: str | None, flag: str = "--model", image: str | None = None, verify: bool = False) -> None:
-    """Every path problem of `model` (and `image`), then of the base weights its config names, and an
-    export's files against its manifest (sizes; sha256 too with `verify`), saying which on stderr;
-    no weights are loaded. A command runs this first: a wrong path is one line per problem before
-    any weights are read, instead of a traceback after the model has loaded."""
-    require([p for p in (path_problem(model, flag, "dir"), image_problem(image) if image else None) if p])
-    if model is not None:
-        source = resolve_source(model)
-        require(model_path_problems(source.model_config, where=str(source.path)))
-        if (checked := verify_export(source, full=verify)) is not None:
-            print(f"verified: {checked}", file=sys.stderr)
