@@ -14,6 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mmgpt.run_layout import (ADAPTER_DIR, CHECKPOINTS_DIR, DATA_REPORT, DS_CONFIG, TENSORBOARD_DIR, TRAIN_CONFIG,
+                              TRAINED_WITH)
+
 log = logging.getLogger("mmgpt.train")
 
 EXIT_CONFIG = 2  # bad config / DeepSpeed JSON / checkpoint: nothing trained
@@ -102,7 +105,7 @@ def validate(cfg, resume: bool, allow_unverified: bool = False) -> tuple[dict[st
     ds = resolve_batch(ds, cfg.packing.rows_per_batch, cfg.schedule.grad_accum, world, where=cfg.deepspeed)
     mixture_cfg = MixtureConfig.load(cfg.mixture)
     cfg.check_rows(mixture_cfg.max_length)
-    manager = CheckpointManager(Path(cfg.output_dir) / "checkpoints", cfg.keep_last)
+    manager = CheckpointManager(Path(cfg.output_dir) / CHECKPOINTS_DIR, cfg.keep_last)
     if not resume and manager.latest() is not None:
         raise CheckpointError(f"{manager.root} already has checkpoints (latest {manager.latest()}): "
                               "pass --resume auto to continue, or choose another output_dir")
@@ -136,7 +139,7 @@ def _train(cfg, ds: dict[str, Any], mixture_cfg, resume: bool, stop_at_step: int
         trainer.monitor.close()
         reports = eng.all_gather(trainer.stream.report(), info.world)
         if info.is_rank0:
-            (out / "data_report.json").write_text(json.dumps(merge_reports(reports), indent=2))
+            (out / DATA_REPORT).write_text(json.dumps(merge_reports(reports), indent=2))
 
     try:
         reason = trainer.train(stop_at_step)
@@ -148,9 +151,9 @@ def _train(cfg, ds: dict[str, Any], mixture_cfg, resume: bool, stop_at_step: int
         log.info("%s. Checkpoint: %s (--resume auto continues from it)", reason,
                  trainer.manager.root / trainer.manager.latest())
     elif info.is_rank0:
-        trainer.model.lang_encoder.save_pretrained(str(out / "adapter"))
+        trainer.model.lang_encoder.save_pretrained(str(out / ADAPTER_DIR))
         log.info("%s at step %d. TensorBoard: %s  checkpoints: %s  adapter: %s", reason, trainer.step,
-                 out / "tensorboard", trainer.manager.root, out / "adapter")
+                 out / TENSORBOARD_DIR, trainer.manager.root, out / ADAPTER_DIR)
     dist.barrier()
     dist.destroy_process_group()
     return EXIT_STOPPED if trainer.stopped is not None else 0
@@ -172,7 +175,7 @@ def prepare(cfg, ds: dict[str, Any], mixture_cfg, info, resume: bool, allow_unve
     from mmgpt.train.monitor import Monitor, device_peak_flops
 
     out = Path(cfg.output_dir)
-    manager = CheckpointManager(out / "checkpoints", cfg.keep_last)
+    manager = CheckpointManager(out / CHECKPOINTS_DIR, cfg.keep_last)
     model, tokenizer = build_model(cfg.model, device=info.device, dtype=eng.model_dtype(ds))
     image_size = preset_image_size(cfg.model.preset)
     mixture = Mixture(mixture_cfg, tokenizer, image_size, max_images=cfg.packing.max_images_per_row,
@@ -205,8 +208,8 @@ def prepare(cfg, ds: dict[str, Any], mixture_cfg, info, resume: bool, allow_unve
                         s.epochs, state=position, media_attention=cfg.model.media_attention)
     loader = BatchLoader(stream, cfg.data_workers, prefetch=2 * s.grad_accum, pin_memory=info.device.type == "cuda")
     if info.is_rank0:
-        cfg.save(out / "config.yaml")
-        (out / "ds_config.json").write_text(json.dumps(ds, indent=2))
+        cfg.save(out / TRAIN_CONFIG)
+        (out / DS_CONFIG).write_text(json.dumps(ds, indent=2))
     peak, peak_source = device_peak_flops(cfg.peak_flops, cfg.cpu_peak_flops)
     log.info("world %d, %d step(s) (%d per epoch), global batch %d rows of %d tokens; data workers %d; "
              "MFU peak: %s", info.world, total, per_epoch, ds["train_batch_size"], cfg.packing.max_tokens,
@@ -233,7 +236,7 @@ def apply_changes(engine, step_dir: Path, record: dict[str, Any], step: int) -> 
     record, changes = run_record.resume(step_dir, record, step)
     for change in changes:
         log.info("resume at step %d: %s changed from %r to %r: %s (recorded in %s of later checkpoints)",
-                 step, change["field"], change["old"], change["new"], change["effect"], run_record.RECORD)
+                 step, change["field"], change["old"], change["new"], change["effect"], TRAINED_WITH)
     if any(change["field"].startswith("schedule.") for change in changes):
         eng.apply_schedule(engine)
     return record

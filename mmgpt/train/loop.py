@@ -44,6 +44,7 @@ from mmgpt.train.config import TrainConfig
 from mmgpt.contracts import PackedBatch
 from mmgpt.train.loss import LossOutput, packed_loss
 from mmgpt.perf import StepShape, step_flops
+from mmgpt.run_layout import order_log
 from mmgpt.train import checkpointing as ckpt
 from mmgpt.train.data import BatchLoader
 from mmgpt.train.engine import DistInfo, all_gather, all_reduce_sum
@@ -169,8 +170,7 @@ class Trainer:
         self.accum = cfg.schedule.grad_accum
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.monitor.log_config(cfg.to_dict(), step)
-        out = Path(cfg.output_dir)
-        self._order_log = ckpt.open_order_log(out / "data_order" / f"rank_{dist_info.rank:03d}.jsonl", step)
+        self._order_log = ckpt.open_order_log(order_log(Path(cfg.output_dir), dist_info.rank), step)
 
     def train(self, stop_at_step: int | None = None) -> str:
         """Train until total_steps, the end of the data, stop_at_step or a stop request (a signal
