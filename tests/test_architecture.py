@@ -34,9 +34,6 @@ EXCEPTIONS = {
     ("mmgpt.inference.chat", "mmgpt.commands"),
     ("mmgpt.inference.serve", "mmgpt.commands"),
     ("mmgpt.data.cli", "mmgpt.commands"),
-    # issue 19: the memory plan measures benchmarks.packing's synthetic samples while the benchmarks
-    # import train (train <-> benchmarks).
-    ("mmgpt.train.memory_plan", "mmgpt.benchmarks"),
 }
 NEUTRAL = ("mmgpt.contracts", "mmgpt.media", "mmgpt.tokenizer", "mmgpt.configfile", "mmgpt.run_layout",
            "mmgpt.manifest")

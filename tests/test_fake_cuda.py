@@ -39,7 +39,7 @@ from torch._subclasses.fake_tensor import (DataDependentOutputException, FakeTen
                                           FakeTensorMode)
 
 import mmgpt_kernels.varlen as varlen
-from mmgpt.benchmarks.packing import synthetic_samples
+from mmgpt.data.synthetic import synthetic_samples
 from mmgpt.contracts import PackedBatch
 from mmgpt.data.packing import Packer, PackingConfig
 from mmgpt.models.builder import ModelConfig, build_model, preset_image_size

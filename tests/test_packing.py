@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from mmgpt.benchmarks.packing import synthetic_samples
+from mmgpt.data.synthetic import synthetic_samples
 from mmgpt.contracts import IGNORE_INDEX, TokenizedSample
 from mmgpt.data.packing import Packer, PackingConfig, collate, packing_efficiency
 
