@@ -263,8 +263,8 @@ def check_restored(model: nn.Module, tag: str) -> None:
 
 def restore(engine: Any, model: nn.Module, manager: CheckpointManager, world: int, rank: int,
             allow_unverified: bool = False) -> tuple[int, dict[str, Any] | None, int] | None:
-    """Load the latest checkpoint: (step, this rank's data position, consecutive non-finite), or
-    None when there is none.
+    """Load the latest checkpoint: (step, this rank's data position as stored, i.e. a
+    `StreamPosition.to_dict()`, consecutive non-finite), or None when there is none.
 
     Before anything is loaded, rank 0 checks the files against the manifest and loads each one
     weights-only (`verify`; one read of the shared filesystem; a checkpoint without a manifest
