@@ -47,11 +47,12 @@ import mmgpt
 from mmgpt import model_card
 from mmgpt.data.conversation import Conversation, Round, tokenize
 from mmgpt.data.templates import chat_template
-from mmgpt.inference.model_dir import (ADAPTER_DIR, DTYPES, EXPORT_CONFIG, LANGUAGE_MODEL_DIR, OPENFLAMINGO_DIR,
-                                       OPENFLAMINGO_FILE, ModelSource, image_size_of, load_model, resolve_source)
-from mmgpt.manifest import MANIFEST, file_digests
+from mmgpt.inference.model_dir import DTYPES, ModelSource, image_size_of, load_model, resolve_source
+from mmgpt.manifest import EXPORT_SIZE, write_manifest
 from mmgpt.media import row_layout
 from mmgpt.models.flamingo import Flamingo, MediaContext
+from mmgpt.run_layout import (ADAPTER_CONFIG, ADAPTER_DIR, EXPORT_CONFIG, LANGUAGE_MODEL_DIR, MODEL_CARD,
+                              OPENFLAMINGO_DIR, OPENFLAMINGO_FILE, OPENFLAMINGO_PICKLE)
 
 EXPORT_FORMAT = "mmgpt-export/1"
 MERGE_TOLERANCE = 1e-4  # fp32: max |merged - adapter| <= 1e-4 * max(1, max |adapter logit|)
@@ -154,7 +155,7 @@ def write_openflamingo(model: Flamingo, out: Path, dtype: torch.dtype) -> None:
     out.mkdir(parents=True)
     state = {k: v.to(dtype) for k, v in openflamingo_state(model).items()}
     save_file(state, str(out / OPENFLAMINGO_FILE), metadata={"format": "pt"})
-    torch.save(state, out / "checkpoint.pt")
+    torch.save(state, out / OPENFLAMINGO_PICKLE)
 
 
 def versions() -> dict[str, str]:
@@ -188,7 +189,7 @@ def export(checkpoint: str | Path, out: str | Path, merge: bool = False, dtype_n
             raise ValueError(f"{checkpoint} is already a merged export; export from the training run instead")
         model, tokenizer = load_model(source, dtype=torch.float32)  # fp32: exact merge, exact check
         model.lang_encoder.save_pretrained(str(staging / ADAPTER_DIR))
-        adapter_config = staging / ADAPTER_DIR / "adapter_config.json"
+        adapter_config = staging / ADAPTER_DIR / ADAPTER_CONFIG
         lora = json.loads(adapter_config.read_text())
         lora["base_model_name_or_path"] = source.model_config.llama_path or f"mmgpt:{source.model_config.preset}"
         adapter_config.write_text(json.dumps(lora, indent=2))
@@ -201,14 +202,12 @@ def export(checkpoint: str | Path, out: str | Path, merge: bool = False, dtype_n
             write_openflamingo(model, staging / OPENFLAMINGO_DIR, dtype)
         (staging / EXPORT_CONFIG).write_text(json.dumps(export_config(source, merge, dtype_name), indent=2))
         summary = model_card.training_summary(model_card.find_run_dir(Path(checkpoint)))
-        (staging / "README.md").write_text(model_card.render(source.model_config, lora, merge, dtype_name, summary))
-        files = {rel: {"sha256": d.sha256, "bytes": d.size} for rel, d in file_digests(staging).items()}
-        manifest = {"format": EXPORT_FORMAT, "created": datetime.now(timezone.utc).isoformat(),
-                    "versions": versions(), "source": {"path": str(Path(checkpoint).resolve()),
-                                                       "kind": source.kind, "adapter": str(source.adapter_dir.resolve())},
-                    "lora": lora, "merged": merge, "dtype": dtype_name, "merge_check": merge_check,
-                    "files": files}
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        (staging / MODEL_CARD).write_text(model_card.render(source.model_config, lora, merge, dtype_name, summary))
+        about = {"format": EXPORT_FORMAT, "created": datetime.now(timezone.utc).isoformat(),
+                 "versions": versions(), "source": {"path": str(Path(checkpoint).resolve()),
+                                                    "kind": source.kind, "adapter": str(source.adapter_dir.resolve())},
+                 "lora": lora, "merged": merge, "dtype": dtype_name, "merge_check": merge_check}
+        write_manifest(staging, about, size_key=EXPORT_SIZE)
         if out.exists():
             out.rmdir()
         staging.rename(out)

@@ -15,9 +15,8 @@ from typing import Any
 import yaml
 
 from mmgpt.models.builder import ModelConfig
-from mmgpt.run_layout import TRAIN_CONFIG
+from mmgpt.run_layout import DATA_REPORT, TENSORBOARD_DIR, TRAIN_CONFIG
 
-DATA_REPORT = "data_report.json"
 TRAIN_SCALARS = ("train/loss", "train/loss_language", "train/loss_vl")
 
 
@@ -38,7 +37,7 @@ def training_summary(run: Path | None) -> dict[str, Any]:
     if report.is_file():
         sources = json.loads(report.read_text())["sources"]
         summary["data"] = {name: src["kept"] for name, src in sources.items()}
-    events = sorted((run / "tensorboard").glob("events.out.tfevents.*"))
+    events = sorted((run / TENSORBOARD_DIR).glob("events.out.tfevents.*"))
     if events:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -170,6 +170,7 @@ def test_manifest_hashes_and_config(exported):
     assert set(manifest["files"]) == files
     for rel, info in manifest["files"].items():
         assert hashlib.sha256((out / rel).read_bytes()).hexdigest() == info["sha256"]
+        assert info["bytes"] == (out / rel).stat().st_size  # the export's size field, as every export wrote it
     assert {"torch", "transformers", "peft", "mmgpt"} <= set(manifest["versions"])
     assert manifest["lora"]["r"] == 16 and manifest["source"]["kind"] == "train"
     config = json.loads((out / "mmgpt_config.json").read_text())
@@ -235,6 +236,22 @@ def test_checkpoint_dirs_resolve(tmp_path, capsys):
     _mkdir(tmp_path / "full").joinpath("x").write_text("x")
     assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "full")]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_a_runs_model_section_is_read_as_train_config_reads_it(exported, tmp_path):
+    """Inference reads a run's config.yaml without TrainConfig (`run_layout.run_model_section`):
+    the same ModelConfig as `TrainConfig.load`, a relative path (only a hand edit leaves one)
+    resolved against the run's folder, and a run written before `media_attention` loads as previous."""
+    run = shutil.copytree(exported[0], tmp_path / "run")
+    written = yaml.safe_load((run / "config.yaml").read_text())
+    written["model"]["llama_path"] = "../llama"
+    del written["model"]["media_attention"]
+    (run / "config.yaml").write_text(yaml.safe_dump(written))
+    got = resolve_source(run).model_config
+    assert got.llama_path == str((tmp_path / "llama").resolve()) and got.media_attention == "previous"
+    with_mode = {**written["model"], "media_attention": "previous"}
+    (run / "config.yaml").write_text(yaml.safe_dump({**written, "model": with_mode}))
+    assert got == TrainConfig.load(run / "config.yaml").model
 
 
 def test_media_attention_is_recorded_and_legacy_configs_load_as_previous(tmp_path):

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from mmgpt.benchmarks.packing import synthetic_samples
 from mmgpt.contracts import IGNORE_INDEX, TokenizedSample
-from mmgpt.data.packing import Packer, PackingConfig, collate, packing_efficiency
+from mmgpt.data.packing import Packer, PackerState, PackingConfig, collate, packing_efficiency
+from mmgpt.data.synthetic import synthetic_samples
 
 IMG = 1001  # <image> id of the bundled tiny tokenizer (vocab 1000 + 3)
 X = IGNORE_INDEX
@@ -222,16 +222,16 @@ def test_resume_equals_uninterrupted_stream(rows_per_batch: int) -> None:
         packer = Packer(cfg, IMG)
         stream = packer.pack(samples)
         head = [next(stream) for _ in range(cut)]
-        state = json.loads(json.dumps(packer.state()))  # it goes through a checkpoint file
-        assert len(state["buffer"]) <= cfg.buffer_size
+        state = PackerState.from_dict(json.loads(json.dumps(packer.state().to_dict())))  # through a checkpoint file
+        assert len(state.buffer) <= cfg.buffer_size
         resumed = Packer.resume(cfg, IMG, state, by_index.get)
-        rest = [s for s in samples if s.index >= state["next_index"]]
+        rest = [s for s in samples if s.index >= state.next_index]
         tail = list(resumed.pack(rest))
         assert _signature(head + tail) == _signature(full)
 
 
 def test_resume_reports_unloadable_buffered_sample() -> None:
-    state = {"next_index": 10, "buffer": [3]}
+    state = PackerState(next_index=10, buffer=(3,))
     with pytest.raises(ValueError, match="sample index 3 was buffered"):
         Packer.resume(PackingConfig(), IMG, state, lambda i: None)
 
@@ -264,8 +264,8 @@ def test_bundled_data_packs_efficiently_and_resumes_exactly(bundled_mixture, tin
     packer = Packer(cfg, image_id)
     stream = packer.pack(_epoch(bundled_mixture))
     head = [next(stream) for _ in range(len(full) // 3)]
-    state = json.loads(json.dumps(packer.state()))
+    state = PackerState.from_dict(json.loads(json.dumps(packer.state().to_dict())))
     resumed = Packer.resume(cfg, image_id, state, bundled_mixture.load)
-    tail = list(resumed.pack(_epoch(bundled_mixture, state["next_index"])))
+    tail = list(resumed.pack(_epoch(bundled_mixture, state.next_index)))
     assert _signature(head + tail) == _signature(full)
     assert all(torch.equal(a.images, b.images) for a, b in zip(head + tail, full))

@@ -12,7 +12,7 @@ import yaml
 
 from mmgpt.train.config import TrainConfig
 from mmgpt.data.sample import write_sample
-from mmgpt.run_layout import CheckpointError
+from mmgpt.run_layout import TRAINED_WITH, CheckpointError
 from mmgpt.train import run_record
 from mmgpt.train.checkpointing import MANIFEST, CheckpointManager, tag_for, write_manifest
 from mmgpt.train.recipe import RunOptions, TrainRecipe
@@ -134,7 +134,7 @@ def test_missing_manifest_is_refused_before_any_model_build_unless_asked(trained
 
 @pytest.mark.parametrize("text, problem", [("{", "is unreadable"), ("[]", "has no `fields` mapping")])
 def test_a_damaged_record_is_one_line(trained, mixture, text, problem):
-    path = trained / "checkpoints" / tag_for(STEP) / run_record.RECORD
+    path = trained / "checkpoints" / tag_for(STEP) / TRAINED_WITH
     path.write_text(text)
     with pytest.raises(CheckpointError, match=rf"^{path} {problem}.*; refusing to resume$"):
         validate(config(trained, mixture), resume=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch
 from mmgpt.data.mixture import Mixture, MixtureConfig
 from mmgpt.data.packing import PackingConfig
 from mmgpt.data.sample import write_sample
-from mmgpt.train.data import BatchLoader, DataWorkerError, RankStream, count_batches, merge_reports
+from mmgpt.train.data import BatchLoader, DataWorkerError, RankStream, StreamPosition, count_batches, merge_reports
 
 IMAGE_SIZE = 32
 PACKING = PackingConfig(max_tokens=256, max_images_per_row=8, buffer_size=6, rows_per_batch=1, seed=3)
@@ -53,10 +54,30 @@ def test_resumed_stream_continues_exactly(mixture, image_token_id):
     for stop in (1, 4, len(full) // 2 - 1, len(full) // 2, len(full) // 2 + 1):  # incl. the epoch boundary
         first = RankStream(mixture, PACKING, image_token_id, IMAGE_SIZE, rank, world, epochs=2)
         head = [first.next_batch().sample_ids for _ in range(stop)]
-        state = json.loads(json.dumps(first.state()))  # what the checkpoint stores
+        state = json.loads(json.dumps(first.state().to_dict()))  # what the checkpoint stores
         resumed = RankStream(mixture, PACKING, image_token_id, IMAGE_SIZE, rank, world, epochs=2, state=state)
         assert head + drain(resumed) == full, stop
     assert full[: len(full) // 2] == full[len(full) // 2:]  # 2 epochs of the same order
+
+
+def test_a_position_stored_by_the_old_code_resumes_exactly(mixture, image_token_id):
+    """tests/fixtures/stream_positions_5a0f41f.json was written by mmgpt at commit 5a0f41f (before
+    the position was typed): `RankStream.state()` after k batches, through JSON as a checkpoint
+    holds it, and the sample ids of the whole uninterrupted stream (this file's mixture and
+    PACKING, rank 1 of 2, two epochs, random media attention). Today's code reads each stored
+    position and continues exactly where that code would have."""
+    old = json.loads((Path(__file__).parent / "fixtures" / "stream_positions_5a0f41f.json").read_text())
+    rank, world, full = old["rank"], old["world"], old["sample_ids"]
+
+    def stream(state=None):
+        return RankStream(mixture, PACKING, image_token_id, IMAGE_SIZE, rank, world, epochs=2, state=state,
+                          media_attention="random")
+
+    assert drain(stream()) == full  # today's stream is the one the positions were taken from
+    assert len(old["positions_after_batches"]) == 5
+    for stop, stored in old["positions_after_batches"].items():
+        assert StreamPosition.from_dict(stored).to_dict() == stored  # read and written back unchanged
+        assert drain(stream(stored)) == full[int(stop):], stop
 
 
 def test_window_and_count(mixture, image_token_id):
@@ -86,7 +107,7 @@ def windows(loader: BatchLoader, accum: int) -> list[tuple[list, dict]]:
     """Every window of `loader` with the position the loader reports after it."""
     out = []
     while window := loader.window(accum):
-        out.append((window, json.loads(json.dumps(loader.state()))))
+        out.append((window, json.loads(json.dumps(loader.state().to_dict()))))
     return out
 
 

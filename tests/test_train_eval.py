@@ -62,7 +62,7 @@ def test_no_rank_stream_ever_yields_a_held_out_record(data, tiny_tokenizer):
             first = RankStream(mix, PACKING, image_token_id, size, rank, world, epochs=2)
             head = [first.mixture.conversation(i).origin for _ in range(2) for i in first.next_batch().sample_ids]
             resumed = RankStream(mix, PACKING, image_token_id, size, rank, world, epochs=2,
-                                 state=json.loads(json.dumps(first.state())))
+                                 state=json.loads(json.dumps(first.state().to_dict())))
             trained += head + drain_origins(resumed)
         assert trained and not held & set(trained), world
 

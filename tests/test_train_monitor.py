@@ -12,11 +12,11 @@ import torch.distributed as dist
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mmgpt.data.mixture import Mixture, MixtureConfig
-from mmgpt.data.packing import PackingConfig
+from mmgpt.data.packing import PackerState, PackingConfig
 from mmgpt.data.sample import write_sample
 from mmgpt.models.builder import ModelConfig, build_model
-from mmgpt.train.data import RankStream
-from mmgpt.train.loop import WindowStats, epoch_samples
+from mmgpt.train.data import RankStream, StreamPosition
+from mmgpt.train.loop import WindowStats
 from mmgpt.train.loss import LossOutput
 from mmgpt.train.monitor import Monitor, StepMetrics, device_peak_flops, gate_values, progress_bar
 
@@ -117,7 +117,7 @@ def test_window_stats_sum_loss_per_source_and_epoch_progress(tmp_path, process_g
         out = LossOutput(loss_sum=2.0 * counts.sum().double(), num_supervised=batch.num_supervised,
                          sample_loss_sum=2.0 * counts.float(), sample_count=counts)
         stats.add(batch, out, batch.is_vl)
-    totals = stats.totals(epoch_samples(stream.state(), 0, 1, len(mixture)))
+    totals = stats.totals(stream.state().consumed(0, 1, len(mixture)))
     seen = {s for b in batches for s in b.sources}
     assert {n for n, c in totals["source_supervised"].items() if c} == seen
     assert sum(totals["source_supervised"].values()) == totals["supervised"] == sum(b.num_supervised for b in batches)
@@ -126,14 +126,14 @@ def test_window_stats_sum_loss_per_source_and_epoch_progress(tmp_path, process_g
     assert totals["epoch_samples"] == sum(b.num_samples for b in batches)  # the sample data drops nothing
     while stream.next_batch() is not None:  # the end of the epoch: exactly 1.0
         pass
-    assert epoch_samples(stream.state(), 0, 1, len(mixture)) == len(mixture)
+    assert stream.state().consumed(0, 1, len(mixture)) == len(mixture)
 
 
 def test_epoch_samples_add_up_over_ranks_to_whole_epochs():
     n, world = 10, 3
-    at = lambda epoch, next_index, buffered: {"epoch": epoch, "packer": {"next_index": next_index,  # noqa: E731
-                                                                        "buffer": list(range(buffered))}}
-    assert sum(epoch_samples(at(0, n, 0), r, world, n) for r in range(world)) == n  # ranks hold 4, 3, 3
-    assert sum(epoch_samples(at(1, 0, 0), r, world, n) for r in range(world)) == n
-    assert epoch_samples(at(0, 7, 1), 1, world, n) == 1  # positions 1, 4 read, one still buffered
-    assert epoch_samples(at(2, 1, 0), 0, world, n) == 2 * 4 + 1
+    at = lambda epoch, next_index, buffered: StreamPosition(epoch, PackerState(next_index,  # noqa: E731
+                                                                                tuple(range(buffered))))
+    assert sum(at(0, n, 0).consumed(r, world, n) for r in range(world)) == n  # ranks hold 4, 3, 3
+    assert sum(at(1, 0, 0).consumed(r, world, n) for r in range(world)) == n
+    assert at(0, 7, 1).consumed(1, world, n) == 1  # positions 1, 4 read, one still buffered
+    assert at(2, 1, 0).consumed(0, world, n) == 2 * 4 + 1

@@ -7,7 +7,7 @@ one packed row: the loss forward (LM head on the supervised positions) and its b
 trainable, activation checkpointing off unless asked. It also prints the op-name histogram and
 times the same step outside the profiler.
 
-The row is realistic: `synthetic_samples` (the packing benchmark's length mix: captions, VQA,
+The row is realistic: `data/synthetic.py`'s samples (MultiModal-GPT's length mix: captions, VQA,
 LLaVA answers with one image each, text-only Dolly/Alpaca/Baize) packed by the streaming packer
 into rows of `--max-tokens`; the row measured is the middle one of the stream, and its sample
 indices are written to the JSON so that another revision can rebuild the same row.
@@ -51,7 +51,7 @@ def preset_for(name: str):
 
 def row_samples(model, side: int, max_tokens: int, seed: int, pool: int):
     """(all synthetic samples, the sample indices of the measured row, packing rows seen)."""
-    from mmgpt.benchmarks.packing import synthetic_samples
+    from mmgpt.data.synthetic import synthetic_samples
     from mmgpt.data.packing import Packer, PackingConfig
 
     image = torch.randn(3, side, side, generator=torch.Generator().manual_seed(seed))

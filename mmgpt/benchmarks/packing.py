@@ -6,17 +6,11 @@ supervised tokens/s compare the cost of the same useful work:
   padded  k samples per forward (k = samples per packed row on average), right-padded to the
           longest, with an attention mask, through HF's padded LLaMA path (`attention_mask`);
   packed  rows of `max_tokens` from the streaming Packer (varlen attention, no padding).
-The length mix imitates MultiModal-GPT's training data in LLaMA tokens (template included):
-short COCO captions and VQA, long LLaVA answers and dialogues, Dolly/Alpaca/Baize text with a
-long tail. Token ids are random: only lengths, image counts and supervision matter for speed.
-(`mmgpt data sample` text goes through the bundled 1000-piece tokenizer, whose lengths are not
-LLaMA's, so it would misstate LLaMA-sized rows.)
+The samples are `data/synthetic.py`'s: MultiModal-GPT's length mix in LLaMA tokens, random ids.
 """
 from __future__ import annotations
 
 import json
-import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +21,7 @@ import torch.nn.functional as F
 
 from mmgpt.contracts import IGNORE_INDEX, PackedBatch, TokenizedSample
 from mmgpt.data.packing import Packer, PackingConfig, collate, packing_efficiency
+from mmgpt.data.synthetic import synthetic_samples
 from mmgpt.perf import StepShape, peak_bf16_flops, step_flops
 from mmgpt.train.loss import packed_loss
 
@@ -48,73 +43,6 @@ class PackingBenchOptions:
     threads: int  # 0: torch's default
     peak_tflops: float | None
     seed: int
-
-
-@dataclass(frozen=True)
-class SourceLengths:
-    """Length model of one source: lognormal around `median` tokens, `weight` = share of samples."""
-
-    name: str
-    is_vl: bool
-    median: int
-    sigma: float
-    weight: float
-    response_share: float  # fraction of the tokens that are supervised (the responses)
-
-
-LENGTH_MIX: tuple[SourceLengths, ...] = (
-    SourceLengths("coco_caption", True, 70, 0.15, 0.10, 0.2),
-    SourceLengths("aokvqa", True, 105, 0.25, 0.08, 0.3),
-    SourceLengths("ocr_vqa", True, 90, 0.30, 0.05, 0.2),
-    SourceLengths("minigpt4", True, 150, 0.30, 0.05, 0.6),
-    SourceLengths("llava_detail", True, 250, 0.25, 0.07, 0.7),
-    SourceLengths("llava_complex", True, 300, 0.30, 0.07, 0.7),
-    SourceLengths("llava_conversation", True, 380, 0.50, 0.08, 0.6),
-    SourceLengths("dolly", False, 180, 0.80, 0.20, 0.5),
-    SourceLengths("alpaca_gpt4", False, 250, 0.55, 0.20, 0.7),
-    SourceLengths("baize", False, 420, 0.50, 0.10, 0.6),
-)
-
-
-def synthetic_samples(
-    n: int,
-    *,
-    vocab_size: int,
-    image_token_id: int,
-    image: torch.Tensor,
-    max_tokens: int = 4096,
-    seed: int = 0,
-) -> list[TokenizedSample]:
-    """`n` samples drawn from LENGTH_MIX (indices 0..n-1), random ids below `vocab_size`.
-
-    VL samples hold one `<image>` token right after BOS and share the tensor `image` (the frozen
-    vision tower costs the same for any pixels), so thousands of samples cost little memory.
-    Ids 0..2 (unk, BOS, EOS) and `image_token_id` never appear as ordinary text.
-    """
-    rng = random.Random(seed)
-    weights = [s.weight for s in LENGTH_MIX]
-    text_ids = [t for t in range(3, vocab_size) if t != image_token_id]
-    samples: list[TokenizedSample] = []
-    for index in range(n):
-        source = rng.choices(LENGTH_MIX, weights)[0]
-        length = round(rng.lognormvariate(math.log(source.median), source.sigma))
-        length = max(8, min(length, max_tokens))
-        ids = [1] + [rng.choice(text_ids) for _ in range(length - 2)] + [2]
-        if source.is_vl:
-            ids[1] = image_token_id
-        prompt = max(2, length - round(length * source.response_share))
-        labels = [IGNORE_INDEX] * prompt + ids[prompt:]
-        samples.append(
-            TokenizedSample(
-                input_ids=ids,
-                labels=labels,
-                images=[image] if source.is_vl else [],
-                source=source.name,
-                is_vl=source.is_vl,
-                index=index,
-            )
-        )
-    return samples
 
 
 def padded_loss_sum(model, samples: list[TokenizedSample]) -> torch.Tensor:

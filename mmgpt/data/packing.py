@@ -10,13 +10,14 @@ bounded memory. Each row is seeded with the longest buffered sample and then rep
 longest sample that still fits its remaining tokens and image budget (best fit for the gap),
 paced so that rows consume images at the buffer's rate (see `Packer._take_row`).
 Which samples form a row depends only on the SET of buffered samples and the seed, never on
-arrival order, so the stream can be recreated exactly from `Packer.state()` (exact resume).
+arrival order, so the stream can be recreated exactly from `Packer.state()`, a `PackerState`
+(exact resume).
 """
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -148,6 +149,23 @@ class PackingConfig:
                 raise ValueError(f"PackingConfig.{name} must be >= 1, got {getattr(self, name)}")
 
 
+@dataclass(frozen=True)
+class PackerState:
+    """Where a packer's input stands after a yielded batch: the next epoch position to read and
+    the epoch positions of the samples still buffered. A checkpoint stores its `to_dict()`."""
+
+    next_index: int = 0
+    buffer: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"next_index": self.next_index, "buffer": list(self.buffer)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PackerState":
+        """Read what `to_dict` wrote (every checkpoint so far stored this form)."""
+        return cls(int(data["next_index"]), tuple(int(i) for i in data["buffer"]))
+
+
 # A buffered sample: (-length, tiebreak, unique order, number of images, sample). The tiebreak is
 # a stateless seeded hash of the order, so a resumed packer orders its buffer exactly as the
 # uninterrupted one did. The first three fields are unique, so sorting never compares samples
@@ -160,7 +178,7 @@ class Packer:
 
     Exact resume: after a batch is yielded, `state()` says which samples are still buffered and
     where the input stream continues; `Packer.resume(cfg, image_token_id, state, load_fn)`
-    rebuilds the buffer and `pack(stream from state["next_index"])` then yields exactly the
+    rebuilds the buffer and `pack(stream from state.next_index)` then yields exactly the
     batches the uninterrupted packer would have yielded. `media_attention` / `media_seed` go to
     `collate` (a random-mode coin depends only on the seed and the sample's epoch index).
     """
@@ -190,36 +208,36 @@ class Packer:
         """Number of samples held right now (never more than cfg.buffer_size)."""
         return len(self._buffer)
 
-    def state(self) -> dict[str, int | list[int]]:
-        """Where the stream stands after the last yielded batch (JSON-serialisable)."""
+    def state(self) -> PackerState:
+        """Where the stream stands after the last yielded batch."""
         if self._ad_hoc:
             raise ValueError("packer state needs samples with an epoch index (index >= 0)")
-        return {"next_index": self._next_index, "buffer": sorted(e[4].index for e in self._buffer)}
+        return PackerState(self._next_index, tuple(sorted(e[4].index for e in self._buffer)))
 
     @classmethod
     def resume(
         cls,
         cfg: PackingConfig,
         image_token_id: int,
-        state: dict,
+        state: PackerState,
         load_fn: Callable[[int], TokenizedSample | None],
         image_size: tuple[int, int] | None = None,
         media_attention: str = "next",
         media_seed: int = 0,
     ) -> "Packer":
-        """A packer whose buffer is `state["buffer"]` reloaded through `load_fn(index)`.
+        """A packer whose buffer is `state.buffer` reloaded through `load_fn(index)`.
 
-        Feed its `pack()` the epoch stream starting at `state["next_index"]`.
+        Feed its `pack()` the epoch stream starting at `state.next_index`.
         """
         packer = cls(cfg, image_token_id, image_size, media_attention, media_seed)
-        for index in state["buffer"]:
+        for index in state.buffer:
             sample = load_fn(index)
             if sample is None:
                 raise ValueError(f"resume: sample index {index} was buffered but now loads as None")
             if sample.index != index:
                 raise ValueError(f"resume: load_fn({index}) returned sample index {sample.index}")
             packer._admit(sample)
-        packer._next_index = int(state["next_index"])
+        packer._next_index = state.next_index
         return packer
 
     def pack(self, samples: Iterable[TokenizedSample]) -> Iterator[PackedBatch]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -146,91 +147,120 @@ def _llava_turns(w: _Writer, rounds: list[tuple[str, str]], image: bool = True) 
     return turns
 
 
-def write_sample(out: Path, records: int = DEFAULT_RECORDS, seed: int = 0, image_size: int = 32,
-                 max_length: int = 2048) -> Path:
-    """Write the dataset under `out` and return the path of `out/mixture.yaml`."""
-    out = Path(out)
-    rng = random.Random(seed)
-    w = _Writer(rng)
-    count = {k: max(2, round(v * records)) for k, v in SHARES.items()}
-    coco_ids = rng.sample(range(1, 581930), max(8, records // 10))
-    train2017 = lambda i: f"{i:012d}.jpg"  # noqa: E731
+def _train2017(image_id: int) -> str:
+    """COCO train2017's file name of an image id."""
+    return f"{image_id:012d}.jpg"
 
+
+@dataclass
+class _Draw:
+    """What every source's writer shares. They all draw from the one RNG, so they run in a fixed
+    order (`WRITERS`): the same seed gives byte-identical files."""
+
+    out: Path
+    rng: random.Random
+    w: _Writer
+    count: dict[str, int]  # records per file (SHARES of the budget)
+    coco_ids: list[int]  # the COCO train2017 images the VL records refer to
+
+
+def _write_dolly(d: _Draw) -> None:
     dolly = []
-    for _ in range(count["dolly"]):
-        has_context = rng.random() < 0.4
+    for _ in range(d.count["dolly"]):
+        has_context = d.rng.random() < 0.4
         dolly.append({
-            "instruction": f"What does the passage say about the {w.pick(NOUNS)}?" if has_context
-            else w.instruction(),
-            "context": w.text(3, 10) if has_context else "",
-            "response": w.text(1, 2) if rng.random() < 0.5 else w.text(3, 14),
-            "category": rng.choice(["closed_qa", "open_qa", "brainstorming", "creative_writing", "summarization"]),
+            "instruction": f"What does the passage say about the {d.w.pick(NOUNS)}?" if has_context
+            else d.w.instruction(),
+            "context": d.w.text(3, 10) if has_context else "",
+            "response": d.w.text(1, 2) if d.rng.random() < 0.5 else d.w.text(3, 14),
+            "category": d.rng.choice(["closed_qa", "open_qa", "brainstorming", "creative_writing", "summarization"]),
         })
-    _dump(out / "dolly" / "databricks-dolly-15k.jsonl", dolly, lines=True)
+    _dump(d.out / "dolly" / "databricks-dolly-15k.jsonl", dolly, lines=True)
 
+
+def _write_alpaca(d: _Draw) -> None:
     alpaca = [
-        {"instruction": w.instruction(), "input": w.paragraph(1, 4) if rng.random() < 0.4 else "",
-         "output": w.text(1, 3) if rng.random() < 0.4 else w.text(4, 16)}
-        for _ in range(count["alpaca"])
+        {"instruction": d.w.instruction(), "input": d.w.paragraph(1, 4) if d.rng.random() < 0.4 else "",
+         "output": d.w.text(1, 3) if d.rng.random() < 0.4 else d.w.text(4, 16)}
+        for _ in range(d.count["alpaca"])
     ]
-    _dump(out / "alpaca_gpt4" / "alpaca_gpt4_data.json", alpaca)
+    _dump(d.out / "alpaca_gpt4" / "alpaca_gpt4_data.json", alpaca)
+
+
+def _write_llava(d: _Draw) -> None:
+    """The three LLaVA files: detail (one long answer), complex reasoning, multi-round conversation."""
+    w = d.w
 
     def llava(n: int, make_rounds: Callable[[], list[tuple[str, str]]]) -> list[dict]:
         recs = []
         for _ in range(n):
-            image_id = rng.choice(coco_ids)
-            recs.append({"id": f"{image_id:012d}", "image": train2017(image_id),
+            image_id = d.rng.choice(d.coco_ids)
+            recs.append({"id": f"{image_id:012d}", "image": _train2017(image_id),
                          "conversations": _llava_turns(w, make_rounds())})
         return recs
 
-    llava_dir = out / "llava"
-    _dump(llava_dir / "detail_23k.json", llava(count["llava_detail"], lambda: [
+    llava_dir = d.out / "llava"
+    _dump(llava_dir / "detail_23k.json", llava(d.count["llava_detail"], lambda: [
         ("Describe the following image in detail.", w.text(10, 18))]))
-    _dump(llava_dir / "complex_reasoning_77k.json", llava(count["llava_complex"], lambda: [
+    _dump(llava_dir / "complex_reasoning_77k.json", llava(d.count["llava_complex"], lambda: [
         (w.question(), w.text(4, 10))]))
-    _dump(llava_dir / "conversation_58k.json", llava(count["llava_conversation"], lambda: [
-        (w.question(), w.text(1, 4)) for _ in range(rng.randint(2, 5))]))
+    _dump(llava_dir / "conversation_58k.json", llava(d.count["llava_conversation"], lambda: [
+        (w.question(), w.text(1, 4)) for _ in range(d.rng.randint(2, 5))]))
 
-    minigpt4 = [{"image_id": str(k + 2), "caption": w.text(2, 5).replace("\n\n", " ")}
-                for k in range(count["minigpt4"])]
-    _dump(out / "cc_sbu_align" / "filter_cap.json", {"annotations": minigpt4})
+
+def _write_minigpt4(d: _Draw) -> None:
+    minigpt4 = [{"image_id": str(k + 2), "caption": d.w.text(2, 5).replace("\n\n", " ")}
+                for k in range(d.count["minigpt4"])]
+    _dump(d.out / "cc_sbu_align" / "filter_cap.json", {"annotations": minigpt4})
     for rec in minigpt4:
-        _draw_image(out / "cc_sbu_align" / "image" / f"{rec['image_id']}.jpg", rng)
+        _draw_image(d.out / "cc_sbu_align" / "image" / f"{rec['image_id']}.jpg", d.rng)
 
-    aokvqa = []
-    for _ in range(count["aokvqa"]):
+
+def _write_aokvqa(d: _Draw) -> None:
+    rng, aokvqa = d.rng, []
+    for _ in range(d.count["aokvqa"]):
         choices = [rng.choice(NOUNS) for _ in range(4)]
         aokvqa.append({
-            "split": "train", "image_id": rng.choice(coco_ids),
+            "split": "train", "image_id": rng.choice(d.coco_ids),
             "question_id": f"q{rng.getrandbits(48):x}",
-            "question": w.question(), "choices": choices, "correct_choice_idx": rng.randrange(4),
+            "question": d.w.question(), "choices": choices, "correct_choice_idx": rng.randrange(4),
             "direct_answers": [rng.choice(choices) for _ in range(10)], "difficult_direct_answer": False,
-            "rationales": [w.sentence() for _ in range(3)],
+            "rationales": [d.w.sentence() for _ in range(3)],
         })
-    _dump(out / "aokvqa" / "aokvqa_v1p0_train.json", aokvqa)
+    _dump(d.out / "aokvqa" / "aokvqa_v1p0_train.json", aokvqa)
 
-    val_ids = rng.sample(range(1, 581930), max(2, count["coco_karpathy"] // 5))
-    karpathy = [{"caption": w.caption() + rng.choice(["", " "]),
+
+def _write_coco_karpathy(d: _Draw) -> None:
+    """Karpathy's split: captions of val2014 images (their own image files)."""
+    rng = d.rng
+    val_ids = rng.sample(range(1, 581930), max(2, d.count["coco_karpathy"] // 5))
+    karpathy = [{"caption": d.w.caption() + rng.choice(["", " "]),
                  "image": f"val2014/COCO_val2014_{i:012d}.jpg", "image_id": f"coco_{i}"}
-                for i in (rng.choice(val_ids) for _ in range(count["coco_karpathy"]))]
-    _dump(out / "coco" / "annotations" / "coco_karpathy_train.json", karpathy)
+                for i in (rng.choice(val_ids) for _ in range(d.count["coco_karpathy"]))]
+    _dump(d.out / "coco" / "annotations" / "coco_karpathy_train.json", karpathy)
     for i in val_ids:
-        _draw_image(out / "coco" / "images" / "val2014" / f"COCO_val2014_{i:012d}.jpg", rng)
+        _draw_image(d.out / "coco" / "images" / "val2014" / f"COCO_val2014_{i:012d}.jpg", rng)
 
-    caption_images = rng.sample(coco_ids, min(len(coco_ids), count["coco_captions"]))
-    annotations = [{"image_id": i, "id": rng.getrandbits(31), "caption": w.caption()}
+
+def _write_coco_captions(d: _Draw) -> None:
+    """captions_train2017.json, then every train2017 image the VL records use."""
+    rng = d.rng
+    caption_images = rng.sample(d.coco_ids, min(len(d.coco_ids), d.count["coco_captions"]))
+    annotations = [{"image_id": i, "id": rng.getrandbits(31), "caption": d.w.caption()}
                    for i in caption_images for _ in range(5)]
     rng.shuffle(annotations)  # one image's captions are not contiguous in the real file
-    _dump(out / "coco" / "annotations" / "captions_train2017.json", {
+    _dump(d.out / "coco" / "annotations" / "captions_train2017.json", {
         "info": {"description": "mmgpt sample"}, "licenses": [],
-        "images": [{"id": i, "file_name": train2017(i), "height": 48, "width": 48} for i in caption_images],
+        "images": [{"id": i, "file_name": _train2017(i), "height": 48, "width": 48} for i in caption_images],
         "annotations": annotations,
     })
-    for i in coco_ids:
-        _draw_image(out / "coco" / "images" / "train2017" / train2017(i), rng)
+    for i in d.coco_ids:
+        _draw_image(d.out / "coco" / "images" / "train2017" / _train2017(i), rng)
 
-    ocrvqa: dict[str, Any] = {}
-    for _ in range(count["ocrvqa"]):
+
+def _write_ocrvqa(d: _Draw) -> None:
+    rng, w, ocrvqa = d.rng, d.w, {}
+    for _ in range(d.count["ocrvqa"]):
         key = str(rng.randrange(10**8, 10**10))
         title = f"The {w.pick(ADJECTIVES).title()} {w.pick(NOUNS).title()}"
         author = f"{rng.choice(['Ann', 'Bo', 'Carl', 'Dana'])} {rng.choice(['Lee', 'Smith', 'Kim'])}"
@@ -242,19 +272,35 @@ def write_sample(out: Path, records: int = DEFAULT_RECORDS, seed: int = 0, image
             "answers": [author, title, genre, rng.choice(["Yes", "No"])],
             "title": title, "authorName": author, "genre": genre, "split": rng.choice([1, 1, 1, 2, 3]),
         }
-        _draw_image(out / "ocrvqa" / "images" / f"{key}.jpg", rng)
-    _dump(out / "ocrvqa" / "dataset.json", ocrvqa)
+        _draw_image(d.out / "ocrvqa" / "images" / f"{key}.jpg", rng)
+    _dump(d.out / "ocrvqa" / "dataset.json", ocrvqa)
 
+
+def _write_generic(d: _Draw) -> None:
     generic = []
-    for _ in range(count["generic"]):
-        rounds = [(w.question(), w.text(1, 3)) for _ in range(rng.randint(1, 3))]
-        with_image = rng.random() < 0.5  # the generic format mixes VL and language-only records
-        rec: dict[str, Any] = {"conversations": _llava_turns(w, rounds, image=with_image)}
+    for _ in range(d.count["generic"]):
+        rounds = [(d.w.question(), d.w.text(1, 3)) for _ in range(d.rng.randint(1, 3))]
+        with_image = d.rng.random() < 0.5  # the generic format mixes VL and language-only records
+        rec: dict[str, Any] = {"conversations": _llava_turns(d.w, rounds, image=with_image)}
         if with_image:
-            rec["image"] = f"train2017/{train2017(rng.choice(coco_ids))}"
+            rec["image"] = f"train2017/{_train2017(d.rng.choice(d.coco_ids))}"
         generic.append(rec)
-    _dump(out / "my_data" / "conversations.jsonl", generic, lines=True)
+    _dump(d.out / "my_data" / "conversations.jsonl", generic, lines=True)
 
+
+WRITERS = (_write_dolly, _write_alpaca, _write_llava, _write_minigpt4, _write_aokvqa, _write_coco_karpathy,
+           _write_coco_captions, _write_ocrvqa, _write_generic)
+
+
+def write_sample(out: Path, records: int = DEFAULT_RECORDS, seed: int = 0, image_size: int = 32,
+                 max_length: int = 2048) -> Path:
+    """Write the dataset under `out` and return the path of `out/mixture.yaml`."""
+    out = Path(out)
+    rng = random.Random(seed)
+    count = {k: max(2, round(v * records)) for k, v in SHARES.items()}
+    draw = _Draw(out, rng, _Writer(rng), count, coco_ids=rng.sample(range(1, 581930), max(8, records // 10)))
+    for write in WRITERS:
+        write(draw)
     # Three one-word answers per picture (~170 tokens with the template's preamble), four pictures
     # per record of the budget: the visual task must be a large share of the supervised tokens for
     # the demo to learn to see in its two minutes (at ~5 % it does not).

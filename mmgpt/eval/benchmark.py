@@ -59,9 +59,10 @@ from mmgpt.eval.batched import answer_logprobs, generate_batch
 from mmgpt.eval.tasks import EvalItem, read_aokvqa, read_captions, read_llava, read_ocrvqa, read_vqa
 from mmgpt.export import versions
 from mmgpt.inference.model_dir import DTYPES, ModelSource, image_size_of, load_model, resolve_source
-from mmgpt.manifest import MANIFEST, sha256
+from mmgpt.manifest import read_manifest, sha256
 from mmgpt.models.flamingo import Flamingo
 from mmgpt.names import TASK_NAMES
+from mmgpt.run_layout import MANIFEST, MODEL_CARD
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -266,10 +267,9 @@ def _evaluate_batch(model: Flamingo, tokenizer: PreTrainedTokenizerBase, task: T
 def model_hashes(source: ModelSource) -> dict[str, Any]:
     """sha256 of the weight files that make this model: an export's manifest lists them (hashed at
     export time); a training run's adapter is hashed here."""
-    manifest = source.path / MANIFEST
-    if manifest.is_file():
-        files = json.loads(manifest.read_text())["files"]
-        return {"from": MANIFEST, "files": {name: f["sha256"] for name, f in sorted(files.items())
+    if (source.path / MANIFEST).is_file():
+        files = read_manifest(source.path)
+        return {"from": MANIFEST, "files": {name: f.sha256 for name, f in sorted(files.items())
                                             if name.endswith(WEIGHT_SUFFIXES)}}
     root = source.adapter_dir or source.path
     return {"from": "hashed", "root": str(root.resolve()),
@@ -377,7 +377,7 @@ def run(args: BenchmarkConfig) -> int:
     print(json.dumps({"task": args.task, "n": report["n"], "skipped": report["skipped"]["count"],
                       "metrics": report["metrics"]}, default=str))
     if args.update_card:
-        readme = Path(args.model) / "README.md"
+        readme = Path(args.model) / MODEL_CARD
         if not readme.is_file():
             print(f"mmgpt eval: error: --update-card: {readme} not found (only exports have a card)", file=sys.stderr)
             return 1

@@ -14,24 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from mmgpt.configfile import from_dict
-from mmgpt.manifest import MANIFEST, sha256
-from mmgpt.models.builder import ModelConfig, build_model, preset_image_size
+from mmgpt.manifest import ManifestError, Mismatch, first_mismatch, read_manifest
+from mmgpt.models.builder import MODEL_PATH_FIELDS, ModelConfig, build_model, preset_image_size
 from mmgpt.models.flamingo import Flamingo
 from mmgpt.names import DTYPE_NAMES
-from mmgpt.run_layout import ADAPTER_DIR, CHECKPOINTS_DIR, TRAIN_CONFIG, read_latest
-
-EXPORT_CONFIG = "mmgpt_config.json"
-ADAPTER_CONFIG = "adapter_config.json"
-LANGUAGE_MODEL_DIR = "language_model"
-OPENFLAMINGO_DIR = "openflamingo"
-OPENFLAMINGO_FILE = "checkpoint.safetensors"
-# The model card: `mmgpt eval --update-card` (and users) edit it after the export; nothing is built from it.
-UNVERIFIED = ("README.md",)
+from mmgpt.run_layout import (ADAPTER_CONFIG, ADAPTER_DIR, CHECKPOINTS_DIR, EXPORT_CONFIG, LANGUAGE_MODEL_DIR, LATEST,
+                              MANIFEST, OPENFLAMINGO_DIR, OPENFLAMINGO_FILE, TRAIN_CONFIG, UNVERIFIED, read_latest,
+                              run_model_section)
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 if sorted(DTYPES) != sorted(DTYPE_NAMES):  # the parsers offer DTYPE_NAMES without importing this module
@@ -59,12 +52,13 @@ def model_config_from_dict(data: dict[str, Any], where: Path) -> ModelConfig:
 
 
 def _train_model_config(path: Path) -> ModelConfig:
-    """The model section of a training run's resolved config.yaml."""
-    from mmgpt.train.config import TrainConfig
-
-    cfg = TrainConfig.load(path).model
-    written = yaml.safe_load(path.read_text(encoding="utf-8")).get("model") or {}
-    return cfg if "media_attention" in written else replace(cfg, media_attention=LEGACY_MEDIA_ATTENTION)
+    """The model section of a training run's resolved config.yaml (relative paths, which only a
+    hand edit leaves there, are relative to its folder, as for `TrainConfig.load`)."""
+    section = run_model_section(path)
+    base = path.resolve().parent
+    section = {key: str((base / value).resolve()) if key in MODEL_PATH_FIELDS and isinstance(value, str) else value
+               for key, value in section.items()}
+    return model_config_from_dict(section, path)
 
 
 def _export_config(path: Path) -> dict[str, Any]:
@@ -97,7 +91,7 @@ def _train_adapter(run: Path) -> Path:
         return _adapter_in(run / CHECKPOINTS_DIR / tag / ADAPTER_DIR)
     if (run / ADAPTER_DIR / ADAPTER_CONFIG).is_file():
         return run / ADAPTER_DIR
-    raise FileNotFoundError(f"{run}: training output has no checkpoints/latest and no {ADAPTER_DIR}/ yet")
+    raise FileNotFoundError(f"{run}: training output has no {CHECKPOINTS_DIR}/{LATEST} and no {ADAPTER_DIR}/ yet")
 
 
 def resolve_source(path: str | Path) -> ModelSource:
@@ -143,27 +137,27 @@ def verify_export(source: ModelSource, full: bool = False) -> str | None:
         return None
     manifest = source.path / MANIFEST
     try:
-        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
-        listed = {name: (int(f["bytes"]), str(f["sha256"])) for name, f in files.items()
-                  if name not in UNVERIFIED}
+        listed = read_manifest(source.path)
     except FileNotFoundError:
         raise ExportIntegrityError(f"{manifest}: missing; the export cannot be verified (export it again)") from None
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise ExportIntegrityError(f"{manifest}: unreadable ({type(err).__name__}: {err})") from None
-    root = source.path.resolve()
-    for name, (size, digest) in sorted(listed.items()):
-        path = (root / name).resolve()
-        if not path.is_relative_to(root):
-            raise ExportIntegrityError(f"{manifest}: lists {name!r} outside the export")
-        if not path.is_file():
-            raise ExportIntegrityError(f"{path}: missing (listed in {MANIFEST})")
-        if path.stat().st_size != size:
-            raise ExportIntegrityError(f"{path}: {path.stat().st_size} bytes, {MANIFEST} says {size}: "
-                                       "truncated or replaced; refusing to load it")
-        if full and sha256(path) != digest:
-            raise ExportIntegrityError(f"{path}: sha256 differs from {MANIFEST}: altered; refusing to load it")
+    except (OSError, ManifestError) as err:
+        raise ExportIntegrityError(f"{manifest}: unreadable ({err})") from None
+    mismatch = first_mismatch(source.path, listed, hashes=full, unlisted=False, unverified=UNVERIFIED)
+    if mismatch is not None:
+        raise ExportIntegrityError(_describe(source.path.resolve(), mismatch))
     what = "sizes and sha256" if full else "sizes (--verify also checks sha256)"
-    return f"{source.path}: {len(listed)} files match {MANIFEST}: {what}"
+    checked = sum(rel not in UNVERIFIED for rel in listed)
+    return f"{source.path}: {checked} files match {MANIFEST}: {what}"
+
+
+def _describe(root: Path, mismatch: Mismatch) -> str:
+    """An export file's mismatch, in the words of a load refusal."""
+    path = (root / mismatch.rel).resolve()
+    return {"outside": f"{root / MANIFEST}: lists {mismatch.rel!r} outside the export",
+            "missing": f"{path}: missing (listed in {MANIFEST})",
+            "size": f"{path}: {mismatch.size} bytes, {MANIFEST} says {mismatch.listed}: truncated or replaced; "
+                    "refusing to load it",
+            "sha256": f"{path}: sha256 differs from {MANIFEST}: altered; refusing to load it"}[mismatch.problem]
 
 
 def merged_model_config(source: ModelSource) -> ModelConfig:

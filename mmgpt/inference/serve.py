@@ -167,55 +167,55 @@ def image_input(gr, **kwargs) -> "gr.Image":
     return image
 
 
-def build_demo(new_session: Callable[[], ChatSession], defaults: GenerationConfig) -> "gr.Blocks":
-    """The demo app (queued, not launched: see `launch`). `new_session` makes a fresh conversation
-    on the shared model; `defaults` are the sliders' initial values."""
-    gr = import_gradio()
-    model_lock = threading.Lock()  # the queue serialises requests; this also covers a cancelled tail
+class DemoHandlers:
+    """What the page's events run, for one app: start a conversation on an upload, stream the
+    answer to a question, clear. A mistake of the user is a `gr.Error` without a traceback."""
 
-    def refused(message: str) -> Exception:
+    def __init__(self, gr, new_session: Callable[[], ChatSession], defaults: GenerationConfig):
+        self.gr = gr
+        self.new_session = new_session
+        self.defaults = defaults
+        self.model_lock = threading.Lock()  # the queue serialises requests; this also covers a cancelled tail
+
+    def refused(self, message: str) -> Exception:
         """The error the page shows; the user's mistake, so no traceback in the server's log."""
-        return gr.Error(message, print_exception=False)
+        return self.gr.Error(message, print_exception=False)
 
-    def start(image_path: str | None) -> tuple[Conversation, list]:
-        conv = Conversation(new_session())
+    def start(self, image_path: str | None) -> tuple[Conversation, list]:
+        conv = Conversation(self.new_session())
         if image_path is not None:
             try:
                 image = load_upload(image_path)
             except ValueError as err:
-                raise refused(str(err)) from err
-            with model_lock:
+                raise self.refused(str(err)) from err
+            with self.model_lock:
                 conv.session.set_image(image)
             conv.image_path = image_path
         return conv, messages(conv)
 
-    def respond(message: str, conv: Conversation | None, *settings):
+    def checked(self, message: str, settings: tuple) -> tuple[str, GenerationConfig]:
+        """The question and decoding settings of a request, or the refusal the page shows."""
         message = (message or "").strip()
         if not message:
-            raise refused("type a question first")
+            raise self.refused("type a question first")
         if len(message) > MAX_MESSAGE_CHARS:
-            raise refused(f"the message is over {MAX_MESSAGE_CHARS} characters")
+            raise self.refused(f"the message is over {MAX_MESSAGE_CHARS} characters")
         try:
-            config = generation_settings(defaults, *settings)
+            return message, generation_settings(self.defaults, *settings)
         except ValueError as err:
-            raise refused(f"invalid decoding settings: {err}") from err
+            raise self.refused(f"invalid decoding settings: {err}") from err
+
+    def respond(self, message: str, conv: Conversation | None, *settings):
+        """Stream the answer (generation in a thread, the history shown after every token)."""
+        message, config = self.checked(message, settings)
         if conv is None:
-            conv = Conversation(new_session())
-        session = conv.session
-        session.generation = config
-        streamer = conv.streamer = SnapshotStreamer(session.tokenizer)
+            conv = Conversation(self.new_session())
+        conv.session.generation = config
+        streamer = conv.streamer = SnapshotStreamer(conv.session.tokenizer)
         outcome: dict[str, Any] = {}
-
-        def work() -> None:
-            try:
-                with model_lock:
-                    outcome["answer"] = session.ask(message, streamer=streamer)
-            except Exception as err:  # noqa: BLE001 - handed to the request (Cancelled included)
-                outcome["error"] = err
-                streamer.end()
-
         shown = messages(conv) + [{"role": "user", "content": message}]
-        thread = threading.Thread(target=work, daemon=True, name="mmgpt-generate")
+        thread = threading.Thread(target=self._generate, args=(conv.session, message, streamer, outcome),
+                                  daemon=True, name="mmgpt-generate")
         thread.start()
         try:
             yield "", shown + [{"role": "assistant", "content": ""}], conv
@@ -226,23 +226,39 @@ def build_demo(new_session: Callable[[], ChatSession], defaults: GenerationConfi
             thread.join()
         finally:
             streamer.cancel()  # a no-op once generation has ended; stops it when the request went
+        yield from self._outcome(outcome, conv)
+
+    def _generate(self, session: ChatSession, message: str, streamer: "SnapshotStreamer",
+                  outcome: dict[str, Any]) -> None:
+        try:
+            with self.model_lock:
+                outcome["answer"] = session.ask(message, streamer=streamer)
+        except Exception as err:  # noqa: BLE001 - handed to the request (Cancelled included)
+            outcome["error"] = err
+            streamer.end()
+
+    def _outcome(self, outcome: dict[str, Any], conv: Conversation):
+        """The request's last update once generation has ended."""
         if isinstance(outcome.get("error"), Cancelled):  # stopped by /clear: an outcome, not an error;
             yield "", [], None  # a partial answer yielded as Clear ran must not restore the conversation
             return
         if isinstance(outcome.get("error"), ValueError):  # the question itself (too long)
-            raise refused(str(outcome["error"]))
+            raise self.refused(str(outcome["error"]))
         if "error" in outcome:
             raise outcome["error"]
         yield "", messages(conv), conv
 
-    def clear(conv: Conversation | None) -> tuple[None, list, None, str]:
+    def clear(self, conv: Conversation | None) -> tuple[None, list, None, str]:
         """Forget the conversation and stop its running answer: the page's Clear also cancels the
         request (`cancels=`), an API client's /clear only reaches this function."""
         if conv is not None and conv.streamer is not None:
             conv.streamer.cancel()
         return None, [], None, ""
 
-    sliders = dict(
+
+def slider_ranges(defaults: GenerationConfig) -> dict[str, dict[str, Any]]:
+    """Each decoding slider's range and label; a range always includes the command line's value."""
+    return dict(
         max_new_tokens=dict(minimum=1, maximum=max(512, defaults.max_new_tokens), step=1, label="max_new_tokens"),
         num_beams=dict(minimum=1, maximum=max(8, defaults.num_beams), step=1, label="num_beams"),
         temperature=dict(minimum=min(0.05, defaults.temperature), maximum=max(2.0, defaults.temperature),
@@ -253,36 +269,67 @@ def build_demo(new_session: Callable[[], ChatSession], defaults: GenerationConfi
                                 maximum=max(2.0, defaults.repetition_penalty), step=0.05,
                                 label="repetition_penalty (1: off)"),
     )
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
-        gr.Markdown(f"# {TITLE}\nUpload an image (it starts a new conversation), then ask questions "
-                    "over several rounds. One model serves everyone: requests wait their turn.")
-        state = gr.State(None, time_to_live=SESSION_TTL_S)
-        with gr.Row():
-            with gr.Column(scale=1):
-                image = image_input(gr, sources=["upload"], label="Image", elem_id="image", height=260)
-                with gr.Accordion("Generation", open=True):
-                    controls = [gr.Slider(value=getattr(defaults, name), elem_id=name, **kw)
-                                for name, kw in sliders.items()]
-                    do_sample = gr.Checkbox(value=defaults.do_sample, label="do_sample", elem_id="do_sample")
-            with gr.Column(scale=2):
-                chatbot = gr.Chatbot(label="MultiModal-GPT", elem_id="chatbot", height=580,
-                                     render_markdown=False, feedback_options=None, buttons=["copy"])
-                with gr.Row():
-                    textbox = gr.Textbox(show_label=False, placeholder="Ask something about the image",
-                                         max_length=MAX_MESSAGE_CHARS, scale=4, elem_id="message")
-                    send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
-                clear_button = gr.Button("Clear", elem_id="clear")
-                gr.Examples(examples=[[e] for e in EXAMPLES], inputs=[textbox], label="Example prompts")
 
-        image.upload(start, inputs=[image], outputs=[state, chatbot], concurrency_id="model",
-                     api_name="upload")
-        chat = gr.on([send.click, textbox.submit], respond, inputs=[textbox, state, *controls, do_sample],
-                     outputs=[textbox, chatbot, state], concurrency_id="model", api_name="send")
-        clear_button.click(clear, inputs=[state], outputs=[state, chatbot, image, textbox], cancels=[chat],
-                           concurrency_limit=None, api_name="clear")
-        for also_clears in (image.clear, chatbot.clear):  # the image's x and the chat's own bin
-            also_clears(clear, inputs=[state], outputs=[state, chatbot, image, textbox], cancels=[chat],
-                        concurrency_limit=None, api_visibility="private")
+
+@dataclass
+class Page:
+    """The page's components that events read or write."""
+
+    state: Any  # gr.State: the Conversation
+    image: Any
+    settings: list  # the sliders of `slider_ranges`, then do_sample: `generation_settings`' order
+    chatbot: Any
+    textbox: Any
+    send: Any
+    clear: Any
+
+
+def page_layout(gr, defaults: GenerationConfig) -> Page:
+    """The page (inside an open gr.Blocks): image and decoding settings left, the chat right."""
+    gr.Markdown(f"# {TITLE}\nUpload an image (it starts a new conversation), then ask questions "
+                "over several rounds. One model serves everyone: requests wait their turn.")
+    state = gr.State(None, time_to_live=SESSION_TTL_S)
+    with gr.Row():
+        with gr.Column(scale=1):
+            image = image_input(gr, sources=["upload"], label="Image", elem_id="image", height=260)
+            with gr.Accordion("Generation", open=True):
+                settings = [gr.Slider(value=getattr(defaults, name), elem_id=name, **kw)
+                            for name, kw in slider_ranges(defaults).items()]
+                settings.append(gr.Checkbox(value=defaults.do_sample, label="do_sample", elem_id="do_sample"))
+        with gr.Column(scale=2):
+            chatbot = gr.Chatbot(label="MultiModal-GPT", elem_id="chatbot", height=580,
+                                 render_markdown=False, feedback_options=None, buttons=["copy"])
+            with gr.Row():
+                textbox = gr.Textbox(show_label=False, placeholder="Ask something about the image",
+                                     max_length=MAX_MESSAGE_CHARS, scale=4, elem_id="message")
+                send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+            clear = gr.Button("Clear", elem_id="clear")
+            gr.Examples(examples=[[e] for e in EXAMPLES], inputs=[textbox], label="Example prompts")
+    return Page(state, image, settings, chatbot, textbox, send, clear)
+
+
+def connect(gr, page: Page, handlers: DemoHandlers) -> None:
+    """The events: everything that runs the model shares one queue slot (`concurrency_id`)."""
+    page.image.upload(handlers.start, inputs=[page.image], outputs=[page.state, page.chatbot],
+                      concurrency_id="model", api_name="upload")
+    chat = gr.on([page.send.click, page.textbox.submit], handlers.respond,
+                 inputs=[page.textbox, page.state, *page.settings], outputs=[page.textbox, page.chatbot, page.state],
+                 concurrency_id="model", api_name="send")
+    cleared = [page.state, page.chatbot, page.image, page.textbox]
+    page.clear.click(handlers.clear, inputs=[page.state], outputs=cleared, cancels=[chat],
+                     concurrency_limit=None, api_name="clear")
+    for also_clears in (page.image.clear, page.chatbot.clear):  # the image's x and the chat's own bin
+        also_clears(handlers.clear, inputs=[page.state], outputs=cleared, cancels=[chat],
+                    concurrency_limit=None, api_visibility="private")
+
+
+def build_demo(new_session: Callable[[], ChatSession], defaults: GenerationConfig) -> "gr.Blocks":
+    """The demo app (queued, not launched: see `launch`). `new_session` makes a fresh conversation
+    on the shared model; `defaults` are the sliders' initial values."""
+    gr = import_gradio()
+    handlers = DemoHandlers(gr, new_session, defaults)
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        connect(gr, page_layout(gr, defaults), handlers)
     demo.queue(default_concurrency_limit=1, max_size=MAX_QUEUE)
     return demo
 

@@ -115,6 +115,10 @@ class ModelConfig:
         lora_spec(self.lora)  # an unknown preset / target or a bad r is refused when the config is read
 
 
+# ModelConfig fields holding file-system paths (a config file's relative paths resolve against its folder)
+MODEL_PATH_FIELDS = ("llama_path", "tokenizer_path", "clip_weights", "openflamingo_checkpoint", "lora_checkpoint")
+
+
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose from {sorted(PRESETS)}")

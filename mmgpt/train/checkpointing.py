@@ -32,15 +32,16 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import nn
 
-from mmgpt.manifest import MANIFEST, file_digests, listed_files, sha256
-from mmgpt.run_layout import LATEST, CheckpointError, is_tag, read_latest, step_of, tag_for
+from mmgpt import manifest
+from mmgpt.manifest import ManifestError, Mismatch, first_mismatch, fsync_dir, read_manifest
+from mmgpt.run_layout import (ADAPTER_DIR, CHECKPOINTS_DIR, LATEST, MANIFEST, CheckpointError, is_tag, read_latest,
+                              step_of, tag_for)
 from mmgpt.train import run_record
 from mmgpt.train.engine import WeightsOnlyCheckpointEngine, all_gather
 
 MIN_FREE_BYTES = 64 * 2**20  # below this after a failed write, the disk was the cause
 
 log = logging.getLogger("mmgpt.train")
-
 
 
 class SavingEngine(Protocol):
@@ -100,54 +101,37 @@ class CheckpointManager:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.root / LATEST)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         older = [t for t in self.tags() if step_of(t) <= step]
         doomed = older[:-self.keep_last] + [t for t in self.tags() if step_of(t) > step]
         for old in doomed:
             shutil.rmtree(self.root / old, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_manifest(step_dir: Path) -> None:
-    """Record size + sha256 of every file of a complete checkpoint (atomically, like `latest`)."""
-    files = {rel: {"size": d.size, "sha256": d.sha256} for rel, d in file_digests(step_dir, skip=(MANIFEST,)).items()}
-    tmp = step_dir / f".{MANIFEST}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"format": 1, "files": files}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, step_dir / MANIFEST)
-    _fsync_dir(step_dir)
+    """Record size + sha256 of every file of a complete checkpoint (mmgpt/manifest.py)."""
+    manifest.write_manifest(step_dir, {"format": 1})
+
+
+def describe(mismatch: Mismatch) -> str:
+    """A checkpoint file's mismatch, in the words of a resume refusal."""
+    rel = mismatch.rel
+    if mismatch.problem == "size" and mismatch.size < mismatch.listed:
+        return f"{rel} is truncated ({mismatch.size} of {mismatch.listed} bytes)"
+    return {"missing": f"{rel} is missing",
+            "size": f"{rel} has {mismatch.size} bytes, {mismatch.listed} were written",
+            "sha256": f"{rel} was altered (sha256 differs from {MANIFEST})",
+            "unlisted": f"{rel} is not in {MANIFEST} (added after the checkpoint was written)",
+            "outside": f"{MANIFEST} lists {rel!r} outside the checkpoint"}[mismatch.problem]
 
 
 def _manifest_problem(step_dir: Path) -> str | None:
     """The first file that differs from the manifest, with what is wrong; None when all match."""
     try:
-        listed = json.loads((step_dir / MANIFEST).read_text(encoding="utf-8"))["files"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        mismatch = first_mismatch(step_dir, read_manifest(step_dir))
+    except (OSError, ManifestError) as err:
         return f"{MANIFEST} is unreadable ({err})"
-    for rel, want in listed.items():
-        path = step_dir / rel
-        if not path.is_file():
-            return f"{rel} is missing"
-        size = path.stat().st_size
-        if size < want["size"]:
-            return f"{rel} is truncated ({size} of {want['size']} bytes)"
-        if size != want["size"]:
-            return f"{rel} has {size} bytes, {want['size']} were written"
-        if sha256(path) != want["sha256"]:
-            return f"{rel} was altered (sha256 differs from {MANIFEST})"
-    unlisted = [rel for rel in listed_files(step_dir, skip=(MANIFEST,)) if rel not in listed]
-    if unlisted:
-        return f"{unlisted[0]} is not in {MANIFEST} (added after the checkpoint was written)"
-    return None
+    return None if mismatch is None else describe(mismatch)
 
 
 def refusal(err: pickle.UnpicklingError) -> str:
@@ -220,7 +204,7 @@ def save_failure(manager: CheckpointManager, tag: str, err: BaseException) -> Ch
     else:
         cause = f"{type(err).__name__}: {' '.join(str(err).split())}"
     latest = manager.latest()
-    still = f"checkpoints/latest still names {latest}" if latest else "no checkpoint has been committed yet"
+    still = f"{CHECKPOINTS_DIR}/{LATEST} still names {latest}" if latest else "no checkpoint has been committed yet"
     message = f"saving checkpoint {path} failed: {cause}; {still}"
     log.error("%s", message)
     return CheckpointError(message)
@@ -240,7 +224,7 @@ def save(manager: CheckpointManager, engine: SavingEngine, step: int, client_sta
         engine.save_checkpoint(str(manager.root), tag=tag, client_state=client_state, save_latest=False,
                                exclude_frozen_parameters=True)
         if is_rank0 and adapter is not None:
-            adapter.save_pretrained(str(manager.root / tag / "adapter"))
+            adapter.save_pretrained(str(manager.root / tag / ADAPTER_DIR))
         if is_rank0 and record is not None:
             run_record.write(manager.root / tag, record)
     except (OSError, RuntimeError) as err:  # a full disk, a permission, torch's "unexpected pos"
@@ -279,8 +263,8 @@ def check_restored(model: nn.Module, tag: str) -> None:
 
 def restore(engine: Any, model: nn.Module, manager: CheckpointManager, world: int, rank: int,
             allow_unverified: bool = False) -> tuple[int, dict[str, Any] | None, int] | None:
-    """Load the latest checkpoint: (step, this rank's data position, consecutive non-finite), or
-    None when there is none.
+    """Load the latest checkpoint: (step, this rank's data position as stored, i.e. a
+    `StreamPosition.to_dict()`, consecutive non-finite), or None when there is none.
 
     Before anything is loaded, rank 0 checks the files against the manifest and loads each one
     weights-only (`verify`; one read of the shared filesystem; a checkpoint without a manifest

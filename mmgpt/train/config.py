@@ -31,7 +31,7 @@ import yaml
 
 from mmgpt.configfile import ConfigError, from_dict, plain, read_mapping
 from mmgpt.data.packing import PackingConfig
-from mmgpt.models.builder import ModelConfig
+from mmgpt.models.builder import MODEL_PATH_FIELDS, ModelConfig
 
 def _ds_config_dir() -> Path:
     """The bundled DeepSpeed configs: package data `mmgpt.ds_configs` once installed (editable or
@@ -45,16 +45,7 @@ def _ds_config_dir() -> Path:
 DS_CONFIG_DIR = _ds_config_dir()
 
 # Fields (dotted) holding file-system paths: resolved against the config file's folder.
-PATH_FIELDS = (
-    "model.llama_path",
-    "model.tokenizer_path",
-    "model.clip_weights",
-    "model.openflamingo_checkpoint",
-    "model.lora_checkpoint",
-    "mixture",
-    "deepspeed",
-    "output_dir",
-)
+PATH_FIELDS = (*(f"model.{name}" for name in MODEL_PATH_FIELDS), "mixture", "deepspeed", "output_dir")
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 Sharding is by sample: rank r of w reads epoch positions r, r+w, r+2w, ... (in epoch order) and
 packs them itself, so each sample is tokenised and its images decoded on exactly one rank. The
-position is (epoch, packer state); the packer state names the samples still buffered and the next
-epoch position, so a resumed stream yields exactly the batches the uninterrupted one would have.
+position is a `StreamPosition` (epoch, `PackerState`); the packer state names the samples still
+buffered and the next epoch position, so a resumed stream yields exactly the batches the
+uninterrupted one would have.
 
 `BatchLoader` serves the trainer: with `workers=1` a DataLoader worker process reads, decodes,
 tokenises and packs ahead (the packer is sequential, so one worker per rank), and each batch
@@ -25,8 +26,36 @@ from torch.utils.data import DataLoader, IterableDataset
 from mmgpt.contracts import PackedBatch, TokenizedSample
 from mmgpt.data.conversation import tokenize
 from mmgpt.data.mixture import MAX_ERROR_EXAMPLES, Mixture
-from mmgpt.data.packing import Packer, PackingConfig
+from mmgpt.data.packing import Packer, PackerState, PackingConfig
 from mmgpt.media import splitmix64
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where a rank's stream stands after a batch: the epoch and the packer's state in it. A
+    checkpoint stores every rank's `to_dict()`; `from_dict` reads it (the same form since the
+    first checkpoints, so old ones resume)."""
+
+    epoch: int = 0
+    packer: PackerState = PackerState()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "packer": self.packer.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "StreamPosition":
+        return cls(int(data["epoch"]), PackerState.from_dict(data["packer"]))
+
+    def consumed(self, rank: int, world: int, epoch_len: int) -> int:
+        """This rank's consumed samples in epoch units x epoch_len: its shard (positions rank,
+        rank + world, ...) of every finished epoch, plus its positions below the packer's
+        next_index that are no longer buffered. Summed over ranks and divided by epoch_len: epochs
+        done (1.0 at the end of the first). Dropped records count as consumed: they are behind the
+        position too."""
+        def shard(n: int) -> int:  # positions rank, rank + world, ... below n
+            return max(0, (n - rank + world - 1) // world)
+
+        return self.epoch * shard(epoch_len) + shard(self.packer.next_index) - len(self.packer.buffer)
 
 
 class RankStream:
@@ -43,12 +72,13 @@ class RankStream:
         self.rank = rank
         self.world = world
         self.epochs = epochs
-        self.epoch = 0 if state is None else int(state["epoch"])
+        position = None if state is None else StreamPosition.from_dict(state)  # as a checkpoint stored it
+        self.epoch = 0 if position is None else position.epoch
         # epoch position being loaded now; shared memory, so a worker's parent can name the record
         self._loading = multiprocessing.RawValue("q", -1)
         self._packer: Packer
         self._batches: Iterator[PackedBatch]
-        self._start_epoch(None if state is None else state["packer"])
+        self._start_epoch(None if position is None else position.packer)
 
     def _samples(self, start: int) -> Iterator[TokenizedSample]:
         """This rank's samples from epoch position `start` on (dropped ones are skipped)."""
@@ -67,7 +97,7 @@ class RankStream:
         """The epoch position last handed to `mixture.load` (-1: none yet), also from a worker."""
         return self._loading.value
 
-    def _start_epoch(self, packer_state: dict | None) -> None:
+    def _start_epoch(self, packer_state: PackerState | None) -> None:
         # random media attention: a new coin per sample and epoch, the same after a resume
         media = dict(media_attention=self.media_attention, media_seed=splitmix64(self.packing.seed, self.epoch))
         if packer_state is None:
@@ -76,7 +106,7 @@ class RankStream:
         else:
             self._packer = Packer.resume(self.packing, self.image_token_id, packer_state,
                                          self._load, self.image_size, **media)
-            start = int(packer_state["next_index"])
+            start = packer_state.next_index
         self._batches = self._packer.pack(self._samples(start))
 
     def next_batch(self) -> PackedBatch | None:
@@ -90,9 +120,22 @@ class RankStream:
             self.epoch += 1
             self._start_epoch(None)
 
-    def state(self) -> dict[str, Any]:
-        """Position after the last batch handed out (JSON-serialisable)."""
-        return {"epoch": self.epoch, "packer": self._packer.state()}
+    def state(self) -> StreamPosition:
+        """Position after the last batch handed out."""
+        return StreamPosition(self.epoch, self._packer.state())
+
+    def consumed(self, position: StreamPosition) -> int:
+        """This rank's samples behind `position` (`StreamPosition.consumed`)."""
+        return position.consumed(self.rank, self.world, len(self.mixture))
+
+    def source_names(self) -> list[str]:
+        """The mixture's sources, in config order (per-source losses are kept in this order)."""
+        return [source.name for source in self.mixture.cfg.sources]
+
+    @property
+    def epoch_length(self) -> int:
+        """Records in one epoch (every rank's share, dropped ones included)."""
+        return len(self.mixture)
 
     def items(self) -> Iterator["StreamItem"]:
         """Every remaining batch with the position and data report right after it, then one item
@@ -109,7 +152,7 @@ class StreamItem:
     after it (the worker's report, which the parent process never sees otherwise)."""
 
     batch: PackedBatch | None  # None: the end of the data
-    state: dict[str, Any]
+    state: StreamPosition
     report: dict[str, Any]
 
     def pin_memory(self) -> "StreamItem":
@@ -201,9 +244,20 @@ class BatchLoader:
             self._state, self._report = item.state, item.report
         return batches
 
-    def state(self) -> dict[str, Any]:
-        """Stream position after the last batch handed to the trainer (JSON-serialisable)."""
+    def state(self) -> StreamPosition:
+        """Stream position after the last batch handed to the trainer."""
         return self._state
+
+    def consumed(self) -> int:
+        """This rank's samples behind that position (for the epoch count)."""
+        return self.stream.consumed(self._state)
+
+    def source_names(self) -> list[str]:
+        return self.stream.source_names()
+
+    @property
+    def epoch_length(self) -> int:
+        return self.stream.epoch_length
 
     def report(self) -> dict[str, Any]:
         """The mixture's DataReport (dict) as of the last batch handed to the trainer."""

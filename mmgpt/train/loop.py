@@ -44,6 +44,7 @@ from mmgpt.train.config import TrainConfig
 from mmgpt.contracts import PackedBatch
 from mmgpt.train.loss import LossOutput, packed_loss
 from mmgpt.perf import StepShape, step_flops
+from mmgpt.run_layout import order_log
 from mmgpt.train import checkpointing as ckpt
 from mmgpt.train.data import BatchLoader
 from mmgpt.train.engine import DistInfo, all_gather, all_reduce_sum
@@ -132,18 +133,6 @@ class WindowStats:
         return totals
 
 
-def epoch_samples(position: dict[str, Any], rank: int, world: int, epoch_len: int) -> float:
-    """This rank's consumed samples in epoch units x epoch_len: its shard (positions rank,
-    rank + world, ...) of every finished epoch, plus its positions below the packer's next_index
-    that are no longer buffered. Summed over ranks and divided by epoch_len: epochs done (1.0 at
-    the end of the first). Dropped records count as consumed: they are behind the position too."""
-    def shard(n: int) -> int:  # positions rank, rank + world, ... below n
-        return max(0, (n - rank + world - 1) // world)
-
-    packer = position["packer"]
-    return position["epoch"] * shard(epoch_len) + shard(packer["next_index"]) - len(packer["buffer"])
-
-
 class Trainer:
     """Runs optimizer steps on a DeepSpeed engine; owns step count, data position and saving.
     `evaluator` (optional) evaluates on the held-out data between steps and at the end."""
@@ -169,8 +158,7 @@ class Trainer:
         self.accum = cfg.schedule.grad_accum
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.monitor.log_config(cfg.to_dict(), step)
-        out = Path(cfg.output_dir)
-        self._order_log = ckpt.open_order_log(out / "data_order" / f"rank_{dist_info.rank:03d}.jsonl", step)
+        self._order_log = ckpt.open_order_log(order_log(Path(cfg.output_dir), dist_info.rank), step)
 
     def train(self, stop_at_step: int | None = None) -> str:
         """Train until total_steps, the end of the data, stop_at_step or a stop request (a signal
@@ -209,9 +197,7 @@ class Trainer:
             log.info("data exhausted at step %d (a rank had fewer than %d batches left)", self.step, self.accum)
             return None
         scale = global_loss_scale(int(global_supervised), self.dist.world, self.accum)
-        mixture = self.stream.stream.mixture
-        stats = WindowStats(self.dist.device, self.cfg.model.preset, data_wait,
-                            [src.name for src in mixture.cfg.sources])
+        stats = WindowStats(self.dist.device, self.cfg.model.preset, data_wait, self.stream.source_names())
         lr = self.engine.get_lr()[0]
         for batch in window:
             anchor = gradient_anchor(self.trainable)
@@ -226,14 +212,13 @@ class Trainer:
         sample_ids = [i for b in window for i in b.sample_ids]
         self._order_log.write(json.dumps({"step": self.step, "samples": sample_ids}) + "\n")
         self._order_log.flush()
-        totals = stats.totals(epoch_samples(self.stream.state(), self.dist.rank, self.dist.world, len(mixture)),
-                              stop=self._stop.reason is not None)
+        totals = stats.totals(self.stream.consumed(), stop=self._stop.reason is not None)
         self._note_stop(int(totals.pop("stop")))
         grad_norm = self.engine.get_global_grad_norm() if applied else None
         metrics = StepMetrics(step=self.step, lr=lr, grad_norm=_finite_or_none(grad_norm),
                               step_time=time.perf_counter() - start, skipped=not applied,
                               data_wait=totals.pop("data_wait") / self.dist.world,
-                              epoch=totals.pop("epoch_samples") / len(mixture),
+                              epoch=totals.pop("epoch_samples") / self.stream.epoch_length,
                               **{k: (int(v) if k in _COUNTS else v) for k, v in totals.items()})
         self.monitor.log_step(metrics, gate_values(self.model) if self.monitor.enabled else None)
         self._track_nonfinite(applied, sample_ids)
@@ -262,7 +247,7 @@ class Trainer:
 
     def save(self) -> str:
         """Checkpoint (collective): LoRA + optimizer + scheduler + step + every rank's data position."""
-        positions = all_gather(self.stream.state(), self.dist.world)
+        positions = all_gather(self.stream.state().to_dict(), self.dist.world)
         state = {"step": self.step, "world": self.dist.world, "data": positions,
                  "consecutive_nonfinite": self.consecutive_nonfinite}
         tag = ckpt.save(self.manager, self.engine, self.step, state, is_rank0=self.dist.is_rank0,

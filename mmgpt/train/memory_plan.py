@@ -8,7 +8,7 @@ Three parts, per rank:
                two with `overlap_comm`), read from the run's DeepSpeed JSON. With the optimizer
                offloaded only the buckets stay on the card.
   activations  MEASURED, not guessed: one forward + backward of a packed row of `max_tokens` (the
-               benchmark's length mix, images included, built by the training packer) through
+               length mix of data/synthetic.py, images included, built by the training packer) through
                the real model on the `meta` device, where the fused CUDA attention kernels run
                through their meta functions (mmgpt_kernels.varlen), under `PeakMemory`, a dispatch
                mode that adds every new storage's bytes while it is alive and keeps the peak: what
@@ -90,8 +90,8 @@ class PeakMemory(TorchDispatchMode):
 
 
 def packed_row(preset: str, max_tokens: int, vocab_size: int, image_token_id: int) -> PackedBatch:
-    """The fullest row the training packer makes of the benchmark's length mix at `max_tokens`."""
-    from mmgpt.benchmarks.packing import synthetic_samples
+    """The fullest row the training packer makes of data/synthetic.py's length mix at `max_tokens`."""
+    from mmgpt.data.synthetic import synthetic_samples
     from mmgpt.data.packing import Packer, PackingConfig
 
     side = preset_image_size(preset)

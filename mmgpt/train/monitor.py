@@ -24,6 +24,7 @@ import yaml
 from torch import nn
 
 from mmgpt.perf import peak_bf16_flops
+from mmgpt.run_layout import TENSORBOARD_DIR, TRAIN_LOG
 
 log = logging.getLogger("mmgpt.train")
 
@@ -133,7 +134,7 @@ class Monitor:
             from torch.utils.tensorboard import SummaryWriter
 
             out_dir = Path(out_dir)
-            self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+            self.writer = SummaryWriter(str(out_dir / TENSORBOARD_DIR))
         self.run_name = Path(out_dir).resolve().name
 
     def log_config(self, config: dict[str, Any], step: int) -> None:
@@ -212,7 +213,7 @@ def setup_logging(out_dir: str | Path, enabled: bool) -> None:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if enabled:
-        handlers.append(logging.FileHandler(Path(out_dir) / "train.log"))
+        handlers.append(logging.FileHandler(Path(out_dir) / TRAIN_LOG))
     for handler in handlers:
         handler.setFormatter(fmt)
         logger.addHandler(handler)

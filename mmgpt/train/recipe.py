@@ -24,7 +24,8 @@ import torch.distributed as dist
 
 from mmgpt.data.mixture import Mixture, MixtureConfig
 from mmgpt.models.builder import build_model, preset_image_size
-from mmgpt.run_layout import step_of
+from mmgpt.run_layout import (ADAPTER_DIR, CHECKPOINTS_DIR, DATA_REPORT, DS_CONFIG, TENSORBOARD_DIR, TRAIN_CONFIG,
+                              TRAINED_WITH, step_of)
 from mmgpt.train import engine as eng
 from mmgpt.train import run_record
 from mmgpt.train.checkpointing import CheckpointError, CheckpointManager, require_manifest, restore
@@ -107,7 +108,7 @@ class TrainRecipe:
         return self.ds, self.mixture_cfg
 
     def manager(self) -> CheckpointManager:
-        return CheckpointManager(Path(self.cfg.output_dir) / "checkpoints", self.cfg.keep_last)
+        return CheckpointManager(Path(self.cfg.output_dir) / CHECKPOINTS_DIR, self.cfg.keep_last)
 
     def train(self) -> bool:
         """Process group, setup, the loop, the adapter; collective. True when stopped by a request."""
@@ -130,9 +131,9 @@ class TrainRecipe:
             log.info("%s. Checkpoint: %s (--resume auto continues from it)", reason,
                      trainer.manager.root / trainer.manager.latest())
         elif info.is_rank0:
-            trainer.model.lang_encoder.save_pretrained(str(out / "adapter"))
+            trainer.model.lang_encoder.save_pretrained(str(out / ADAPTER_DIR))
             log.info("%s at step %d. TensorBoard: %s  checkpoints: %s  adapter: %s", reason, trainer.step,
-                     out / "tensorboard", trainer.manager.root, out / "adapter")
+                     out / TENSORBOARD_DIR, trainer.manager.root, out / ADAPTER_DIR)
         dist.barrier()
         dist.destroy_process_group()
         return trainer.stopped is not None
@@ -143,7 +144,7 @@ class TrainRecipe:
         trainer.monitor.close()
         reports = eng.all_gather(trainer.stream.report(), info.world)
         if info.is_rank0:
-            (Path(self.cfg.output_dir) / "data_report.json").write_text(json.dumps(merge_reports(reports), indent=2))
+            (Path(self.cfg.output_dir) / DATA_REPORT).write_text(json.dumps(merge_reports(reports), indent=2))
 
     def setup(self, info: eng.DistInfo) -> Trainer:
         """Everything a run needs once the process group is up: model, engine, restored state, data,
@@ -172,8 +173,8 @@ class TrainRecipe:
                             s.epochs, state=position, media_attention=cfg.model.media_attention)
         loader = BatchLoader(stream, cfg.data_workers, prefetch=2 * s.grad_accum, pin_memory=info.device.type == "cuda")
         if info.is_rank0:
-            cfg.save(out / "config.yaml")
-            (out / "ds_config.json").write_text(json.dumps(ds, indent=2))
+            cfg.save(out / TRAIN_CONFIG)
+            (out / DS_CONFIG).write_text(json.dumps(ds, indent=2))
         peak, peak_source = device_peak_flops(cfg.peak_flops, cfg.cpu_peak_flops)
         log.info("world %d, %d step(s) (%d per epoch), global batch %d rows of %d tokens; data workers %d; "
                  "MFU peak: %s", info.world, total, per_epoch, ds["train_batch_size"], cfg.packing.max_tokens,
@@ -215,7 +216,7 @@ def apply_changes(engine, step_dir: Path, record: dict[str, Any], step: int) -> 
     record, changes = run_record.resume(step_dir, record, step)
     for change in changes:
         log.info("resume at step %d: %s changed from %r to %r: %s (recorded in %s of later checkpoints)",
-                 step, change["field"], change["old"], change["new"], change["effect"], run_record.RECORD)
+                 step, change["field"], change["old"], change["new"], change["effect"], TRAINED_WITH)
     if any(change["field"].startswith("schedule.") for change in changes):
         eng.apply_schedule(engine)
     return record

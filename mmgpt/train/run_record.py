@@ -27,9 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mmgpt.configfile import plain
-from mmgpt.run_layout import CheckpointError
-
-RECORD = "trained_with.json"
+from mmgpt.run_layout import TRAINED_WITH, CheckpointError
 
 _SCHEDULE = "the LR schedule is recomputed with it and continues at the current step"
 _FROM_NOW = "takes effect from now on; the training maths are unchanged"
@@ -85,12 +83,12 @@ def build(cfg: Any, mixture_cfg: Any, ds: dict[str, Any], world: int) -> dict[st
 
 
 def write(step_dir: Path, record: dict[str, Any]) -> None:
-    (step_dir / RECORD).write_text(json.dumps(record, indent=1, sort_keys=True), encoding="utf-8")
+    (step_dir / TRAINED_WITH).write_text(json.dumps(record, indent=1, sort_keys=True), encoding="utf-8")
 
 
 def read(step_dir: Path) -> dict[str, Any] | None:
     """The record of a checkpoint; None for one written before records existed."""
-    path = step_dir / RECORD
+    path = step_dir / TRAINED_WITH
     if not path.is_file():
         return None
     try:
