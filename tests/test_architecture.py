@@ -42,7 +42,7 @@ EXCEPTIONS = {
     ("mmgpt.train.memory_plan", "mmgpt.benchmarks"),
 }
 NEUTRAL = ("mmgpt.contracts", "mmgpt.media", "mmgpt.tokenizer", "mmgpt.configfile", "mmgpt.run_layout",
-           "mmgpt.manifest")
+           "mmgpt.manifest", "mmgpt.image_transform")
 
 
 def module_name(path: Path) -> str:

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from mmgpt.contracts import IGNORE_INDEX, PackedBatch, TokenizedSample
-from mmgpt.media import MediaLayout, attends_previous, check_mode, media_index, splitmix64
+from mmgpt.media import MediaAttention, MediaLayout, attends_previous, check_media_attention, media_index, splitmix64
 
 
 def _describe(sample: TokenizedSample) -> str:
@@ -52,7 +52,7 @@ def collate(
     num_rows: int = 1,
     *,
     image_token_id: int,
-    media_attention: str = "next",
+    media_attention: MediaAttention = "next",
     media_seed: int = 0,
     image_size: tuple[int, int] | None = None,
 ) -> PackedBatch:
@@ -65,7 +65,7 @@ def collate(
     tensor is [0, 3, 0, 0]. `row_tokens`/`num_rows` only record the capacity the samples were
     packed into (0 = unpacked).
     """
-    check_mode(media_attention)
+    check_media_attention(media_attention)
     if not samples:
         raise ValueError("collate needs at least one sample")
     input_ids: list[int] = []
@@ -170,13 +170,13 @@ class Packer:
         cfg: PackingConfig,
         image_token_id: int,
         image_size: tuple[int, int] | None = None,
-        media_attention: str = "next",
+        media_attention: MediaAttention = "next",
         media_seed: int = 0,
     ) -> None:
         self.cfg = cfg
         self.image_token_id = image_token_id
         self.image_size = image_size
-        self.media_attention = check_mode(media_attention)
+        self.media_attention = check_media_attention(media_attention)
         self.media_seed = media_seed
         self._buffer: list[_Entry] = []
         self._buffer_tokens = 0  # totals over the buffer, for image pacing
@@ -204,7 +204,7 @@ class Packer:
         state: dict,
         load_fn: Callable[[int], TokenizedSample | None],
         image_size: tuple[int, int] | None = None,
-        media_attention: str = "next",
+        media_attention: MediaAttention = "next",
         media_seed: int = 0,
     ) -> "Packer":
         """A packer whose buffer is `state["buffer"]` reloaded through `load_fn(index)`.

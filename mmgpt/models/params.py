@@ -47,7 +47,7 @@ def count_params(model: nn.Module) -> dict[str, int]:
 def run(args: argparse.Namespace) -> int:
     """`mmgpt params` (parser: mmgpt/commands/params.py)."""
     lora = parse_lora_option(args.lora)
-    model, _ = build_model(ModelConfig(preset=args.preset, lora=lora), meta=True)
+    model = build_model(ModelConfig(preset=args.preset, lora=lora), meta=True).model
     resolved = lora_spec(lora)
     counts = {"preset": args.preset, "lora": "none" if resolved is None else
               f"{resolved.preset} r={resolved.r} alpha={resolved.alpha} targets={','.join(resolved.targets)}",

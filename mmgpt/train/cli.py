@@ -161,7 +161,7 @@ def prepare(cfg, ds: dict[str, Any], mixture_cfg, info, resume: bool, allow_unve
     monitor, as a Trainer (also what `mmgpt bench train` times). Collective."""
     from mmgpt.train.config import ConfigError
     from mmgpt.data.mixture import Mixture
-    from mmgpt.models.builder import build_model, preset_image_size
+    from mmgpt.models.builder import build_model
     from mmgpt.train import engine as eng
     from mmgpt.train import run_record
     from mmgpt.train.checkpointing import CheckpointManager, restore
@@ -173,11 +173,10 @@ def prepare(cfg, ds: dict[str, Any], mixture_cfg, info, resume: bool, allow_unve
 
     out = Path(cfg.output_dir)
     manager = CheckpointManager(out / "checkpoints", cfg.keep_last)
-    model, tokenizer = build_model(cfg.model, device=info.device, dtype=eng.model_dtype(ds))
-    image_size = preset_image_size(cfg.model.preset)
-    mixture = Mixture(mixture_cfg, tokenizer, image_size, max_images=cfg.packing.max_images_per_row,
+    built = build_model(cfg.model, device=info.device, dtype=eng.model_dtype(ds))
+    model, image_token_id = built.model, built.image_token_id
+    mixture = Mixture(mixture_cfg, built.tokenizer, built.image_size, max_images=cfg.packing.max_images_per_row,
                       holdout=cfg.eval.holdout)
-    image_token_id = model.image_token_id
 
     per_epoch = steps_per_epoch([eng.all_reduce_min(
         count_batches(mixture, cfg.packing, image_token_id, info.rank, info.world), info.device
@@ -201,8 +200,7 @@ def prepare(cfg, ds: dict[str, Any], mixture_cfg, info, resume: bool, allow_unve
             step, position, nonfinite = restored
             log.info("resumed from %s at step %d", manager.root / manager.latest(), step)
             record = apply_changes(engine, manager.root / manager.latest(), record, step)
-    stream = RankStream(mixture, cfg.packing, image_token_id, image_size, info.rank, info.world,
-                        s.epochs, state=position, media_attention=cfg.model.media_attention)
+    stream = RankStream(mixture, cfg.packing, built, info.rank, info.world, s.epochs, state=position)
     loader = BatchLoader(stream, cfg.data_workers, prefetch=2 * s.grad_accum, pin_memory=info.device.type == "cuda")
     if info.is_rank0:
         cfg.save(out / "config.yaml")
@@ -219,8 +217,7 @@ def prepare(cfg, ds: dict[str, Any], mixture_cfg, info, resume: bool, allow_unve
         when = f"every {cfg.eval.every} steps and at the end" if cfg.eval.every else "at the end"
         log.info("eval: %d held-out samples (%s), %s", len(holdout),
                  ", ".join(f"{name} {r.held_out}" for name, r in mixture.report.sources.items()), when)
-        evaluator = Evaluator(cfg.eval, model, tokenizer, holdout, cfg.packing, image_size,
-                              cfg.model.media_attention, info, monitor.writer)
+        evaluator = Evaluator(cfg.eval, built, holdout, cfg.packing, info, monitor.writer)
     return Trainer(cfg, engine, model, loader, info, monitor, manager, total, step, nonfinite, evaluator, record)
 
 
