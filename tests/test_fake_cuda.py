@@ -66,7 +66,7 @@ def row() -> PackedBatch:
                                 max_tokens=ROW_TOKENS)
     rows = Packer(PackingConfig(max_tokens=ROW_TOKENS), 32001, (side, side)).pack(samples)
     batch = next(b for b in rows if b.num_tokens > ROW_TOKENS - 64 and b.num_samples >= 8)
-    assert batch.images.shape[0] >= 4 and batch.media is not None
+    assert batch.images.shape[0] >= 4 and batch.media_layout is not None
     return batch
 
 

@@ -112,7 +112,7 @@ def collate(
         seqlens=tuple(seq_lengths),
         images=image_tensor,
         media_index=media_t,
-        media=MediaLayout.build(media_t, torch.tensor(through)) if images else None,
+        media_layout=MediaLayout.build(media_t, torch.tensor(through)) if images else None,
         supervised_index=(labels_t != IGNORE_INDEX).nonzero().flatten(),
         sample_index=torch.tensor(sample_index, dtype=torch.long),
         sources=[s.source for s in samples],
