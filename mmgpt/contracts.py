@@ -53,8 +53,8 @@ class PackedBatch:
     Self-attention is causal inside each [cu_seqlens[s], cu_seqlens[s+1]) span; `seqlens` are the
     same spans' lengths as host ints, so the model never reads cu_seqlens back (a host sync on
     CUDA). `media_index` says
-    which image each token cross-attends (-1 none; the rule is the run's media-attention mode, see
-    mmgpt/media.py), and `media` is the cross-attention work derived from it on the host: the
+    which image each token cross-attends (-1 none; the rule is the run's media attention, see
+    mmgpt/media.py), and `media_layout` is the cross-attention work derived from it on the host: the
     tokens of samples with images, their text chunks and key layout (None: no sample has an
     image, so every token skips the cross-attention blocks).
     """
@@ -67,7 +67,7 @@ class PackedBatch:
     seqlens: tuple[int, ...]  # [S] host lengths of the samples (cu_seqlens' differences)
     images: torch.Tensor  # [M, 3, H, W] float (M may be 0)
     media_index: torch.Tensor  # [T] long, image each token cross-attends, -1 = none
-    media: MediaLayout | None  # cross-attention layout over the tokens of samples with images
+    media_layout: MediaLayout | None  # cross-attention layout over the tokens of samples with images
     supervised_index: torch.Tensor  # [N] long, positions whose label is not IGNORE_INDEX
     sample_index: torch.Tensor  # [T] long, sample each token belongs to
     sources: list[str]  # [S] source name per sample
@@ -97,7 +97,8 @@ class PackedBatch:
     def model_inputs(self) -> dict[str, object]:
         """The keyword arguments of `Flamingo.forward` (plain tensors and the media layout)."""
         return dict(input_ids=self.input_ids, position_ids=self.position_ids, cu_seqlens=self.cu_seqlens,
-                    max_seqlen=self.max_seqlen, seqlens=self.seqlens, images=self.images, media=self.media)
+                    max_seqlen=self.max_seqlen, seqlens=self.seqlens, images=self.images,
+                    media_layout=self.media_layout)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "PackedBatch":
         """Move tensors to `device`; `dtype` applies to images only (ids stay integer)."""

@@ -47,9 +47,10 @@ import mmgpt
 from mmgpt import model_card
 from mmgpt.data.conversation import Conversation, Round, tokenize
 from mmgpt.data.templates import chat_template
-from mmgpt.inference.model_dir import DTYPES, ModelSource, image_size_of, load_model, resolve_source
+from mmgpt.inference.model_dir import DTYPES, ModelSource, load_model, resolve_source
 from mmgpt.manifest import EXPORT_SIZE, write_manifest
 from mmgpt.media import row_layout
+from mmgpt.models.builder import BuiltModel
 from mmgpt.models.flamingo import Flamingo, MediaContext
 from mmgpt.run_layout import (ADAPTER_CONFIG, ADAPTER_DIR, EXPORT_CONFIG, LANGUAGE_MODEL_DIR, MODEL_CARD,
                               OPENFLAMINGO_DIR, OPENFLAMINGO_FILE, OPENFLAMINGO_PICKLE)
@@ -89,19 +90,17 @@ def staging_dir(out: Path) -> Path:
     return staging
 
 
-def probe_inputs(model: Flamingo, tokenizer: PreTrainedTokenizerBase, image_size: int
-                 ) -> tuple[Tensor, MediaContext]:
+def probe_inputs(built: BuiltModel) -> tuple[Tensor, MediaContext]:
     """A templated question + answer about one seeded random image: ids [1, T] and its media
-    (in "previous" mode, so that every answer token attends the image and the probe checks the
-    merged cross-attention on all of them, whatever mode the model was trained with)."""
+    (media attention "previous", so that every answer token attends the image and the probe checks
+    the merged cross-attention on all of them, whatever the model's own media attention)."""
     conv = Conversation(rounds=[Round("Describe the image in detail.", "A probe answer with a few words.")],
                         images=["probe"])
-    ids = torch.tensor([tokenize(conv, tokenizer, max_length=1 << 20).input_ids])
+    ids = torch.tensor([tokenize(conv, built.tokenizer, max_length=1 << 20).input_ids])
     gen = torch.Generator().manual_seed(PROBE_SEED)
-    image = torch.randn(1, 3, image_size, image_size, generator=gen)
-    device = next(model.parameters()).device
-    ids, image = ids.to(device), image.to(device)
-    return ids, MediaContext(model.encode_images(image), row_layout(ids, model.image_token_id, "previous"))
+    image = torch.randn(1, 3, built.image_size, built.image_size, generator=gen)
+    ids, image = ids.to(built.device), image.to(built.device)
+    return ids, MediaContext(built.model.encode_images(image), row_layout(ids, built.image_token_id, "previous"))
 
 
 @torch.no_grad()
@@ -109,9 +108,10 @@ def probe_logits(model: Flamingo, ids: Tensor, media: MediaContext) -> Tensor:
     return model.lm_forward(ids, media).logits.float()
 
 
-def merge_checked(model: Flamingo, tokenizer: PreTrainedTokenizerBase, image_size: int) -> dict[str, Any]:
+def merge_checked(built: BuiltModel) -> dict[str, Any]:
     """Fold LoRA into the weights in place (peft merge_and_unload) and prove the logits unchanged."""
-    ids, media = probe_inputs(model, tokenizer, image_size)
+    model = built.model
+    ids, media = probe_inputs(built)
     before = probe_logits(model, ids, media)
     model.lang_encoder = model.lang_encoder.merge_and_unload()
     # the latents do not depend on the LoRA (it only adapts the language side), so they are reused
@@ -169,11 +169,11 @@ def versions() -> dict[str, str]:
             "python": sys.version.split()[0]}
 
 
-def export_config(source: ModelSource, merged: bool, dtype_name: str) -> dict[str, Any]:
+def export_config(source: ModelSource, image_size: int, merged: bool, dtype_name: str) -> dict[str, Any]:
     model = asdict(source.model_config)
     model["lora_checkpoint"] = None  # the trained LoRA is adapter/ (or folded in), not the start point
     return {"format": EXPORT_FORMAT, "merged": merged, "dtype": dtype_name,
-            "image_size": image_size_of(source), "model": model}
+            "image_size": image_size, "model": model}
 
 
 def export(checkpoint: str | Path, out: str | Path, merge: bool = False, dtype_name: str = "bf16") -> Path:
@@ -187,7 +187,8 @@ def export(checkpoint: str | Path, out: str | Path, merge: bool = False, dtype_n
         source = resolve_source(checkpoint)
         if source.adapter_dir is None:
             raise ValueError(f"{checkpoint} is already a merged export; export from the training run instead")
-        model, tokenizer = load_model(source, dtype=torch.float32)  # fp32: exact merge, exact check
+        built = load_model(source, dtype=torch.float32)  # fp32: exact merge, exact check
+        model, tokenizer = built.model, built.tokenizer
         model.lang_encoder.save_pretrained(str(staging / ADAPTER_DIR))
         adapter_config = staging / ADAPTER_DIR / ADAPTER_CONFIG
         lora = json.loads(adapter_config.read_text())
@@ -197,10 +198,10 @@ def export(checkpoint: str | Path, out: str | Path, merge: bool = False, dtype_n
         tokenizer.save_pretrained(str(staging / ADAPTER_DIR))
         merge_check = None
         if merge:
-            merge_check = merge_checked(model, tokenizer, image_size_of(source))
+            merge_check = merge_checked(built)
             write_language_model(model.language_model, tokenizer, staging / LANGUAGE_MODEL_DIR, dtype)
             write_openflamingo(model, staging / OPENFLAMINGO_DIR, dtype)
-        (staging / EXPORT_CONFIG).write_text(json.dumps(export_config(source, merge, dtype_name), indent=2))
+        (staging / EXPORT_CONFIG).write_text(json.dumps(export_config(source, built.image_size, merge, dtype_name), indent=2))
         summary = model_card.training_summary(model_card.find_run_dir(Path(checkpoint)))
         (staging / MODEL_CARD).write_text(model_card.render(source.model_config, lora, merge, dtype_name, summary))
         about = {"format": EXPORT_FORMAT, "created": datetime.now(timezone.utc).isoformat(),

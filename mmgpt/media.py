@@ -23,18 +23,21 @@ decided per sample, so `MediaLayout.token_index` lists the tokens that go throug
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-MEDIA_ATTENTION_MODES = ("next", "previous", "random")
+# The one type of the media-attention setting, whatever holds it (config, built model, packer).
+MediaAttention = Literal["next", "previous", "random"]
+MEDIA_ATTENTION_MODES: tuple[MediaAttention, ...] = get_args(MediaAttention)
 _MASK64 = (1 << 64) - 1
 
 
-def check_mode(mode: str) -> str:
-    if mode not in MEDIA_ATTENTION_MODES:
-        raise ValueError(f"unknown media_attention {mode!r}; choose from {list(MEDIA_ATTENTION_MODES)}")
-    return mode
+def check_media_attention(media_attention: str) -> MediaAttention:
+    if media_attention not in MEDIA_ATTENTION_MODES:
+        raise ValueError(f"unknown media_attention {media_attention!r}; choose from {list(MEDIA_ATTENTION_MODES)}")
+    return media_attention  # type: ignore[return-value]  # checked against the Literal's values
 
 
 def splitmix64(seed: int, key: int) -> int:
@@ -45,16 +48,16 @@ def splitmix64(seed: int, key: int) -> int:
     return z ^ (z >> 31)
 
 
-def attends_previous(mode: str, seed: int = 0, key: int = 0) -> bool:
+def attends_previous(media_attention: MediaAttention, seed: int = 0, key: int = 0) -> bool:
     """Whether a sample uses "previous" semantics: fixed for next/previous, a seeded coin for random."""
-    if check_mode(mode) == "random":
+    if check_media_attention(media_attention) == "random":
         return bool(splitmix64(seed ^ 0x6D6D677074, key) & 1)  # salted: independent of packer tiebreaks
-    return mode == "previous"
+    return media_attention == "previous"
 
 
-def inference_mode(mode: str) -> str:
-    """The mode chat and evaluation decode with (a `random` model decodes with `previous`)."""
-    return "previous" if check_mode(mode) == "random" else mode
+def decoding_media_attention(media_attention: MediaAttention) -> MediaAttention:
+    """The media attention chat and evaluation decode with (a `random` model decodes with `previous`)."""
+    return "previous" if check_media_attention(media_attention) == "random" else media_attention
 
 
 def media_index(input_ids: Tensor, image_token_id: int, attend_previous: bool | Tensor, *,
@@ -66,7 +69,8 @@ def media_index(input_ids: Tensor, image_token_id: int, attend_previous: bool | 
     row after row, right for a fresh batch). A row continuing cached tokens passes
     `images_before[b]` (how many of its images those tokens held) and `images_total[b]` (all the
     images of its whole sequence; "next" needs it); by default the row holds only these tokens.
-    `attend_previous` is one bool or one per row.
+    `attend_previous` is one bool or one per row: a row's media attention resolved to "previous" or
+    not (`attends_previous`; a `random` model's coin is per sample, so it cannot be one setting).
     """
     is_image = input_ids == image_token_id
     rows = input_ids.shape[0]
@@ -158,11 +162,11 @@ class MediaLayout:
         return MediaLayout(**moved)
 
 
-def row_layout(input_ids: Tensor, image_token_id: int, mode: str, *,
+def row_layout(input_ids: Tensor, image_token_id: int, media_attention: MediaAttention, *,
                images_before: Tensor | None = None, images_total: Tensor | None = None,
                image_offsets: Tensor | None = None) -> MediaLayout | None:
     """Layout of [B, T] rows that each hold one sequence (generation, probes), decoded with
-    `inference_mode(mode)`; None when no row has an image, so the cross-attention blocks are
+    `decoding_media_attention(media_attention)`; None when no row has an image, so the cross-attention blocks are
     skipped as for a language-only sample. Rows of one call share their images (beam search) or
     all have some (probes), so every row passes the blocks when any does.
     """
@@ -171,6 +175,6 @@ def row_layout(input_ids: Tensor, image_token_id: int, mode: str, *,
         before.to(input_ids.device) + (input_ids == image_token_id).sum(dim=1)
     if not bool((total > 0).any()):
         return None
-    index = media_index(input_ids, image_token_id, inference_mode(mode) == "previous",
+    index = media_index(input_ids, image_token_id, decoding_media_attention(media_attention) == "previous",
                         images_before=images_before, images_total=total, image_offsets=image_offsets)
     return MediaLayout.build(index)

@@ -96,7 +96,7 @@ The adapter (`adapter/`) adapts layers inside mmgpt's Flamingo wrappers
 
 ```python
 from mmgpt.inference.model_dir import load_model, resolve_source
-model, tokenizer = load_model(resolve_source("THIS_DIR"))
+built = load_model(resolve_source("THIS_DIR"))  # .model, .tokenizer, .transform, .media_attention
 ```
 """
     if merged:

@@ -30,7 +30,7 @@ class StepShape:
         return cls(num_tokens=batch.num_tokens, num_images=int(batch.images.shape[0]),
                    attention_pairs=int((lengths * (lengths + 1) // 2).sum()),
                    media_tokens=int((batch.media_index >= 0).sum()), num_supervised=batch.num_supervised,
-                   xattn_tokens=batch.media.num_tokens if batch.media is not None else 0)
+                   xattn_tokens=batch.media_layout.num_tokens if batch.media_layout is not None else 0)
 
 
 @dataclass

@@ -130,7 +130,7 @@ def meta_model(cfg: ModelConfig) -> tuple[Any, list[str]]:
     from mmgpt.models.builder import build_model
 
     try:
-        return build_model(replace(cfg, lora_checkpoint=None), meta=True)[0], []
+        return build_model(replace(cfg, lora_checkpoint=None), meta=True).model, []
     except (ValueError, OSError) as err:
         return None, [f"model (preset {cfg.preset!r}) cannot be built: {' '.join(str(err).split())}"]
 

@@ -41,12 +41,11 @@ def picture(path: Path, color=(200, 40, 40)) -> Path:
 
 
 def session(loaded, max_new_tokens: int = 6) -> ChatSession:
-    model, tok = loaded
-    return ChatSession(model, tok, SIZE, GenerationConfig(max_new_tokens=max_new_tokens))
+    return ChatSession(loaded, GenerationConfig(max_new_tokens=max_new_tokens))
 
 
 def test_prompt_ids_are_the_training_tokens(loaded, tmp_path):
-    model, tok = loaded
+    tok = loaded.tokenizer
     chat = session(loaded)
     chat.set_image(Image.open(picture(tmp_path / "a.png")))
     chat.ask("What is in the image?")
@@ -65,7 +64,7 @@ def test_prompt_ids_are_the_training_tokens(loaded, tmp_path):
 
 
 def test_image_encoded_once_per_conversation(loaded, tmp_path, monkeypatch):
-    model, _ = loaded
+    model = loaded.model
     calls = []
     encode = model.encode_images
     monkeypatch.setattr(model, "encode_images", lambda images: calls.append(images.shape) or encode(images))
@@ -80,7 +79,7 @@ def test_image_encoded_once_per_conversation(loaded, tmp_path, monkeypatch):
 def test_clear_and_text_only(loaded):
     chat = session(loaded)
     chat.ask("Tell me a joke.")
-    assert "### Image:" not in loaded[1].decode(chat.prompt_ids("Again?"))
+    assert "### Image:" not in loaded.tokenizer.decode(chat.prompt_ids("Again?"))
     chat.clear()
     assert chat.history() == [] and chat.latents is None
 
@@ -89,7 +88,7 @@ def test_special_token_text_stays_text_and_empty_questions_are_rejected(loaded):
     """A question (or a remembered answer) spelling "<image>" or "</s>" is ordinary text: it never
     becomes a special id, so it can neither fake an image nor end a round."""
     chat = session(loaded)
-    tok = loaded[1]
+    tok = loaded.tokenizer
     plain = chat.prompt_ids("look here")
     chat.rounds = [Round("q", "an answer that says </s> and <s>")]
     ids = chat.prompt_ids("look <image> here <PAD>")
@@ -106,7 +105,7 @@ def test_oldest_rounds_dropped_when_context_is_full(loaded, tmp_path):
     chat.rounds = [Round("first question here", "first answer"), Round("second question", "second answer")]
     full = len(chat.prompt_ids("third?"))
     chat.max_length = full + 4 - 1  # one token short: the oldest round must go
-    text = loaded[1].decode(chat.prompt_ids("third?"))
+    text = loaded.tokenizer.decode(chat.prompt_ids("third?"))
     assert "first question" not in text and "second question" in text and "### Image:" in text
     chat.max_length = 10
     with pytest.raises(ValueError, match="too long"):
@@ -221,7 +220,7 @@ def test_streamed_byte_token_answers_never_show_a_replacement_character(loaded, 
     from mmgpt.inference.chat import TerminalStreamer
     from mmgpt.inference.serve import SnapshotStreamer
 
-    model, tok = loaded
+    model, tok = loaded.model, loaded.tokenizer
     ids = tok.encode(BYTE_ANSWER, add_special_tokens=False)
     assert sum(p.startswith("<0x") for p in tok.convert_ids_to_tokens(ids)) >= 10
     assert any("\ufffd" in tok.decode(ids[:k]) for k in range(len(ids)))  # what a naive streamer shows

@@ -153,7 +153,7 @@ def test_launch_check_reports_checkpoint_shapes_that_disagree_with_the_preset(tm
     from mmgpt.models.builder import ModelConfig, build_model
     from mmgpt.models.pretrained import is_openflamingo_weight
 
-    model, _ = build_model(ModelConfig(preset="tiny", lora="none"))
+    model = build_model(ModelConfig(preset="tiny", lora="none")).model
     state = model.state_dict()  # the module's own OrderedDict, reduced to what OpenFlamingo saves
     for name in [k for k in state if not is_openflamingo_weight(k)]:
         del state[name]

@@ -163,13 +163,14 @@ def test_estimate_matches_the_training_data_path(sample_run, tmp_path, capsys):
     est = report["estimate"]
 
     cfg = TrainConfig.load(sample_run)
-    model, tokenizer = build_model(cfg.model)
+    built = build_model(cfg.model)
+    model, tokenizer = built.model, built.tokenizer
     image_size = preset_image_size(cfg.model.preset)
     mixture = Mixture(MixtureConfig.load(cfg.mixture), tokenizer, image_size,
                       max_images=cfg.packing.max_images_per_row, holdout=cfg.eval.holdout)
     rows, batches = 0, []
     for rank in range(world):
-        stream = RankStream(mixture, cfg.packing, model.image_token_id, image_size, rank, world)
+        stream = RankStream(mixture, cfg.packing, built, rank, world)
         n = 0
         while (batch := stream.next_batch()) is not None:
             rows += batch.num_rows

@@ -11,7 +11,8 @@ from test_export import make_base, save_run
 
 from mmgpt.cli import main
 from mmgpt.data.conversation import Conversation, tokenize
-from mmgpt.data.images import clip_transform, load_image
+from mmgpt.data.images import load_image
+from mmgpt.image_transform import clip_transform
 from mmgpt.data.packing import collate
 from mmgpt.data.sample import write_sample
 from mmgpt.data.sources import READERS
@@ -64,7 +65,8 @@ def test_trained_answer_comes_back_through_export_and_chat(tmp_path, capsys):
     vl[1][0].rounds[0].instruction = vl[0][0].rounds[0].instruction
     assert vl[0][0].rounds[0].response != vl[1][0].rounds[0].response
     cfg = make_base(tmp_path)
-    model, tok = build_model(cfg)
+    built = build_model(cfg)
+    model, tok = built.model, built.tokenizer
     image_root = vl[0][1].parent
     loss = train_until_memorised(model, tok, [c for c, _ in vl] + [text], image_root)
     assert loss < TARGET_LOSS, f"did not memorise in {MAX_STEPS} steps (loss {loss:.4f})"

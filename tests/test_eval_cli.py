@@ -22,7 +22,8 @@ from PIL import Image
 from test_export import make_base, save_run
 
 from mmgpt.data.conversation import Conversation, Round, encode_prompt, tokenize
-from mmgpt.data.images import clip_transform, load_image
+from mmgpt.data.images import load_image
+from mmgpt.image_transform import clip_transform
 from mmgpt.data.packing import collate
 from mmgpt.cli import main
 from mmgpt.cli import eval as eval_cli
@@ -145,12 +146,13 @@ def test_aokvqa_and_ocrvqa_readers(tmp_path):
 
 # ------------------------------------------------------ batched generation == one row at a time
 
-def noisy_tiny_model():
+def noisy_tiny_model(media_attention: str = "next"):
     """Random tiny model with visible cross-attention and LoRA (every logit depends on the image)."""
-    model, tok = build_model(ModelConfig(preset="tiny", seed=0))
-    open_gates(model, 0.9)
-    randomize_lora_b(model, std=0.2)
-    return model.eval(), tok
+    built = build_model(ModelConfig(preset="tiny", seed=0, media_attention=media_attention))
+    open_gates(built.model, 0.9)
+    randomize_lora_b(built.model, std=0.2)
+    built.model.eval()
+    return built
 
 
 def question_prompts(tok) -> list[list[int]]:
@@ -160,32 +162,34 @@ def question_prompts(tok) -> list[list[int]]:
 
 @pytest.mark.parametrize("mode", ["next", "previous"])
 def test_batched_greedy_equals_one_by_one_generate(mode):
-    model, tok = noisy_tiny_model()
+    built = noisy_tiny_model(mode)
+    model, tok = built.model, built.tokenizer
     prompts = question_prompts(tok)
     latents = model.encode_images(torch.randn(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)))
     cfg = GenerationConfig(max_new_tokens=12)
-    first = generate(model, tok, prompts[0], latents[:1], cfg, mode=mode)
+    first = generate(built, prompts[0], latents[:1], cfg)
     stop = next(t for t in first if t != first[0])
     head = model.language_model.lm_head.weight
     with torch.no_grad():  # EOS outscores a token row 0 emits later on: rows end at different steps
         head[tok.eos_token_id] = 1.05 * head[stop]
-    single = [generate(model, tok, p, latents[b:b + 1], cfg, mode=mode) for b, p in enumerate(prompts)]
+    single = [generate(built, p, latents[b:b + 1], cfg) for b, p in enumerate(prompts)]
     assert len({len(s) for s in single}) > 1 and min(map(len, single)) < cfg.max_new_tokens
     assert len({len(p) for p in prompts}) > 1, "prompts of different lengths: real left padding"
-    assert generate_batch(model, tok, prompts, latents, cfg.max_new_tokens, mode) == single
-    swapped = generate_batch(model, tok, prompts, latents.flip(0), cfg.max_new_tokens, mode)
+    assert generate_batch(built, prompts, latents, cfg.max_new_tokens) == single
+    swapped = generate_batch(built, prompts, latents.flip(0), cfg.max_new_tokens)
     assert swapped != single, "each row must attend its own image"
 
 
 def test_answer_logprobs_equal_each_row_alone():
-    model, tok = noisy_tiny_model()
+    built = noisy_tiny_model("next")
+    model, tok = built.model, built.tokenizer
     prompts = question_prompts(tok)[:2]
     latents = model.encode_images(torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1)))
     answers = [tok("red", add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
                tok("a dog on a sofa", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
     rows = [(prompts[b], a) for b in range(2) for a in answers]
     offsets = [0, 0, 1, 1]
-    batched = answer_logprobs(model, tok, rows, latents, offsets, mode="next")
+    batched = answer_logprobs(built, rows, latents, offsets)
     for (prompt, answer), b, value in zip(rows, offsets, batched):
         ids = torch.tensor([prompt + answer])
         media = MediaContext(latents[b:b + 1], row_layout(ids, model.image_token_id, "next"))
@@ -217,7 +221,8 @@ def memorised(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("memorised")
     images = root / "images"
     cfg = make_base(root)
-    model, tok = build_model(cfg)
+    built = build_model(cfg)
+    model, tok = built.model, built.tokenizer
     transform = clip_transform(SIZE)
     samples = []
     for k, ((question, answer), colour) in enumerate(zip(QA, COLOURS)):
@@ -389,11 +394,12 @@ def ocrvqa_books(root: Path) -> Path:
     return write_json(root / "dataset.json", books)
 
 
-def one_by_one(model, tok, ids: list[int], images: list[str], root: Path, cut: int | None) -> str:
+def one_by_one(built, ids: list[int], images: list[str], root: Path, cut: int | None) -> str:
     """`generate` on one prompt; greedy tokens up to the first `cut` token (the stop) decoded."""
+    assert built.media_attention == "next"
     pixels = torch.stack([load_image(root, image, clip_transform(SIZE)) for image in images])
-    new = generate(model, tok, ids, model.encode_images(pixels), GenerationConfig(max_new_tokens=16), mode="next")
-    return tok.decode(new[:new.index(cut)] if cut in new else new, skip_special_tokens=True)
+    new = generate(built, ids, built.model.encode_images(pixels), GenerationConfig(max_new_tokens=16))
+    return built.tokenizer.decode(new[:new.index(cut)] if cut in new else new, skip_special_tokens=True)
 
 
 def test_fewshot_eval_equals_generate_on_the_format_and_zero_shots_is_the_instruction_prompt(memorised, tmp_path):
@@ -404,7 +410,8 @@ def test_fewshot_eval_equals_generate_on_the_format_and_zero_shots_is_the_instru
 
     data = ocrvqa_books(tmp_path)
     images = memorised["images"]
-    model, tok = load_model(resolve_source(str(memorised["run"])), device="cpu", dtype=torch.float32)
+    built = load_model(resolve_source(str(memorised["run"])), device="cpu", dtype=torch.float32)
+    tok = built.tokenizer
     by_id = {i.id: i for i in read_ocrvqa(data, "train")}
     reports = {}
     for shots in (0, 2):
@@ -420,12 +427,12 @@ def test_fewshot_eval_equals_generate_on_the_format_and_zero_shots_is_the_instru
         assert len(demos) == 2 and all(d.id.startswith(("book0:", "book1:", "book2:")) for d in demos)
         query = EvalItem(pred["id"], pred["image"], pred["question"], pred["answers"])
         ids = tok(fewshot.fewshot_text("vqa", demos, query))["input_ids"]
-        text = one_by_one(model, tok, ids, [d.image for d in demos] + [query.image], images, endofchunk)
+        text = one_by_one(built, ids, [d.image for d in demos] + [query.image], images, endofchunk)
         assert pred["prediction"] == fewshot.postprocess_vqa(text).strip()
     for pred in reports[0]["predictions"]:
         assert "demonstrations" not in pred
         conversation = Conversation([Round(pred["question"], "", input=eval_cli.SHORT_ANSWER_HINT)], [pred["image"]])
-        text = one_by_one(model, tok, encode_prompt(conversation, tok), [pred["image"]], images, None)
+        text = one_by_one(built, encode_prompt(conversation, tok), [pred["image"]], images, None)
         assert pred["prediction"] == text.strip()
 
 

@@ -40,7 +40,8 @@ def make_base(root: Path) -> ModelConfig:
     checkpoint with open gates (like OF-9B). The final norm is scaled up so that logits can be as
     confident as a trained LM's (random-init logits are bounded near uniform: nothing could be
     memorised through LoRA alone)."""
-    base, tok = build_model(ModelConfig(preset="tiny", lora="none", seed=0))
+    built = build_model(ModelConfig(preset="tiny", lora="none", seed=0))
+    base, tok = built.model, built.tokenizer
     open_gates(base, 0.8)
     with torch.no_grad():
         base.language_model.model.norm.weight.mul_(25.0)
@@ -60,7 +61,7 @@ def save_run(run: Path, cfg: ModelConfig, model) -> Path:
 def make_run(root: Path) -> tuple[Path, ModelConfig]:
     """A run whose LoRA is random (nonzero), on the open-gate base."""
     cfg = make_base(root)
-    model, _ = build_model(cfg)
+    model = build_model(cfg).model
     randomize_lora_b(model, std=0.2)
     return save_run(root / "run", cfg, model), cfg
 
@@ -75,7 +76,8 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     run, cfg = make_run(root)
     out = export(run, root / "out", merge=True, dtype_name="fp32")
-    trained, tok = load_model(resolve_source(run))
+    built = load_model(resolve_source(run))
+    trained, tok = built.model, built.tokenizer
     return run, out, trained, tok
 
 
@@ -98,7 +100,8 @@ def assert_merged_close(a: torch.Tensor, b: torch.Tensor) -> None:
 
 def test_merged_export_equals_adapter_model(exported):
     run, out, trained, tok = exported
-    merged, mtok = load_model(resolve_source(out))
+    built = load_model(resolve_source(out))
+    merged, mtok = built.model, built.tokenizer
     assert not hasattr(merged.lang_encoder, "peft_config"), "merged model must carry no LoRA"
     ids, media = inputs(trained, tok)
     ref = logits(trained, ids, media)
@@ -134,13 +137,13 @@ def test_language_model_dir_opens_with_plain_transformers(exported):
 def test_adapter_opens_with_plain_peft(exported):
     run, out, trained, tok = exported
     cfg = TrainConfig.load(run / "config.yaml").model
-    base, _ = build_model(ModelConfig(**{**cfg.__dict__, "lora": "none"}))
+    base = build_model(ModelConfig(**{**cfg.__dict__, "lora": "none"})).model
     base.lang_encoder = PeftModel.from_pretrained(base.lang_encoder, str(out / "adapter"))
     base.eval()
     ids, media = inputs(trained, tok)
     torch.testing.assert_close(logits(base, ids, media), logits(trained, ids, media), atol=1e-5, rtol=0)
     # without the adapter the model differs: the LoRA really is in adapter/
-    bare, _ = build_model(ModelConfig(**{**cfg.__dict__, "lora": "none"}))
+    bare = build_model(ModelConfig(**{**cfg.__dict__, "lora": "none"})).model
     assert float((logits(bare.eval(), ids, media) - logits(trained, ids, media)).abs().max()) > 1e-3
 
 
@@ -207,10 +210,10 @@ class _MergeThatDropsLoRA(nn.Module):
 
 def test_merge_check_detects_a_wrong_merge(tmp_path):
     run, _ = make_run(tmp_path)
-    model, tok = load_model(resolve_source(run))
-    model.lang_encoder = _MergeThatDropsLoRA(model.lang_encoder)
+    built = load_model(resolve_source(run))
+    built.model.lang_encoder = _MergeThatDropsLoRA(built.model.lang_encoder)
     with pytest.raises(MergeCheckError, match="refusing"):
-        merge_checked(model, tok, SIZE)
+        merge_checked(built)
 
 
 def test_refused_merge_writes_nothing(tmp_path, monkeypatch):
@@ -261,7 +264,7 @@ def test_media_attention_is_recorded_and_legacy_configs_load_as_previous(tmp_pat
     from mmgpt.inference.model_dir import ModelSource, model_config_from_dict
 
     source = ModelSource(tmp_path, "train", ModelConfig(preset="tiny", media_attention="random"), None)
-    written = export_config(source, merged=False, dtype_name="fp32")["model"]
+    written = export_config(source, SIZE, merged=False, dtype_name="fp32")["model"]
     assert written["media_attention"] == "random"
     assert model_config_from_dict(written, tmp_path).media_attention == "random"
     legacy = {k: v for k, v in written.items() if k != "media_attention"}
@@ -402,3 +405,31 @@ def test_commands_verify_the_export_manifest(exported, tmp_path, capsys):
         card.write("\nmetrics\n")
     assert main([*chat, str(good), "--verify"]) == 0
     assert "files match manifest.json: sizes and sha256" in capsys.readouterr().err
+
+
+def test_built_and_loaded_models_carry_the_configs_settings(tmp_path):
+    """`build_model`, a training run and a merged export (its own LLaMA dir and tokenizer) each hand
+    out the config's settings with the model. The config asks for a non-default media attention,
+    so a loader that dropped it (or took the image size, transform or tokenizer from elsewhere)
+    fails here."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from mmgpt.image_transform import clip_transform
+
+    cfg = replace(make_base(tmp_path), media_attention="previous")
+    built = build_model(cfg)
+    randomize_lora_b(built.model, std=0.2)
+    run = save_run(tmp_path / "run", cfg, built.model)
+    merged = export(run, tmp_path / "merged", merge=True, dtype_name="fp32")
+    picture = Image.new("RGB", (48, 40), (200, 40, 40))
+    text = "What colour is the bus? <image>"
+    for where, loaded in [("build_model", built), ("run", load_model(resolve_source(run))),
+                          ("merged export", load_model(resolve_source(merged)))]:
+        assert loaded.media_attention == "previous", where
+        assert loaded.image_size == SIZE == loaded.model.vision_encoder.spec.image_size, where
+        pixels = loaded.transform(picture)
+        assert pixels.shape == (3, SIZE, SIZE) and torch.equal(pixels, clip_transform(SIZE)(picture)), where
+        assert loaded.tokenizer(text)["input_ids"] == built.tokenizer(text)["input_ids"], where
+        assert loaded.image_token_id == loaded.tokenizer.convert_tokens_to_ids("<image>"), where

@@ -66,7 +66,7 @@ def row() -> PackedBatch:
                                 max_tokens=ROW_TOKENS)
     rows = Packer(PackingConfig(max_tokens=ROW_TOKENS), 32001, (side, side)).pack(samples)
     batch = next(b for b in rows if b.num_tokens > ROW_TOKENS - 64 and b.num_samples >= 8)
-    assert batch.images.shape[0] >= 4 and batch.media is not None
+    assert batch.images.shape[0] >= 4 and batch.media_layout is not None
     return batch
 
 
@@ -106,8 +106,8 @@ def cuda_kernels_offered():
 
 def nine_b(backend: str, checkpointing: bool | int = False) -> nn.Module:
     """The 9B preset with LoRA, built on the meta device (no memory, no weights read)."""
-    model, _ = build_model(ModelConfig(preset="9b", attn_backend=backend,
-                                       gradient_checkpointing=checkpointing), meta=True)
+    model = build_model(ModelConfig(preset="9b", attn_backend=backend,
+                                     gradient_checkpointing=checkpointing), meta=True).model
     return model
 
 
@@ -238,7 +238,7 @@ def test_9b_fused_backends_match_sdpa_on_a_real_gpu(row):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA: the real-number half of the fake-CUDA 9B step")
     with torch.device("cuda"):  # random weights initialised where they live
-        model, _ = build_model(ModelConfig(preset="9b", gradient_checkpointing=True), device="cuda", dtype=BF16)
+        model = build_model(ModelConfig(preset="9b", gradient_checkpointing=True), device="cuda", dtype=BF16).model
     open_gates(model, 0.5)
     randomize_lora_b(model)
     batch = row.to("cuda", BF16)

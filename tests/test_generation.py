@@ -6,6 +6,8 @@ different shapes of the attention calls); token sequences must be identical.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -22,10 +24,11 @@ SIZE = preset_image_size("tiny")
 
 @pytest.fixture(scope="module")
 def model_tok():
-    model, tok = build_model(ModelConfig(preset="tiny", seed=0))
-    open_gates(model, 0.9)  # visible cross-attention: the image changes every logit
-    randomize_lora_b(model, std=0.2)
-    return model.eval(), tok
+    built = build_model(ModelConfig(preset="tiny", seed=0))
+    open_gates(built.model, 0.9)  # visible cross-attention: the image changes every logit
+    randomize_lora_b(built.model, std=0.2)
+    built.model.eval()
+    return built
 
 
 def image(seed: int) -> torch.Tensor:
@@ -39,14 +42,15 @@ def prompt(tok, images: int = 1) -> list[int]:
 
 @pytest.mark.parametrize("mode", MEDIA_ATTENTION_MODES)
 def test_cached_greedy_equals_uncached_with_image(model_tok, mode):
-    model, tok = model_tok
+    built = replace(model_tok, media_attention=mode)
+    model, tok = built.model, built.tokenizer
     latents = model.encode_images(image(0))
     cfg = GenerationConfig(max_new_tokens=24)
-    cached = generate(model, tok, prompt(tok), latents, cfg, use_cache=True, mode=mode)
-    uncached = generate(model, tok, prompt(tok), latents, cfg, use_cache=False, mode=mode)
+    cached = generate(built, prompt(tok), latents, cfg, use_cache=True)
+    uncached = generate(built, prompt(tok), latents, cfg, use_cache=False)
     assert len(cached) >= 8, "too short to compare cached decoding"
     assert cached == uncached
-    other = generate(model, tok, prompt(tok), model.encode_images(image(1)), cfg, mode=mode)
+    other = generate(built, prompt(tok), model.encode_images(image(1)), cfg)
     assert other != cached, "the image should matter (gates are open)"
 
 
@@ -55,13 +59,14 @@ def test_cached_step_logits_match_and_keep_image_attention(model_tok, mode):
     """Step by step the cached logits equal the full recomputation, in each mode. In "previous"
     mode a cached step whose new token has NO media (OpenFlamingo v1's cached-generation bug)
     does not, so this test would catch that regression."""
-    model, tok = model_tok
+    built = replace(model_tok, media_attention=mode)
+    model, tok = built.model, built.tokenizer
     latents = model.encode_images(image(0))
     image_id, _, _ = special_token_ids(tok)
     ids = torch.tensor([prompt(tok, images=2)])
     latents = model.encode_images(torch.cat([image(0), image(5)]))
-    cached = LanguageModelStepper(model, latents, image_id, use_cache=True, mode=mode)
-    full = LanguageModelStepper(model, latents, image_id, use_cache=False, mode=mode)
+    cached = LanguageModelStepper(model, latents, image_id, use_cache=True, media_attention=mode)
+    full = LanguageModelStepper(model, latents, image_id, use_cache=False, media_attention=mode)
     a, b = cached.start(ids), full.start(ids)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
     for _ in range(6):
@@ -71,29 +76,31 @@ def test_cached_step_logits_match_and_keep_image_attention(model_tok, mode):
     if mode == "next":
         return  # after the last image a token attends no image: there is nothing to lose
     # the v1 bug: the new token's media index is -1 (no image) during the cached step
-    probe = LanguageModelStepper(model, latents, image_id, use_cache=True, mode=mode)
+    probe = LanguageModelStepper(model, latents, image_id, use_cache=True, media_attention=mode)
     probe.start(ids)
     no_media = MediaContext(latents, MediaLayout.build(torch.full((1, 1), -1)))
     lost = model.lm_forward(a.argmax(-1)[:, None], no_media, position_ids=torch.tensor([[ids.shape[1]]]),
                             cache=probe.cache, use_cache=True).logits[:, -1].float()
-    kept = LanguageModelStepper(model, latents, image_id, use_cache=False, mode=mode).start(
+    kept = LanguageModelStepper(model, latents, image_id, use_cache=False, media_attention=mode).start(
         torch.cat([ids, a.argmax(-1)[:, None]], 1))
     assert (lost - kept).abs().max() > 1e-3
 
 
 def test_beam_cached_equals_uncached_and_one_beam_is_greedy(model_tok):
-    model, tok = model_tok
+    built = model_tok
+    model, tok = built.model, built.tokenizer
     latents = model.encode_images(image(2))
     beam = GenerationConfig(max_new_tokens=12, num_beams=3)
-    assert generate(model, tok, prompt(tok), latents, beam) == \
-        generate(model, tok, prompt(tok), latents, beam, use_cache=False)
-    assert generate(model, tok, prompt(tok), latents, GenerationConfig(max_new_tokens=12, num_beams=1)) == \
-        generate(model, tok, prompt(tok), latents, GenerationConfig(max_new_tokens=12))
+    assert generate(built, prompt(tok), latents, beam) == \
+        generate(built, prompt(tok), latents, beam, use_cache=False)
+    assert generate(built, prompt(tok), latents, GenerationConfig(max_new_tokens=12, num_beams=1)) == \
+        generate(built, prompt(tok), latents, GenerationConfig(max_new_tokens=12))
 
 
 def test_beam_search_two_steps_matches_brute_force(model_tok):
     """Two tokens, B beams: the best of (top-B first tokens) x (all second tokens)."""
-    model, tok = model_tok
+    built = model_tok
+    model, tok = built.model, built.tokenizer
     beams = 4
     latents = model.encode_images(image(3))
     image_id, eos, banned = special_token_ids(tok)
@@ -112,23 +119,24 @@ def test_beam_search_two_steps_matches_brute_force(model_tok):
         score, second = lp2.max(0)
         if lp1[first] + score > best:
             best, best_seq = float(lp1[first] + score), [first, int(second)]
-    assert generate(model, tok, ids[0], latents, cfg) == best_seq
+    assert generate(built, ids[0], latents, cfg) == best_seq
 
 
 def test_sampling_is_seeded_and_top_k_one_is_greedy(model_tok):
-    model, tok = model_tok
+    built = model_tok
+    model, tok = built.model, built.tokenizer
     latents = model.encode_images(image(0))
     sample = GenerationConfig(max_new_tokens=16, do_sample=True, temperature=1.5, seed=7)
-    first = generate(model, tok, prompt(tok), latents, sample)
-    assert first == generate(model, tok, prompt(tok), latents, sample)
-    others = {tuple(generate(model, tok, prompt(tok), latents,
+    first = generate(built, prompt(tok), latents, sample)
+    assert first == generate(built, prompt(tok), latents, sample)
+    others = {tuple(generate(built, prompt(tok), latents,
                              GenerationConfig(max_new_tokens=16, do_sample=True, temperature=1.5, seed=s)))
               for s in range(4)}
     assert len(others) > 1, "different seeds should give different samples"
-    greedy = generate(model, tok, prompt(tok), latents, GenerationConfig(max_new_tokens=16))
+    greedy = generate(built, prompt(tok), latents, GenerationConfig(max_new_tokens=16))
     for cfg in (GenerationConfig(max_new_tokens=16, do_sample=True, top_k=1, seed=3),
                 GenerationConfig(max_new_tokens=16, do_sample=True, top_p=1e-6, seed=3)):
-        assert generate(model, tok, prompt(tok), latents, cfg) == greedy
+        assert generate(built, prompt(tok), latents, cfg) == greedy
 
 
 def test_filters_match_direct_definitions():
@@ -160,35 +168,38 @@ def test_repetition_penalty_and_banned_tokens():
 
 
 def test_generation_stops_at_eos_and_never_emits_banned(model_tok):
-    model, tok = model_tok
+    built = model_tok
+    model, tok = built.model, built.tokenizer
     latents = model.encode_images(image(0))
     image_id, eos, banned = special_token_ids(tok)
     cfg = GenerationConfig(max_new_tokens=20)
-    greedy = generate(model, tok, prompt(tok), latents, cfg)
+    greedy = generate(built, prompt(tok), latents, cfg)
     assert not set(greedy) & (set(banned) | eos)
     head = model.language_model.lm_head.weight
     saved = head.data.clone()
     try:
         with torch.no_grad():  # make EOS outscore the token greedy emitted at step 4
             head[tok.eos_token_id] = 3.0 * head[greedy[4]]
-        stopped = generate(model, tok, prompt(tok), latents, cfg)
+        stopped = generate(built, prompt(tok), latents, cfg)
     finally:
         head.data.copy_(saved)
     assert len(stopped) < len(greedy) and stopped == greedy[:len(stopped)]
 
 
 def test_prompt_image_count_must_match_latents(model_tok):
-    model, tok = model_tok
+    built = model_tok
+    model, tok = built.model, built.tokenizer
     with pytest.raises(ValueError, match="1 <image> tokens but 2 images"):
-        generate(model, tok, prompt(tok), model.encode_images(torch.cat([image(0), image(1)])),
+        generate(built, prompt(tok), model.encode_images(torch.cat([image(0), image(1)])),
                  GenerationConfig(max_new_tokens=2))
 
 
 def test_text_only_prompt_generates(model_tok):
-    model, tok = model_tok
+    built = model_tok
+    tok = built.tokenizer
     cfg = GenerationConfig(max_new_tokens=8)
-    out = generate(model, tok, prompt(tok, images=0), None, cfg)
-    assert out == generate(model, tok, prompt(tok, images=0), None, cfg, use_cache=False)
+    out = generate(built, prompt(tok, images=0), None, cfg)
+    assert out == generate(built, prompt(tok, images=0), None, cfg, use_cache=False)
     assert len(out) > 0
 
 
@@ -203,11 +214,12 @@ def test_invalid_configs_are_rejected(bad):
 def test_max_new_tokens_bounds_the_answer(model_tok, extra):
     """transformers' MaxLengthCriteria (greedy) / the beam loop stop at max_new_tokens: a short
     budget gives a prefix of the longer greedy answer (greedy) and never more tokens."""
-    model, tok = model_tok
+    built = model_tok
+    model, tok = built.model, built.tokenizer
     latents = model.encode_images(image(0))
-    long = generate(model, tok, prompt(tok), latents, GenerationConfig(max_new_tokens=12, **extra))
+    long = generate(built, prompt(tok), latents, GenerationConfig(max_new_tokens=12, **extra))
     assert len(long) > 3
-    short = generate(model, tok, prompt(tok), latents, GenerationConfig(max_new_tokens=3, **extra))
+    short = generate(built, prompt(tok), latents, GenerationConfig(max_new_tokens=3, **extra))
     assert len(short) == 3
     if not extra:
         assert short == long[:3]

@@ -57,7 +57,7 @@ def packed_batch() -> PackedBatch:
 
 def profile_step(checkpointing: bool | int) -> tuple[Counter[str], Counter[str]]:
     """(profiler event counts, host reads) of one forward + backward of the packed loss."""
-    model, _ = build_model(ModelConfig(preset="tiny", gradient_checkpointing=checkpointing))
+    model = build_model(ModelConfig(preset="tiny", gradient_checkpointing=checkpointing)).model
     open_gates(model, 0.5)
     randomize_lora_b(model)
     model.train()

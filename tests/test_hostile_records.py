@@ -84,7 +84,8 @@ def test_cli_inspect_with_the_train_config_limit(datasets, tmp_path):
 MEASURE = """
 import json, resource, sys
 from pathlib import Path
-from mmgpt.data.images import clip_transform, load_image
+from mmgpt.data.images import load_image
+from mmgpt.image_transform import clip_transform
 transform = clip_transform(16)
 assert not isinstance(load_image(Path(sys.argv[1]), "small.png", transform), str)  # warm: PNG plugin
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mmgpt.data.images import clip_transform, load_image, open_rgb
+from mmgpt.data.images import load_image, open_rgb
+from mmgpt.image_transform import clip_transform
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 H, W = 16, 64
@@ -110,7 +111,8 @@ def test_exif_orientation_is_kept_as_stored(tmp_path):
 MEASURE = """
 import json, resource, sys
 from pathlib import Path
-from mmgpt.data.images import clip_transform, load_image
+from mmgpt.data.images import load_image
+from mmgpt.image_transform import clip_transform
 root, transform = Path(sys.argv[1]), clip_transform(224)
 assert not isinstance(load_image(root, "small.png", transform), str)  # warm: the PNG plugin, torchvision
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -404,8 +404,8 @@ def test_checkpoint_holds_no_frozen_weights(runs):
     from mmgpt.models.builder import ModelConfig, build_model
 
     expect_success(runs, "demo")
-    model, _ = build_model(ModelConfig(**yaml.safe_load((runs["demo"] / "config.yaml").read_text())["model"]),
-                           meta=True)
+    model = build_model(ModelConfig(**yaml.safe_load((runs["demo"] / "config.yaml").read_text())["model"]),
+                        meta=True).model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     ckpts = runs["demo"] / "checkpoints"

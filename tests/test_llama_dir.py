@@ -48,7 +48,8 @@ def write_2023_llama_dir(root, planted=None) -> LlamaForCausalLM:
 def test_sharded_bin_directory_loads_every_weight(tmp_path):
     llama = write_2023_llama_dir(tmp_path)
     assert not (tmp_path / "tokenizer.json").exists()
-    model, tok = build_model(ModelConfig(preset="tiny", llama_path=str(tmp_path), lora="none"))
+    built = build_model(ModelConfig(preset="tiny", llama_path=str(tmp_path), lora="none"))
+    model, tok = built.model, built.tokenizer
     ours = model.language_model.state_dict()
     for k, v in llama.state_dict().items():
         name = re.sub(r"^model\.layers\.(\d+)\.", r"model.layers.\1.decoder_layer.", k)

@@ -30,7 +30,7 @@ def test_yaml_mapping_reaches_peft_and_the_adapter_config(tmp_path):
     path.write_text(YAML)
     cfg = TrainConfig.load(path)
     assert cfg.model.lora == LoraSpec("default", r=4, alpha=8, dropout=0.05, targets=("q_proj", "v_proj", "to_kv"))
-    model, _ = build_model(cfg.model)
+    model = build_model(cfg.model).model
     peft = model.lang_encoder.peft_config["default"]
     assert (peft.r, peft.lora_alpha, peft.lora_dropout) == (4, 8, 0.05)
     adapted = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n.endswith((".q_proj", ".v_proj", ".to_kv"))
@@ -49,8 +49,8 @@ def test_yaml_mapping_reaches_peft_and_the_adapter_config(tmp_path):
 def test_preset_names_and_partial_mappings_resolve_to_the_presets_values():
     assert LoraSpec().resolved() == LORA_PRESETS["default"]
     assert LoraSpec("paper", r=8).resolved() == LoraSpec("paper", 8, 16, 0.0, LORA_PRESETS["paper"].targets)
-    default, _ = build_model(ModelConfig(preset="tiny"), meta=True)
-    same, _ = build_model(ModelConfig(preset="tiny", lora=LoraSpec()), meta=True)
+    default = build_model(ModelConfig(preset="tiny"), meta=True).model
+    same = build_model(ModelConfig(preset="tiny", lora=LoraSpec()), meta=True).model
     assert lora_numel(default) == lora_numel(same) > 0
 
 
@@ -78,11 +78,11 @@ def test_params_counts_the_configured_lora(capsys):
 
 def test_released_file_refused_by_a_configured_rank(tmp_path):
     """A file trained with the released r=16 does not fit r=8: refused naming the field."""
-    src, _ = build_model(ModelConfig(preset="tiny", seed=1))
+    src = build_model(ModelConfig(preset="tiny", seed=1)).model
     path = tmp_path / "mmgpt-lora-v0-release.pt"
     with fake_mmengine("legacy"):
         torch.save({"model_state_dict": src.state_dict(), "tuning_config": lora_config().tuning_config}, path)
-    model, _ = build_model(ModelConfig(preset="tiny", lora=LoraSpec(r=8)))
+    model = build_model(ModelConfig(preset="tiny", lora=LoraSpec(r=8))).model
     with pytest.raises(WeightsError, match=r"tuning_config disagrees with the model: lora_r=16 but .* \[8\]"):
         load_lora(model, path)
 
@@ -99,12 +99,12 @@ def test_configured_lora_reaches_the_export_and_its_model_card(tmp_path):
 
     spec = LoraSpec("default", r=4, alpha=8, dropout=0.05, targets=("q_proj", "v_proj", "to_kv"))
     cfg = replace(make_base(tmp_path), lora=spec)
-    model, _ = build_model(cfg)
+    model = build_model(cfg).model
     out = export(save_run(tmp_path / "run", cfg, model), tmp_path / "out", merge=False, dtype_name="fp32")
     adapter = json.loads(next(out.rglob("adapter_config.json")).read_text())
     assert (adapter["r"], adapter["lora_alpha"], adapter["lora_dropout"]) == (4, 8, 0.05)
     card = yaml.safe_load((out / "README.md").read_text().split("---")[1])
     assert card["mmgpt"]["lora"]["r"] == 4 and card["mmgpt"]["lora"]["alpha"] == 8
-    reloaded, _ = load_model(resolve_source(out))
+    reloaded = load_model(resolve_source(out)).model
     assert lora_numel(reloaded) == lora_numel(model)
     assert reloaded.lang_encoder.peft_config["default"].r == 4

@@ -78,7 +78,7 @@ def _allocator_peak(fn) -> int:
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_peak_tracker_equals_the_cpu_allocator(checkpointing):
     """The accounting of PeakMemory against the allocator itself (tiny, real CPU tensors)."""
-    model, _ = build_model(ModelConfig(preset="tiny", gradient_checkpointing=checkpointing))
+    model = build_model(ModelConfig(preset="tiny", gradient_checkpointing=checkpointing)).model
     row = memory_plan.packed_row("tiny", 512, model.language_model.config.vocab_size, model.image_token_id)
     step = lambda: packed_loss(model, model.lm_head, row).loss_sum.backward()  # noqa: E731
     tracker = memory_plan.PeakMemory([*model.parameters(), *model.buffers(), row.input_ids, row.images])

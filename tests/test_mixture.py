@@ -16,7 +16,8 @@ import torch
 
 from data_helpers import (bad_input_dataset, llava_record, make_image, screened_dataset, write_config, write_json,
                           write_lines)
-from mmgpt.data.images import CLIP_MEAN, CLIP_STD, clip_transform, load_image
+from mmgpt.data.images import load_image
+from mmgpt.image_transform import CLIP_MEAN, CLIP_STD, clip_transform
 from mmgpt.data.inspection import inspect_mixture, length_stats
 from mmgpt.configfile import ConfigError
 from mmgpt.data.mixture import DataError, Mixture, MixtureConfig

@@ -45,7 +45,8 @@ def media(latents: torch.Tensor, ids: torch.Tensor, mode: str = "previous") -> M
 
 
 def build(lora: str = "default", dtype=torch.float32, gates: float = 0.0, lora_b: bool = False, seed=0):
-    model, tok = build_model(ModelConfig(preset="tiny", lora=lora, seed=seed), dtype=dtype)
+    built = build_model(ModelConfig(preset="tiny", lora=lora, seed=seed), dtype=dtype)
+    model, tok = built.model, built.tokenizer
     open_gates(model, gates)
     if lora_b:
         randomize_lora_b(model, std=0.05)
@@ -246,7 +247,7 @@ def test_gradient_checkpointing_mode_from_config():
     assert from_dict(ModelConfig, {"gradient_checkpointing": True}, "x").gradient_checkpointing is True
     with pytest.raises(ConfigError, match="gradient_checkpointing"):
         from_dict(ModelConfig, {"gradient_checkpointing": "2"}, "x")
-    model, _ = build_model(cfg)
+    model = build_model(cfg).model
     assert [layer.gradient_checkpointing for layer in model.language_model.model.layers] == [True, False] * 2
     with pytest.raises(ValueError, match="layer interval"):
         ModelConfig(preset="tiny", gradient_checkpointing=-1)
@@ -377,6 +378,6 @@ def test_attention_backends_resolve_for_both_attentions_and_switch_at_run_time()
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: no GPU here")
 def test_auto_runs_fused_self_and_cross_attention_for_9b_on_cuda():
-    model, _ = build_model(ModelConfig(preset="9b"), meta=True)
+    model = build_model(ModelConfig(preset="9b"), meta=True).model
     ran = model.attention_backends(torch.bfloat16, "cuda")
     assert ran["self_attention"] in ("flash_attn", "torch_varlen") and ran["cross_attention"] == ran["self_attention"]

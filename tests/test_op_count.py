@@ -26,7 +26,7 @@ SIZE = preset_image_size("tiny")
 
 @pytest.fixture(scope="module")
 def model():
-    model, _ = build_model(ModelConfig(preset="tiny", attn_backend="sdpa"))
+    model = build_model(ModelConfig(preset="tiny", attn_backend="sdpa")).model
     model.train()
     return model
 

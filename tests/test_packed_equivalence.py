@@ -23,7 +23,7 @@ X = IGNORE_INDEX
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    model, _ = build_model(ModelConfig(preset="tiny", attn_backend="sdpa", seed=0))
+    model = build_model(ModelConfig(preset="tiny", attn_backend="sdpa", seed=0)).model
     randomize_lora_b(model, std=0.05, seed=1)
     open_gates(model, 0.7)
     return model

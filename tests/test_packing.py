@@ -46,7 +46,7 @@ def test_collate_fields_on_hand_made_samples() -> None:
     # the <image> token sees its own image; sample 1 sees nothing although sample 0 had images
     assert batch.media_index.tolist() == [-1, -1, 0, 0, 0, 1, 1, 1, -1, -1, -1, -1, -1, 2, 2, 2]
     # the text-only sample 1 skips the cross-attention blocks: its tokens 8..11 are not in the layout
-    layout = batch.media
+    layout = batch.media_layout
     assert layout.token_index.tolist() == list(range(8)) + list(range(12, 16))
     assert layout.cu_seqlens_q.dtype == torch.int32
     assert layout.cu_seqlens_q.tolist() == [0, 2, 5, 8, 9, 12]
@@ -82,7 +82,7 @@ def test_collate_without_images_keeps_image_shape() -> None:
     batch = collate(text, image_token_id=IMG, image_size=(8, 6))
     assert batch.images.shape == (0, 3, 8, 6)
     assert batch.media_index.tolist() == [-1, -1, -1]
-    assert batch.media is None  # no sample has an image: every token skips the cross-attention blocks
+    assert batch.media_layout is None  # no sample has an image: every token skips the cross-attention blocks
 
 
 def test_collate_rejects_image_count_mismatch() -> None:
@@ -114,7 +114,7 @@ def test_collate_matches_each_sample_on_random_mix() -> None:
         for m in media[media >= 0].unique().tolist():
             assert torch.equal(batch.images[m], images[s])
     # chunks tile the tokens of image samples and each chunk has one media index
-    layout = batch.media
+    layout = batch.media_layout
     vl_tokens = torch.cat([torch.arange(cu[s], cu[s + 1]) for s, x in enumerate(samples) if x.images])
     assert torch.equal(layout.token_index, vl_tokens)
     cq = layout.cu_seqlens_q.tolist()

@@ -40,8 +40,8 @@ def test_paper_lora_adds_llama_mlp(tmp_path):
 
 @pytest.mark.parametrize("lora", ["default", "none"])
 def test_meta_build_counts_like_real_build(lora):
-    meta, _ = build_model(ModelConfig(preset="tiny", lora=lora), meta=True)
-    real, _ = build_model(ModelConfig(preset="tiny", lora=lora))
+    meta = build_model(ModelConfig(preset="tiny", lora=lora), meta=True).model
+    real = build_model(ModelConfig(preset="tiny", lora=lora)).model
     assert all(p.is_meta for p in meta.parameters())
     assert count_params(meta) == count_params(real)
 
@@ -60,7 +60,7 @@ def test_linear_flops_match_flop_counter():
     The ViT is counted with grad enabled: the no-grad nn.MultiheadAttention fast path hides its
     projections from the counter.
     """
-    model, _ = build_model(ModelConfig(preset="tiny", lora="none"))
+    model = build_model(ModelConfig(preset="tiny", lora="none")).model
     open_gates(model, 0.5)
     batch = pack(SAMPLES, images(3))
     with FlopCounterMode(display=False) as vision:

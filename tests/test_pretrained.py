@@ -15,6 +15,7 @@ import subprocess
 import sys
 import zipfile
 from collections import OrderedDict
+from dataclasses import replace
 
 import open_clip.model
 import pytest
@@ -36,7 +37,7 @@ XATTN_LAYERS = (1, 3)  # tiny: n = 2
 
 
 def make(seed: int, lora: str = "default", **kw):
-    model, _ = build_model(ModelConfig(preset="tiny", lora=lora, seed=seed, **kw))
+    model = build_model(ModelConfig(preset="tiny", lora=lora, seed=seed, **kw)).model
     return model
 
 
@@ -266,7 +267,8 @@ def test_llama_directory_is_loaded_and_resized(tmp_path):
     llama.save_pretrained(tmp_path)
     for f in TINY_TOKENIZER_DIR.iterdir():
         shutil.copy(f, tmp_path / f.name)
-    model, tok = build_model(ModelConfig(preset="tiny", llama_path=str(tmp_path), lora="none"))
+    built = build_model(ModelConfig(preset="tiny", llama_path=str(tmp_path), lora="none"))
+    model, tok = built.model, built.tokenizer
     assert len(tok) == 1003 and model.language_model.get_input_embeddings().weight.shape[0] == 1003
     ours = model.language_model.state_dict()
     for k, v in llama.state_dict().items():
@@ -434,13 +436,14 @@ def test_released_file_written_the_originals_way_drives_chat(tmp_path):
     lora_path, of_path = tmp_path / "mmgpt-lora-v0-release.pt", tmp_path / "checkpoint.pt"
     save_with_mmengine(released_file, src, lora_path, "legacy")
     torch.save(openflamingo_v1()[1], of_path)
-    loaded, tok = build_model(ModelConfig(preset="tiny", seed=1, openflamingo_checkpoint=str(of_path),
-                                          lora_checkpoint=str(lora_path)))
-    bare, _ = build_model(ModelConfig(preset="tiny", seed=1, openflamingo_checkpoint=str(of_path)))
+    built = build_model(ModelConfig(preset="tiny", seed=1, openflamingo_checkpoint=str(of_path),
+                                    lora_checkpoint=str(lora_path)))
+    loaded, tok = built.model, built.tokenizer
+    bare = build_model(ModelConfig(preset="tiny", seed=1, openflamingo_checkpoint=str(of_path))).model
     image = Image.new("RGB", (40, 40), (200, 40, 40))
     answers = []
     for model in (src, loaded, bare):
-        chat = ChatSession(model.eval(), tok, 32, GenerationConfig(max_new_tokens=8))
+        chat = ChatSession(replace(built, model=model.eval()), GenerationConfig(max_new_tokens=8))
         chat.set_image(image)
         answers.append(tok(chat.ask("What is in the image?"), add_special_tokens=False)["input_ids"])
     assert answers[0] and answers[1] == answers[0]

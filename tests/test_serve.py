@@ -22,9 +22,7 @@ from mmgpt.inference.chat import ChatSession
 from mmgpt.inference.generation import GenerationConfig
 from mmgpt.inference.model_dir import load_model, resolve_source
 from mmgpt.inference import serve as serve_mod
-from mmgpt.models.builder import preset_image_size
 
-SIZE = preset_image_size("tiny")
 DEFAULTS = GenerationConfig(max_new_tokens=6)
 SLIDERS = ("max_new_tokens", "num_beams", "temperature", "top_k", "top_p", "repetition_penalty", "do_sample")
 
@@ -64,7 +62,7 @@ def loaded(run_dir):
 def new_session(loaded, cls: type[ChatSession] = ChatSession, **generation) -> ChatSession:
     from dataclasses import replace
 
-    return cls(*loaded, SIZE, replace(DEFAULTS, **generation))
+    return cls(loaded, replace(DEFAULTS, **generation))
 
 
 def local_answers(loaded, image: Image.Image | None, questions, **generation) -> list[list[str]]:

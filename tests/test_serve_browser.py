@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from PIL import Image, ImageDraw
-from test_serve import DEFAULTS, SIZE, launched, loaded, run_dir  # noqa: F401 (fixtures)
+from test_serve import DEFAULTS, launched, loaded, run_dir  # noqa: F401 (fixtures)
 
 from mmgpt.inference.chat import ChatSession
 
@@ -73,7 +73,7 @@ class SlowSession(ChatSession):
 
 @pytest.fixture(scope="module")
 def slow_app(loaded):  # noqa: F811 (the fixture imported above)
-    demo, url = launched(lambda: SlowSession(*loaded, SIZE, DEFAULTS))
+    demo, url = launched(lambda: SlowSession(loaded, DEFAULTS))
     yield url
     demo.close()
 
@@ -88,12 +88,12 @@ def drive_page(url: str, image: Path, screenshot: Path) -> dict:
 
 def expected_rounds(loaded) -> tuple[list[list[str]], list[str]]:  # noqa: F811
     """The local session's answers for PLAN: (the image conversation, the one after Clear)."""
-    local = ChatSession(*loaded, SIZE, DEFAULTS)
+    local = ChatSession(loaded, DEFAULTS)
     local.set_image(scene())
     qa = [[q, local.ask(q)] for q in (PLAN["typed"], PLAN["example"])]
     local.generation = replace(DEFAULTS, max_new_tokens=PLAN["sliderValue"])
     qa.append([PLAN["afterSlider"], local.ask(PLAN["afterSlider"])])
-    fresh = ChatSession(*loaded, SIZE, replace(DEFAULTS, max_new_tokens=PLAN["sliderValue"]))
+    fresh = ChatSession(loaded, replace(DEFAULTS, max_new_tokens=PLAN["sliderValue"]))
     return qa, [PLAN["afterClear"], fresh.ask(PLAN["afterClear"])]
 
 
@@ -106,7 +106,7 @@ def test_demo_in_a_headless_browser(slow_app, loaded, tmp_path):  # noqa: F811
     qa, after_clear = expected_rounds(loaded)
 
     # The slider had teeth: the third answer under the default max_new_tokens would differ.
-    unchanged = ChatSession(*loaded, SIZE, DEFAULTS)
+    unchanged = ChatSession(loaded, DEFAULTS)
     unchanged.set_image(scene())
     for q, _ in qa:
         unchanged_answer = unchanged.ask(q)

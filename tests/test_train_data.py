@@ -13,6 +13,7 @@ import torch
 from mmgpt.data.mixture import Mixture, MixtureConfig
 from mmgpt.data.packing import PackingConfig
 from mmgpt.data.sample import write_sample
+from mmgpt.models.builder import ModelConfig, build_model
 from mmgpt.train.data import BatchLoader, DataWorkerError, RankStream, StreamPosition, count_batches, merge_reports
 
 IMAGE_SIZE = 32
@@ -26,8 +27,12 @@ def mixture(tiny_tokenizer, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def image_token_id(tiny_tokenizer):
-    return tiny_tokenizer.convert_tokens_to_ids("<image>")
+def built():
+    """The tiny model's settings (a meta build: the stream reads its `<image>` id, image size and
+    media attention, never its weights)."""
+    built = build_model(ModelConfig(preset="tiny"), meta=True)
+    assert built.image_size == IMAGE_SIZE
+    return built
 
 
 def drain(stream: RankStream) -> list[list[int]]:
@@ -37,30 +42,30 @@ def drain(stream: RankStream) -> list[list[int]]:
     return out
 
 
-def test_shards_cover_the_epoch_once(mixture, image_token_id):
+def test_shards_cover_the_epoch_once(mixture, built):
     world = 3
     seen = []
     for rank in range(world):
-        ids = [i for b in drain(RankStream(mixture, PACKING, image_token_id, IMAGE_SIZE, rank, world)) for i in b]
+        ids = [i for b in drain(RankStream(mixture, PACKING, built, rank, world)) for i in b]
         assert all(i % world == rank for i in ids)
         seen += ids
     kept = [i for i in range(len(mixture)) if mixture.load(i) is not None]
     assert sorted(seen) == kept
 
 
-def test_resumed_stream_continues_exactly(mixture, image_token_id):
+def test_resumed_stream_continues_exactly(mixture, built):
     rank, world = 1, 2
-    full = drain(RankStream(mixture, PACKING, image_token_id, IMAGE_SIZE, rank, world, epochs=2))
+    full = drain(RankStream(mixture, PACKING, built, rank, world, epochs=2))
     for stop in (1, 4, len(full) // 2 - 1, len(full) // 2, len(full) // 2 + 1):  # incl. the epoch boundary
-        first = RankStream(mixture, PACKING, image_token_id, IMAGE_SIZE, rank, world, epochs=2)
+        first = RankStream(mixture, PACKING, built, rank, world, epochs=2)
         head = [first.next_batch().sample_ids for _ in range(stop)]
         state = json.loads(json.dumps(first.state().to_dict()))  # what the checkpoint stores
-        resumed = RankStream(mixture, PACKING, image_token_id, IMAGE_SIZE, rank, world, epochs=2, state=state)
+        resumed = RankStream(mixture, PACKING, built, rank, world, epochs=2, state=state)
         assert head + drain(resumed) == full, stop
     assert full[: len(full) // 2] == full[len(full) // 2:]  # 2 epochs of the same order
 
 
-def test_a_position_stored_by_the_old_code_resumes_exactly(mixture, image_token_id):
+def test_a_position_stored_by_the_old_code_resumes_exactly(mixture, built):
     """tests/fixtures/stream_positions_5a0f41f.json was written by mmgpt at commit 5a0f41f (before
     the position was typed): `RankStream.state()` after k batches, through JSON as a checkpoint
     holds it, and the sample ids of the whole uninterrupted stream (this file's mixture and
@@ -70,8 +75,8 @@ def test_a_position_stored_by_the_old_code_resumes_exactly(mixture, image_token_
     rank, world, full = old["rank"], old["world"], old["sample_ids"]
 
     def stream(state=None):
-        return RankStream(mixture, PACKING, image_token_id, IMAGE_SIZE, rank, world, epochs=2, state=state,
-                          media_attention="random")
+        return RankStream(mixture, PACKING, dataclasses.replace(built, media_attention="random"), rank, world,
+                          epochs=2, state=state)
 
     assert drain(stream()) == full  # today's stream is the one the positions were taken from
     assert len(old["positions_after_batches"]) == 5
@@ -80,10 +85,10 @@ def test_a_position_stored_by_the_old_code_resumes_exactly(mixture, image_token_
         assert drain(stream(stored)) == full[int(stop):], stop
 
 
-def test_window_and_count(mixture, image_token_id):
+def test_window_and_count(mixture, built):
     for rank in range(2):
-        expected = count_batches(mixture, PACKING, image_token_id, rank, 2)
-        loader = BatchLoader(RankStream(mixture, PACKING, image_token_id, IMAGE_SIZE, rank, 2))
+        expected = count_batches(mixture, PACKING, built.image_token_id, rank, 2)
+        loader = BatchLoader(RankStream(mixture, PACKING, built, rank, 2))
         windows = []
         while window := loader.window(3):
             windows.append(len(window))
@@ -125,11 +130,11 @@ def assert_same_batches(got: list, want: list) -> None:
                     assert u == v, f.name
 
 
-def test_worker_batches_and_resume_are_bitwise_the_in_process_ones(mixture, image_token_id):
+def test_worker_batches_and_resume_are_bitwise_the_in_process_ones(mixture, built):
     rank, world, accum = 0, 2, 2
 
     def stream(state=None):
-        return RankStream(mixture, PACKING, image_token_id, IMAGE_SIZE, rank, world, epochs=2, state=state)
+        return RankStream(mixture, PACKING, built, rank, world, epochs=2, state=state)
 
     inline = windows(BatchLoader(stream()), accum)
     background = windows(BatchLoader(stream(), workers=1, prefetch=2 * accum), accum)
@@ -143,9 +148,9 @@ def test_worker_batches_and_resume_are_bitwise_the_in_process_ones(mixture, imag
         assert_same_batches([b for window, _ in resumed for b in window], flat[k * accum:])
 
 
-def test_worker_reports_its_drops_like_in_process(mixture, image_token_id):
+def test_worker_reports_its_drops_like_in_process(mixture, built):
     def loader(workers):
-        return BatchLoader(RankStream(mixture, PACKING, image_token_id, IMAGE_SIZE, 1, 2), workers=workers)
+        return BatchLoader(RankStream(mixture, PACKING, built, 1, 2), workers=workers)
 
     inline, background = loader(0), loader(1)
     for each in (inline, background):
@@ -154,7 +159,7 @@ def test_worker_reports_its_drops_like_in_process(mixture, image_token_id):
     assert background.report() == inline.report()
 
 
-def test_a_failing_worker_names_the_record_it_was_loading(mixture, image_token_id, monkeypatch):
+def test_a_failing_worker_names_the_record_it_was_loading(mixture, built, monkeypatch):
     load = mixture.load
 
     def broken(i):  # inherited by the forked worker
@@ -163,7 +168,7 @@ def test_a_failing_worker_names_the_record_it_was_loading(mixture, image_token_i
         return load(i)
 
     monkeypatch.setattr(mixture, "load", broken)
-    loader = BatchLoader(RankStream(mixture, PACKING, image_token_id, IMAGE_SIZE, 0, 1), workers=1, prefetch=2)
+    loader = BatchLoader(RankStream(mixture, PACKING, built, 0, 1), workers=1, prefetch=2)
     origin = mixture.conversation(12).origin
     with pytest.raises(DataWorkerError, match=rf"(?s)rank 0: the data worker failed while loading epoch position 12 "
                                               rf"\({origin}\): OSError: .*disk gone"):
@@ -171,17 +176,17 @@ def test_a_failing_worker_names_the_record_it_was_loading(mixture, image_token_i
             pass
 
 
-def test_more_than_one_worker_is_refused(mixture, image_token_id):
+def test_more_than_one_worker_is_refused(mixture, built):
     with pytest.raises(ValueError, match="data_workers must be 0 or 1"):
-        BatchLoader(RankStream(mixture, PACKING, image_token_id, IMAGE_SIZE, 0, 1), workers=2)
+        BatchLoader(RankStream(mixture, PACKING, built, 0, 1), workers=2)
 
 
-def test_drops_of_a_stream_that_packs_nothing_are_counted(mixture, image_token_id):
+def test_drops_of_a_stream_that_packs_nothing_are_counted(mixture, built):
     """Issue 22: with every sample too long, data_report.json said kept 0, dropped {} (the report
     travelled only with batches). The end of the data now carries it, in-process and from a worker."""
     short = Mixture(dataclasses.replace(mixture.cfg, max_length=4), mixture.tokenizer, IMAGE_SIZE)
     for workers in (0, 1):
-        loader = BatchLoader(RankStream(short, PACKING, image_token_id, IMAGE_SIZE, 0, 2), workers=workers)
+        loader = BatchLoader(RankStream(short, PACKING, built, 0, 2), workers=workers)
         assert loader.window(2) == []
         report = loader.report()["sources"]
         shard = len(range(0, len(short), 2))

@@ -33,10 +33,10 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model():
-    model, tokenizer = build_model(ModelConfig(preset="tiny", seed=0))
-    open_gates(model, 0.5)  # images change the loss
-    randomize_lora_b(model)
-    return model, tokenizer
+    built = build_model(ModelConfig(preset="tiny", seed=0))
+    open_gates(built.model, 0.5)  # images change the loss
+    randomize_lora_b(built.model)
+    return built
 
 
 def mixture(data, tokenizer, holdout=0.1) -> Mixture:
@@ -50,18 +50,16 @@ def drain_origins(stream: RankStream) -> list[str]:
     return origins
 
 
-def test_no_rank_stream_ever_yields_a_held_out_record(data, tiny_tokenizer):
+def test_no_rank_stream_ever_yields_a_held_out_record(data, tiny_tokenizer, model):
     mix = mixture(data, tiny_tokenizer)
     held = {mix.holdout().conversation(i).origin for i in range(len(mix.holdout()))}
     assert len(held) >= len(mix.cfg.sources)
-    image_token_id = tiny_tokenizer.convert_tokens_to_ids("<image>")
-    size = preset_image_size("tiny")
     for world in (1, 2, 3):
         trained = []
         for rank in range(world):
-            first = RankStream(mix, PACKING, image_token_id, size, rank, world, epochs=2)
+            first = RankStream(mix, PACKING, model, rank, world, epochs=2)
             head = [first.mixture.conversation(i).origin for _ in range(2) for i in first.next_batch().sample_ids]
-            resumed = RankStream(mix, PACKING, image_token_id, size, rank, world, epochs=2,
+            resumed = RankStream(mix, PACKING, model, rank, world, epochs=2,
                                  state=json.loads(json.dumps(first.state().to_dict())))
             trained += head + drain_origins(resumed)
         assert trained and not held & set(trained), world
@@ -83,18 +81,19 @@ def one_by_one(model, holdout: Mixture) -> dict[str, tuple[float, int]]:
     return sums
 
 
-def evaluator(model, tokenizer, holdout, rank=0, world=1, samples=0, writer=None) -> Evaluator:
-    return Evaluator(EvalConfig(holdout=0.1, every=2, samples=samples, max_new_tokens=4), model, tokenizer, holdout,
-                     PACKING, preset_image_size("tiny"), "next", DistInfo(rank, world, rank, torch.device("cpu")),
-                     writer)
+def evaluator(built, holdout, rank=0, world=1, samples=0, writer=None) -> Evaluator:
+    assert built.media_attention == "next" and built.image_size == preset_image_size("tiny")
+    return Evaluator(EvalConfig(holdout=0.1, every=2, samples=samples, max_new_tokens=4), built, holdout,
+                     PACKING, DistInfo(rank, world, rank, torch.device("cpu")), writer)
 
 
 def test_eval_loss_is_the_token_mean_of_the_samples_scored_one_by_one(data, model):
-    model, tokenizer = model
+    built = model
+    model, tokenizer = built.model, built.tokenizer
     holdout = mixture(data, tokenizer).holdout()
     want = one_by_one(model, holdout)
-    whole = evaluator(model, tokenizer, holdout).loss()
-    shards = [evaluator(model, tokenizer, holdout, rank, 2).loss() for rank in range(2)]  # no process group: local
+    whole = evaluator(built, holdout).loss()
+    shards = [evaluator(built, holdout, rank, 2).loss() for rank in range(2)]  # no process group: local
     for name, (s, n) in want.items():
         assert whole.by_source[name][1] == n == sum(shard.by_source[name][1] for shard in shards)
         assert whole.by_source[name][0] == pytest.approx(s, rel=1e-5)
@@ -123,7 +122,8 @@ class RecordingWriter:
 
 
 def test_evaluating_leaves_training_untouched_and_writes_tensorboard(data, model):
-    model, tokenizer = model
+    built = model
+    model, tokenizer = built.model, built.tokenizer
     holdout = mixture(data, tokenizer).holdout()
     model.train()
     model.vision_encoder.eval()  # a part kept in eval mode stays so
@@ -132,7 +132,7 @@ def test_evaluating_leaves_training_untouched_and_writes_tensorboard(data, model
     torch.manual_seed(123)
     rng, py_rng = torch.get_rng_state(), random.getstate()
     writer = RecordingWriter()
-    ev = evaluator(model, tokenizer, holdout, samples=3, writer=writer)
+    ev = evaluator(built, holdout, samples=3, writer=writer)
     assert not ev.due(3) and ev.due(4)
     ev.run(4)
     ev.finish(4)  # just evaluated: nothing more

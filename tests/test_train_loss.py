@@ -20,7 +20,8 @@ SAMPLES_PER_ROW = 3
 
 @pytest.fixture(scope="module")
 def model():
-    model, tokenizer = build_model(ModelConfig(preset="tiny", seed=1), dtype=torch.float64)
+    built = build_model(ModelConfig(preset="tiny", seed=1), dtype=torch.float64)
+    model, tokenizer = built.model, built.tokenizer
     randomize_lora_b(model, seed=2)
     open_gates(model, 0.7)  # cross-attention (and its LoRA) matters
     return model, tokenizer

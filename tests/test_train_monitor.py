@@ -82,7 +82,7 @@ def test_progress_bar_and_peak():
 
 
 def test_gate_values_read_tanh_of_both_gates_per_block():
-    model, _ = build_model(ModelConfig(preset="tiny"))
+    model = build_model(ModelConfig(preset="tiny")).model
     blocks = model.cross_attn_blocks()
     assert gate_values(model) == {"gates/layer_01/attn": 0.0, "gates/layer_01/ff": 0.0,
                                   "gates/layer_03/attn": 0.0, "gates/layer_03/ff": 0.0}  # OpenFlamingo's init
@@ -105,11 +105,11 @@ def process_group():
 
 
 def test_window_stats_sum_loss_per_source_and_epoch_progress(tmp_path, process_group):
-    model, tokenizer = build_model(ModelConfig(preset="tiny"), meta=True)
+    built = build_model(ModelConfig(preset="tiny"), meta=True)
+    tokenizer = built.tokenizer
     mixture = Mixture(MixtureConfig.load(write_sample(tmp_path, records=60, max_length=512)), tokenizer, 32)
     names = [src.name for src in mixture.cfg.sources]
-    stream = RankStream(mixture, PackingConfig(max_tokens=512, buffer_size=8), model.image_token_id, 32,
-                        rank=0, world=1)
+    stream = RankStream(mixture, PackingConfig(max_tokens=512, buffer_size=8), built, rank=0, world=1)
     stats = WindowStats(torch.device("cpu"), "tiny", 0.0, names)
     batches = [stream.next_batch() for _ in range(2)]
     for batch in batches:  # each sample's loss sum = 2 x its token count: every source's mean loss is 2

@@ -124,9 +124,9 @@ def run_ops_bench(args: OpsBenchOptions, preset_name: str) -> dict[str, Any]:
     base, preset = preset_for(preset_name)
     cfg = ModelConfig(preset=base, attn_backend=args.attn_backend, seed=args.seed,
                       gradient_checkpointing=args.gradient_checkpointing)
-    model, _ = build_model(cfg, preset=preset)
+    built = build_model(cfg, preset=preset)
+    model, side = built.model, built.image_size
     model.train()
-    side = preset.vision.image_size
     samples, ids, num_rows = row_samples(model, side, args.max_tokens, args.seed, args.samples)
     members = [samples[i] for i in ids]
     batch = collate(members, args.max_tokens, image_token_id=model.image_token_id,

@@ -136,7 +136,7 @@ class _Setup:
 
     @classmethod
     def prepare(cls, args: PackingBenchOptions) -> "_Setup":
-        from mmgpt.models.builder import ModelConfig, build_model, preset_image_size
+        from mmgpt.models.builder import ModelConfig, build_model
 
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -146,9 +146,9 @@ class _Setup:
                           gradient_checkpointing=args.gradient_checkpointing)
         start = time.perf_counter()
         with torch.device(device):  # random weights are initialised where they will live
-            model, _ = build_model(cfg, device=device, dtype=dtype)
+            built = build_model(cfg, device=device, dtype=dtype)
         build_seconds = time.perf_counter() - start
-        side = preset_image_size(args.preset)
+        model, side = built.model, built.image_size
         image = torch.randn(3, side, side, generator=torch.Generator().manual_seed(args.seed))
         samples = synthetic_samples(args.samples, vocab_size=model.language_model.config.vocab_size,
                                     image_token_id=model.image_token_id, image=image,

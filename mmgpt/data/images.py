@@ -1,4 +1,4 @@
-"""Safe image loading for training data, and the CLIP preprocessing OpenFlamingo was trained with.
+"""Safe image loading for training data (the CLIP preprocessing itself: mmgpt/image_transform.py).
 
 Dataset files name images by relative path; a record is untrusted input, so the path is resolved
 and checked to lie inside the source's image root BEFORE anything is opened. An image file is
@@ -19,15 +19,12 @@ from __future__ import annotations
 import stat
 import warnings
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 import torch
 from PIL import Image
-from torchvision import transforms
 
-# OpenAI CLIP normalisation (open_clip OPENAI_DATASET_MEAN / STD).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from mmgpt.image_transform import Transform
 
 BAD_IMAGE_PATH = "bad_image_path"
 PATH_ESCAPES_ROOT = "path_escapes_root"
@@ -45,20 +42,6 @@ DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 MAX_ASPECT_RATIO = 20
 # White, the background transparent pixels are composited onto.
 BACKGROUND = (255, 255, 255)
-
-Transform = Callable[[Image.Image], torch.Tensor]
-
-
-def clip_transform(image_size: int) -> Transform:
-    """Bicubic resize of the short side, center crop, to tensor, CLIP mean/std."""
-    return transforms.Compose(
-        [
-            transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.CenterCrop(image_size),
-            transforms.ToTensor(),
-            transforms.Normalize(CLIP_MEAN, CLIP_STD),
-        ]
-    )
 
 
 def resolve_inside(root: Path, rel: str) -> Path | str:

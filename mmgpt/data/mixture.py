@@ -32,10 +32,10 @@ from transformers import PreTrainedTokenizerBase
 from mmgpt.configfile import ConfigError, from_dict, read_mapping
 from mmgpt.contracts import TokenizedSample
 from mmgpt.data.conversation import EMPTY_RESPONSE, NO_ROUNDS, Conversation, tokenize
-from mmgpt.data.images import (DEFAULT_MAX_IMAGE_PIXELS, IMAGE_TOO_LARGE, clip_transform, find_image,
-                               load_image)
+from mmgpt.data.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_TOO_LARGE, find_image, load_image
 from mmgpt.data.sources import READERS, RecordError
 from mmgpt.data.sources.base import MALFORMED_JSON, printable
+from mmgpt.image_transform import clip_transform
 
 ON_ERROR = ("skip", "raise")
 CLIP_IMAGE_SIZE = 224  # ViT-L/14's input side: the image size when neither model nor mixture says

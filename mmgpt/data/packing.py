@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from mmgpt.contracts import IGNORE_INDEX, PackedBatch, TokenizedSample
-from mmgpt.media import MediaLayout, attends_previous, check_mode, media_index, splitmix64
+from mmgpt.media import MediaAttention, MediaLayout, attends_previous, check_media_attention, media_index, splitmix64
 
 
 def _describe(sample: TokenizedSample) -> str:
@@ -53,7 +53,7 @@ def collate(
     num_rows: int = 1,
     *,
     image_token_id: int,
-    media_attention: str = "next",
+    media_attention: MediaAttention = "next",
     media_seed: int = 0,
     image_size: tuple[int, int] | None = None,
 ) -> PackedBatch:
@@ -66,7 +66,7 @@ def collate(
     tensor is [0, 3, 0, 0]. `row_tokens`/`num_rows` only record the capacity the samples were
     packed into (0 = unpacked).
     """
-    check_mode(media_attention)
+    check_media_attention(media_attention)
     if not samples:
         raise ValueError("collate needs at least one sample")
     input_ids: list[int] = []
@@ -113,7 +113,7 @@ def collate(
         seqlens=tuple(seq_lengths),
         images=image_tensor,
         media_index=media_t,
-        media=MediaLayout.build(media_t, torch.tensor(through)) if images else None,
+        media_layout=MediaLayout.build(media_t, torch.tensor(through)) if images else None,
         supervised_index=(labels_t != IGNORE_INDEX).nonzero().flatten(),
         sample_index=torch.tensor(sample_index, dtype=torch.long),
         sources=[s.source for s in samples],
@@ -188,13 +188,13 @@ class Packer:
         cfg: PackingConfig,
         image_token_id: int,
         image_size: tuple[int, int] | None = None,
-        media_attention: str = "next",
+        media_attention: MediaAttention = "next",
         media_seed: int = 0,
     ) -> None:
         self.cfg = cfg
         self.image_token_id = image_token_id
         self.image_size = image_size
-        self.media_attention = check_mode(media_attention)
+        self.media_attention = check_media_attention(media_attention)
         self.media_seed = media_seed
         self._buffer: list[_Entry] = []
         self._buffer_tokens = 0  # totals over the buffer, for image pacing
@@ -222,7 +222,7 @@ class Packer:
         state: PackerState,
         load_fn: Callable[[int], TokenizedSample | None],
         image_size: tuple[int, int] | None = None,
-        media_attention: str = "next",
+        media_attention: MediaAttention = "next",
         media_seed: int = 0,
     ) -> "Packer":
         """A packer whose buffer is `state.buffer` reloaded through `load_fn(index)`.

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from transformers import PreTrainedTokenizerBase
 
 from mmgpt.inference.generation import GenerationConfig, logits_processors, special_token_ids
-from mmgpt.media import row_layout
-from mmgpt.models.flamingo import Flamingo, MediaContext
+from mmgpt.media import MediaAttention, row_layout
+from mmgpt.models.builder import BuiltModel
+from mmgpt.models.flamingo import MediaContext
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -35,10 +35,11 @@ def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[
     return ids.to(device), mask.to(device), positions.to(device)
 
 
-def _media(ids: Tensor, latents: Tensor, image_token_id: int, mode: str, image_offsets: Tensor,
-           images_before: Tensor | None = None, images_total: Tensor | None = None) -> MediaContext | None:
-    layout = row_layout(ids, image_token_id, mode, images_before=images_before, images_total=images_total,
-                        image_offsets=image_offsets)
+def _media(ids: Tensor, latents: Tensor, image_token_id: int, media_attention: MediaAttention,
+           image_offsets: Tensor, images_before: Tensor | None = None,
+           images_total: Tensor | None = None) -> MediaContext | None:
+    layout = row_layout(ids, image_token_id, media_attention, images_before=images_before,
+                        images_total=images_total, image_offsets=image_offsets)
     return None if layout is None else MediaContext(latents, layout)
 
 
@@ -56,21 +57,20 @@ def _image_counts(ids: Tensor, image_token_id: int, latents: Tensor,
 
 
 @torch.no_grad()
-def generate_batch(model: Flamingo, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]],
-                   latents: Tensor, max_new_tokens: int, mode: str = "next",
+def generate_batch(built: BuiltModel, prompts: list[list[int]], latents: Tensor, max_new_tokens: int,
                    stop_ids: set[int] = frozenset()) -> list[list[int]]:
-    """Greedy continuations (EOS excluded) of several prompts; `latents` are the images of row 0,
-    then row 1, ...; `mode` the model's media attention; `stop_ids` end a row as EOS does (few-shot
+    """Greedy continuations (EOS excluded) of several prompts, in the model's media attention;
+    `latents` are the images of row 0, then row 1, ...; `stop_ids` end a row as EOS does (few-shot
     prompts: `<|endofchunk|>`)."""
-    device = next(model.parameters()).device
-    image_token_id, eos, banned = special_token_ids(tokenizer)
+    model, device, media_attention = built.model, built.device, built.media_attention
+    image_token_id, eos, banned = special_token_ids(built.tokenizer)
     eos = eos | set(stop_ids)
-    pad_id = tokenizer.pad_token_id
+    pad_id = built.tokenizer.pad_token_id
     processors = logits_processors(GenerationConfig(max_new_tokens=max_new_tokens), banned)
     ids, mask, positions = left_pad(prompts, pad_id, device)
     counts, offsets = _image_counts(ids, image_token_id, latents, None)
-    out = model.lm_forward(ids, _media(ids, latents, image_token_id, mode, offsets), attention_mask=mask,
-                           position_ids=positions, use_cache=True)
+    out = model.lm_forward(ids, _media(ids, latents, image_token_id, media_attention, offsets),
+                           attention_mask=mask, position_ids=positions, use_cache=True)
     cache, logits = out.cache, out.logits[:, -1, :].float()
     next_position = positions[:, -1] + 1
     eos_ids = torch.tensor(sorted(eos), device=device)
@@ -86,7 +86,8 @@ def generate_batch(model: Flamingo, tokenizer: PreTrainedTokenizerBase, prompts:
         tokens = torch.where(done, pad_id, tokens)[:, None]
         ids = torch.cat([ids, tokens], dim=1)
         mask = torch.cat([mask, (~done).long()[:, None]], dim=1)
-        media = _media(tokens, latents, image_token_id, mode, offsets, images_before=counts, images_total=counts)
+        media = _media(tokens, latents, image_token_id, media_attention, offsets, images_before=counts,
+                       images_total=counts)
         out = model.lm_forward(tokens, media, attention_mask=mask, position_ids=next_position[:, None],
                                cache=cache, use_cache=True)
         cache, logits = out.cache, out.logits[:, -1, :].float()
@@ -94,26 +95,26 @@ def generate_batch(model: Flamingo, tokenizer: PreTrainedTokenizerBase, prompts:
     return generated
 
 
-def answer_logprobs(model: Flamingo, tokenizer: PreTrainedTokenizerBase, rows: list[tuple[list[int], list[int]]],
-                    latents: Tensor, image_offsets: list[int], mode: str = "next") -> list[float]:
+def answer_logprobs(built: BuiltModel, rows: list[tuple[list[int], list[int]]], latents: Tensor,
+                    image_offsets: list[int]) -> list[float]:
     """Sum of log p(answer tokens | prompt) per row (prompt ids, answer ids), in one forward; row r
     attends the images from `latents[image_offsets[r]]` on, so several rows can share one image
     (every choice of a question) without copying its latents."""
-    return [score for score, _ in answer_scores(model, tokenizer, rows, latents, image_offsets, mode)]
+    return [score for score, _ in answer_scores(built, rows, latents, image_offsets)]
 
 
 @torch.no_grad()
-def answer_scores(model: Flamingo, tokenizer: PreTrainedTokenizerBase, rows: list[tuple[list[int], list[int]]],
-                  latents: Tensor, image_offsets: list[int], mode: str = "next") -> list[tuple[float, bool]]:
+def answer_scores(built: BuiltModel, rows: list[tuple[list[int], list[int]]], latents: Tensor,
+                  image_offsets: list[int]) -> list[tuple[float, bool]]:
     """`answer_logprobs` with, per row, whether every answer token is the argmax (lmms-eval's
     `is_greedy`)."""
-    device = next(model.parameters()).device
-    image_token_id = special_token_ids(tokenizer)[0]
-    ids, mask, positions = left_pad([p + a for p, a in rows], tokenizer.pad_token_id, device)
+    device = built.device
+    image_token_id = special_token_ids(built.tokenizer)[0]
+    ids, mask, positions = left_pad([p + a for p, a in rows], built.tokenizer.pad_token_id, device)
     offsets = torch.tensor(image_offsets, dtype=torch.long, device=device)
     _image_counts(ids, image_token_id, latents, offsets)
-    logits = model.lm_forward(ids, _media(ids, latents, image_token_id, mode, offsets), attention_mask=mask,
-                              position_ids=positions).logits
+    logits = built.model.lm_forward(ids, _media(ids, latents, image_token_id, built.media_attention, offsets),
+                                    attention_mask=mask, position_ids=positions).logits
     width = ids.shape[1]
     scores = []
     for b, (_, answer) in enumerate(rows):

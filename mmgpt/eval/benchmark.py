@@ -52,17 +52,18 @@ from transformers import PreTrainedTokenizerBase
 
 from mmgpt import model_card
 from mmgpt.data.conversation import Conversation, Round, encode_prompt, tokenize
-from mmgpt.data.images import Transform, clip_transform, load_image
+from mmgpt.data.images import load_image
+from mmgpt.image_transform import Transform
 from mmgpt.contracts import ENDOFCHUNK
 from mmgpt.eval import fewshot, metrics
 from mmgpt.eval.batched import answer_logprobs, generate_batch
 from mmgpt.eval.tasks import EvalItem, read_aokvqa, read_captions, read_llava, read_ocrvqa, read_vqa
 from mmgpt.export import versions
-from mmgpt.inference.model_dir import DTYPES, ModelSource, image_size_of, load_model, resolve_source
+from mmgpt.inference.model_dir import DTYPES, ModelSource, load_model, resolve_source
 from mmgpt.manifest import read_manifest, sha256
-from mmgpt.models.flamingo import Flamingo
 from mmgpt.names import TASK_NAMES
 from mmgpt.run_layout import MANIFEST, MODEL_CARD
+from mmgpt.models.builder import BuiltModel
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -227,17 +228,16 @@ def _prompts(task: Task, items: list[EvalItem], demos: list[list[EvalItem]], hin
     return [fewshot.fewshot_ids(task.fewshot, d, item, tokenizer) for item, d in zip(items, demos)]
 
 
-def _evaluate_batch(model: Flamingo, tokenizer: PreTrainedTokenizerBase, task: Task, items: list[EvalItem],
-                    demos: list[list[EvalItem]], pixels: torch.Tensor, hint: str, max_new_tokens: int,
-                    mode: str) -> list[Record]:
+def _evaluate_batch(built: BuiltModel, task: Task, items: list[EvalItem], demos: list[list[EvalItem]],
+                    pixels: torch.Tensor, hint: str, max_new_tokens: int) -> list[Record]:
     """Predictions for items whose images loaded (`pixels`: each item's demonstrations' images and
     its own, item after item)."""
-    device = next(model.parameters()).device
-    latents = model.encode_images(pixels.to(device))
+    tokenizer = built.tokenizer
+    latents = built.model.encode_images(pixels.to(built.device))
     prompts = _prompts(task, items, demos, hint, tokenizer)
     shots = any(demos)
     stops = {tokenizer.convert_tokens_to_ids(ENDOFCHUNK)} if shots else set()
-    generated = generate_batch(model, tokenizer, prompts, latents, max_new_tokens, mode, stop_ids=stops)
+    generated = generate_batch(built, prompts, latents, max_new_tokens, stop_ids=stops)
     post = fewshot.POSTPROCESS[task.fewshot] if shots else (lambda text: text)
     records = []
     for item, new, shown in zip(items, generated, demos):
@@ -252,7 +252,7 @@ def _evaluate_batch(model: Flamingo, tokenizer: PreTrainedTokenizerBase, task: T
                     rows.append((prompt, answer))
                     owners.append((b, k))
         scores: list[list[float | None]] = [[None] * len(item.choices) for item in items]
-        values = answer_logprobs(model, tokenizer, rows, latents, [b for b, _ in owners], mode) if rows else []
+        values = answer_logprobs(built, rows, latents, [b for b, _ in owners]) if rows else []
         for (b, k), value in zip(owners, values):
             scores[b][k] = value
         for item, record, row in zip(items, records, scores):  # an unscorable choice is never chosen
@@ -307,14 +307,13 @@ def evaluate(args: BenchmarkConfig) -> dict[str, Any] | None:
              if args.shots else [[] for _ in items])
     source = resolve_source(args.model)
     dtype_name = args.dtype or ("bf16" if str(device).startswith("cuda") else "fp32")
-    model, tokenizer = load_model(source, device=device, dtype=DTYPES[dtype_name])
+    built = load_model(source, device=device, dtype=DTYPES[dtype_name])
     loaded = time.time()
-    mode = source.model_config.media_attention
     hint = args.answer_hint if task.hint and not args.shots else ""  # few-shot prompts carry no hint
     max_new_tokens = args.max_new_tokens or task.max_new_tokens
     shard, shard_demos = items[rank::world], demos[rank::world]
     images = Path(args.images)
-    loader = DataLoader(_ImageFiles(shard, images, clip_transform(image_size_of(source)), shard_demos,
+    loader = DataLoader(_ImageFiles(shard, images, built.transform, shard_demos,
                                     Path(args.demo_images) if args.demo_images else images),
                         batch_size=args.batch_size, collate_fn=list, num_workers=args.workers)
     records: list[Record] = []
@@ -325,9 +324,9 @@ def evaluate(args: BenchmarkConfig) -> dict[str, Any] | None:
             skipped += [{"id": shard[i].id, "image": shard[i].image, "reason": px}
                         for i, px in batch if isinstance(px, str)]
             if good:
-                records += _evaluate_batch(model, tokenizer, task, [shard[i] for i, _ in good],
+                records += _evaluate_batch(built, task, [shard[i] for i, _ in good],
                                            [shard_demos[i] for i, _ in good], torch.cat([px for _, px in good]),
-                                           hint, max_new_tokens, mode)
+                                           hint, max_new_tokens)
             bar.update(len(batch))
     finished = time.time()
     parts = _gather((records, skipped), world)

@@ -23,10 +23,9 @@ from lmms_eval.models.registry_v2 import ModelManifest
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from mmgpt.data.images import clip_transform
 from mmgpt.eval.batched import answer_scores, generate_batch
 from mmgpt.eval.benchmark import question_prompt, response_ids
-from mmgpt.inference.model_dir import DTYPES, image_size_of, load_model, resolve_source
+from mmgpt.inference.model_dir import DTYPES, load_model, resolve_source
 
 IMAGE = "image"  # the prompt's one image name (the name does not change the ids)
 DEFAULT_MAX_NEW_TOKENS = 16
@@ -51,9 +50,8 @@ class MMGPT(lmms):
             raise ValueError(f"mmgpt: --batch_size must be a number, got {batch_size!r}")
         source = resolve_source(pretrained)
         dtype_name = dtype or ("bf16" if str(device).startswith("cuda") else "fp32")
-        self.model, self.tokenizer = load_model(source, device=device, dtype=DTYPES[dtype_name])
-        self.mode = source.model_config.media_attention
-        self.transform = clip_transform(image_size_of(source))
+        self.built = load_model(source, device=device, dtype=DTYPES[dtype_name])
+        self.tokenizer = self.built.tokenizer
         self.batch_size_per_gpu = int(batch_size)
 
     def _pixels(self, request: Instance) -> torch.Tensor:
@@ -63,11 +61,11 @@ class MMGPT(lmms):
         if len(visuals) != 1 or not isinstance(visuals[0], Image.Image):
             raise ValueError(f"mmgpt: task {task} doc {doc_id}: expected one image, got {len(visuals)} visuals "
                              "(the mmgpt model asks about exactly one image per prompt)")
-        return self.transform(visuals[0].convert("RGB"))
+        return self.built.transform(visuals[0].convert("RGB"))
 
     def _latents(self, requests: list[Instance]) -> torch.Tensor:
         pixels = torch.stack([self._pixels(r) for r in requests])
-        return self.model.encode_images(pixels.to(next(self.model.parameters()).device))
+        return self.built.model.encode_images(pixels.to(self.built.device))
 
     def _batches(self, requests: list[Instance]) -> list[list[Instance]]:
         size = self.batch_size_per_gpu
@@ -82,8 +80,7 @@ class MMGPT(lmms):
                 raise ValueError("mmgpt: greedy decoding only (set do_sample: false, temperature: 0)")
             prompts = [question_prompt(r.args[0], IMAGE, "", self.tokenizer) for r in batch]
             max_new = int(kwargs.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
-            for new, request in zip(generate_batch(self.model, self.tokenizer, prompts, self._latents(batch),
-                                                   max_new, self.mode), batch):
+            for new, request in zip(generate_batch(self.built, prompts, self._latents(batch), max_new), batch):
                 out.append(_cut(self.tokenizer.decode(new, skip_special_tokens=True),
                                 request.args[1].get("until") or []).strip())
         return out
@@ -107,7 +104,7 @@ class MMGPT(lmms):
                     owners.append(b)
             results: list[tuple[float, bool]] = [(float("-inf"), False)] * len(batch)
             if rows:
-                scored = answer_scores(self.model, self.tokenizer, rows, self._latents(batch), owners, self.mode)
+                scored = answer_scores(self.built, rows, self._latents(batch), owners)
                 for b, value in zip(owners, scored):
                     results[b] = value
             out += [GenerationResult(text=pair) for pair in results]  # type: ignore[arg-type]

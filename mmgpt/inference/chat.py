@@ -6,7 +6,7 @@ per round), the code path training tokenises with, so the model sees exactly the
 trained on. The original app.py rendered its chat history differently from its training data
 (one string, one BOS, by default only the last round); training's rendering is used here. The
 image is encoded once per conversation; its perceiver latents are reused by every round and
-every generated token, in the model's media-attention mode.
+every generated token, in the model's media attention.
 """
 from __future__ import annotations
 
@@ -21,12 +21,11 @@ from transformers import PreTrainedTokenizerBase
 from transformers.generation.streamers import BaseStreamer
 
 from mmgpt.data.conversation import Conversation, Round, encode_prompt
-from mmgpt.data.images import clip_transform, open_rgb
+from mmgpt.data.images import open_rgb
 from mmgpt.inference.generation import GenerationConfig, generate
-from mmgpt.inference.model_dir import DTYPES, image_size_of, load_model, resolve_source
+from mmgpt.inference.model_dir import DTYPES, load_model, resolve_source
 from mmgpt.inference.text_stream import complete_text
-from mmgpt.models.builder import ModelConfig, build_model, preset_image_size
-from mmgpt.models.flamingo import Flamingo
+from mmgpt.models.builder import BuiltModel, ModelConfig, build_model
 
 UPLOADED_IMAGE = "<uploaded image>"  # placeholder path: render only counts images
 
@@ -34,14 +33,11 @@ UPLOADED_IMAGE = "<uploaded image>"  # placeholder path: render only counts imag
 class ChatSession:
     """One conversation: its rounds (question, answer) and its image's latents (or none)."""
 
-    def __init__(self, model: Flamingo, tokenizer: PreTrainedTokenizerBase, image_size: int,
-                 generation: GenerationConfig, media_attention: str = "next"):
-        self.model = model
-        self.media_attention = media_attention
-        self.tokenizer = tokenizer
-        self.transform = clip_transform(image_size)
+    def __init__(self, built: BuiltModel, generation: GenerationConfig):
+        self.built = built
+        self.tokenizer = built.tokenizer
         self.generation = generation
-        self.max_length = int(model.language_model.config.max_position_embeddings)
+        self.max_length = int(built.model.language_model.config.max_position_embeddings)
         self.rounds: list[Round] = []
         self.latents: torch.Tensor | None = None
 
@@ -54,9 +50,8 @@ class ChatSession:
         """Start a new conversation about `image` (images precede the first round in the template)."""
         self.clear()
         if image is not None:
-            device = next(self.model.parameters()).device
-            pixels = self.transform(image.convert("RGB"))[None].to(device)
-            self.latents = self.model.encode_images(pixels)
+            pixels = self.built.transform(image.convert("RGB"))[None].to(self.built.device)
+            self.latents = self.built.model.encode_images(pixels)
 
     def history(self) -> list[list[str]]:
         return [[r.instruction, r.response] for r in self.rounds]
@@ -87,8 +82,8 @@ class ChatSession:
             raise ValueError("empty question")
         ids = self.prompt_ids(question)
         room = min(self.generation.max_new_tokens, self.max_length - len(ids))
-        new = generate(self.model, self.tokenizer, ids, self.latents, replace(self.generation, max_new_tokens=room),
-                       mode=self.media_attention, streamer=streamer)
+        new = generate(self.built, ids, self.latents, replace(self.generation, max_new_tokens=room),
+                       streamer=streamer)
         answer = self.tokenizer.decode(new, skip_special_tokens=True).strip()
         self.rounds.append(Round(question, answer))
         return answer
@@ -121,15 +116,11 @@ def session_factory(args: LoadOptions, generation: GenerationConfig) -> Callable
     if args.model is None:
         print("warning: no --model given; serving the UNTRAINED tiny preset (answers are noise)",
               file=sys.stderr)
-        model_config = ModelConfig(preset="tiny")
-        model, tokenizer = build_model(model_config, device=args.device, dtype=dtype)
-        model, image_size = model.eval(), preset_image_size("tiny")
+        built = build_model(ModelConfig(preset="tiny"), device=args.device, dtype=dtype)
+        built.model.eval()
     else:
-        source = resolve_source(args.model)
-        model_config = source.model_config
-        model, tokenizer = load_model(source, device=args.device, dtype=dtype)
-        image_size = image_size_of(source)
-    return lambda: ChatSession(model, tokenizer, image_size, generation, model_config.media_attention)
+        built = load_model(resolve_source(args.model), device=args.device, dtype=dtype)
+    return lambda: ChatSession(built, generation)
 
 
 HELP = ("commands (never sent to the model): /image PATH  start a conversation about an image,"

@@ -3,7 +3,7 @@ new token attending its image.
 
 OpenFlamingo v1 lost image attention during cached decoding (the new token had no media
 location, so its cross-attention saw nothing). Here each step's tokens get an explicit media
-layout (`mmgpt.media.row_layout`, in the model's media-attention mode): exactly what the same
+layout (`mmgpt.media.row_layout`, in the model's media attention): exactly what the same
 token would get in a full forward, so cached and uncached decoding agree token for token. A prompt
 without images skips the cross-attention blocks, as the original chat does.
 
@@ -24,7 +24,8 @@ from transformers.generation import (EosTokenCriteria, LogitsProcessorList, MaxL
                                      TopPLogitsWarper)
 from transformers.generation.streamers import BaseStreamer
 
-from mmgpt.media import row_layout
+from mmgpt.media import MediaAttention, row_layout
+from mmgpt.models.builder import BuiltModel
 from mmgpt.models.flamingo import Flamingo, MediaContext
 from mmgpt.contracts import IMAGE
 from mmgpt.inference.generation_config import GenerationConfig
@@ -34,18 +35,18 @@ class LanguageModelStepper:
     """Feeds equal-length rows to `Flamingo.lm_forward` step by step and returns next-token logits.
 
     Every row attends the same images (`latents`, computed once by the caller), with the model's
-    media-attention `mode`. With `use_cache` only the new tokens run (KV cache) and their media
+    `media_attention`. With `use_cache` only the new tokens run (KV cache) and their media
     layout continues the row's (images before them and in the whole sequence); without it the
     whole sequence is recomputed each step (the reference the cache is tested against).
     """
 
     def __init__(self, model: Flamingo, latents: Tensor, image_token_id: int, use_cache: bool = True,
-                 mode: str = "next"):
+                 media_attention: MediaAttention = "next"):
         self.model = model
         self.latents = latents
         self.image_token_id = image_token_id
         self.use_cache = use_cache
-        self.mode = mode
+        self.media_attention = media_attention
         self.ids = torch.zeros(0, 0, dtype=torch.long)  # [B, T] everything fed so far
         self.cache: Cache | None = None
 
@@ -54,7 +55,7 @@ class LanguageModelStepper:
         start = self.ids.shape[1] - length
         positions = torch.arange(start, start + length, device=new_ids.device).expand(rows, length)
         is_image = self.ids == self.image_token_id
-        layout = row_layout(new_ids, self.image_token_id, self.mode,
+        layout = row_layout(new_ids, self.image_token_id, self.media_attention,
                             images_before=is_image[:, :start].sum(dim=1), images_total=is_image.sum(dim=1),
                             image_offsets=torch.zeros(rows, dtype=torch.long))
         media = None if layout is None else MediaContext(self.latents, layout)
@@ -191,26 +192,24 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, set[int]
 
 
 @torch.no_grad()
-def generate(model: Flamingo, tokenizer: PreTrainedTokenizerBase, input_ids: list[int] | Tensor,
-             latents: Tensor | None, cfg: GenerationConfig, use_cache: bool = True,
-             mode: str = "next", streamer: BaseStreamer | None = None) -> list[int]:
-    """New token ids (EOS excluded) continuing one prompt.
+def generate(built: BuiltModel, input_ids: list[int] | Tensor, latents: Tensor | None, cfg: GenerationConfig,
+             use_cache: bool = True, streamer: BaseStreamer | None = None) -> list[int]:
+    """New token ids (EOS excluded) continuing one prompt, in the model's own media attention.
 
     `latents` [M, num_latents, dim_visual] are `model.encode_images(images)` for the prompt's M
-    `<image>` tokens (computed once by the caller, reused every step and every round); `mode` is
-    the model's media attention (`ModelConfig.media_attention`). A transformers streamer (e.g.
-    `TextStreamer`) gets each token as it is generated (beam search: the best beam at the end,
-    as transformers does).
+    `<image>` tokens (computed once by the caller, reused every step and every round). A
+    transformers streamer (e.g. `TextStreamer`) gets each token as it is generated (beam search:
+    the best beam at the end, as transformers does).
     """
-    device = next(model.parameters()).device
+    model, device = built.model, built.device
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=device).reshape(1, -1)
-    image_token_id, eos, banned = special_token_ids(tokenizer)
+    image_token_id, eos, banned = special_token_ids(built.tokenizer)
     if latents is None:
         latents = model.encode_images(torch.zeros(0, 3, 1, 1, device=device))
     num_images = int((ids == image_token_id).sum())
     if num_images != latents.shape[0]:
         raise ValueError(f"prompt has {num_images} <image> tokens but {latents.shape[0]} images were given")
-    stepper = LanguageModelStepper(model, latents, image_token_id, use_cache, mode)
+    stepper = LanguageModelStepper(model, latents, image_token_id, use_cache, built.media_attention)
     if cfg.num_beams > 1:
         out = _beam_search(stepper, ids, cfg, eos, banned)
         if streamer is not None and out:

@@ -15,12 +15,10 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from transformers import PreTrainedTokenizerBase
 
 from mmgpt.configfile import from_dict
 from mmgpt.manifest import ManifestError, Mismatch, first_mismatch, read_manifest
-from mmgpt.models.builder import MODEL_PATH_FIELDS, ModelConfig, build_model, preset_image_size
-from mmgpt.models.flamingo import Flamingo
+from mmgpt.models.builder import MODEL_PATH_FIELDS, BuiltModel, ModelConfig, build_model
 from mmgpt.names import DTYPE_NAMES
 from mmgpt.run_layout import (ADAPTER_CONFIG, ADAPTER_DIR, CHECKPOINTS_DIR, EXPORT_CONFIG, LANGUAGE_MODEL_DIR, LATEST,
                               MANIFEST, OPENFLAMINGO_DIR, OPENFLAMINGO_FILE, TRAIN_CONFIG, UNVERIFIED, read_latest,
@@ -171,17 +169,15 @@ def merged_model_config(source: ModelSource) -> ModelConfig:
 
 
 def load_model(source: ModelSource, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               ) -> tuple[Flamingo, PreTrainedTokenizerBase]:
-    """Build the model a source describes, in eval mode."""
+               ) -> BuiltModel:
+    """Build the model a source describes, in eval mode, with the source's settings (its
+    media attention, its preset's image size)."""
     if source.merged_dir is not None:
-        model, tokenizer = build_model(merged_model_config(source), device=device, dtype=dtype)
+        built = build_model(merged_model_config(source), device=device, dtype=dtype)
     else:
-        base = replace(source.model_config, lora="none", lora_checkpoint=None)
-        model, tokenizer = build_model(base, device=device, dtype=dtype)
-        model.lang_encoder = PeftModel.from_pretrained(model.lang_encoder, str(source.adapter_dir))
-        model.to(device=device, dtype=dtype)
-    return model.eval(), tokenizer
-
-
-def image_size_of(source: ModelSource) -> int:
-    return preset_image_size(source.model_config.preset)
+        built = build_model(replace(source.model_config, lora="none", lora_checkpoint=None), device=device,
+                            dtype=dtype)
+        built.model.lang_encoder = PeftModel.from_pretrained(built.model.lang_encoder, str(source.adapter_dir))
+        built.model.to(device=device, dtype=dtype)
+    built.model.eval()
+    return built

@@ -1,5 +1,9 @@
 """Model presets and `build_model`: the one place that assembles Flamingo from a ModelConfig.
 
+`build_model` returns a `BuiltModel`: the Flamingo with the settings every user of it needs (its
+tokenizer, image size and CLIP transform, media attention), so that data, evaluation and chat
+read them from the model they run instead of each being handed them beside it.
+
 Random presets are initialised from `cfg.seed` (torch.manual_seed before construction, fixed
 construction order), so every process that rebuilds a config — each DeepSpeed rank, export, chat
 — gets bit-identical frozen weights. Presets:
@@ -18,6 +22,7 @@ construction order), so every process that rebuilds a config — each DeepSpeed 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import pickle
 from dataclasses import dataclass, field, replace
@@ -26,7 +31,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from mmgpt.media import check_mode
+from mmgpt.image_transform import Transform, clip_transform
+from mmgpt.media import MediaAttention, check_media_attention
 from mmgpt.models import pretrained
 from mmgpt.models.flamingo import Flamingo, add_cross_attention, checkpoint_every
 from mmgpt.models.lora import LoraSpec, apply_lora, lora_spec
@@ -107,16 +113,43 @@ class ModelConfig:
     attn_backend: str = "auto"  # mmgpt_kernels backend: auto | flash_attn | torch_varlen | sdpa
     # Which image a token cross-attends (mmgpt/media.py): next (the released MultiModal-GPT and
     # OpenFlamingo v1 default) | previous (OpenFlamingo v2) | random (v1's placement augmentation)
-    media_attention: str = "next"
+    media_attention: MediaAttention = "next"
 
     def __post_init__(self) -> None:
-        check_mode(self.media_attention)
+        check_media_attention(self.media_attention)
         checkpoint_every(self.gradient_checkpointing)
         lora_spec(self.lora)  # an unknown preset / target or a bad r is refused when the config is read
 
 
 # ModelConfig fields holding file-system paths (a config file's relative paths resolve against its folder)
 MODEL_PATH_FIELDS = ("llama_path", "tokenizer_path", "clip_weights", "openflamingo_checkpoint", "lora_checkpoint")
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    """A built or loaded model with its own settings: what the packer, the evaluator, chat and the
+    benchmarks read from the model they run (so none of them can be handed a different one)."""
+
+    model: Flamingo
+    tokenizer: PreTrainedTokenizerBase | None  # None only for a meta build without a tokenizer path
+    image_size: int  # side of the square CLIP input
+    media_attention: MediaAttention  # which image each token cross-attends (mmgpt/media.py)
+
+    def __post_init__(self) -> None:
+        check_media_attention(self.media_attention)
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model.image_token_id
+
+    @functools.cached_property
+    def transform(self) -> Transform:
+        """The CLIP preprocessing of this model's input size (what training's data side applies)."""
+        return clip_transform(self.image_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
 
 def get_preset(name: str) -> Preset:
@@ -177,7 +210,7 @@ def _open_gates(llama: LlamaForCausalLM, value: float) -> None:
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                meta: bool = False, preset: Preset | None = None) -> tuple[Flamingo, PreTrainedTokenizerBase | None]:
+                meta: bool = False, preset: Preset | None = None) -> BuiltModel:
     """Assemble (and load) the model; everything but LoRA is frozen.
 
     meta=True builds the architecture without memory (parameter and FLOP counting); weights
@@ -222,4 +255,4 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: tor
     model.set_gradient_checkpointing(cfg.gradient_checkpointing)
     if not meta:
         model.to(device=device, dtype=dtype)
-    return model, tokenizer
+    return BuiltModel(model, tokenizer, preset.vision.image_size, cfg.media_attention)

@@ -139,11 +139,11 @@ class Flamingo(nn.Module):
         return self.language_model.lm_head
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int,
-                seqlens: tuple[int, ...], images: Tensor, media: MediaLayout | None) -> Tensor:
+                seqlens: tuple[int, ...], images: Tensor, media_layout: MediaLayout | None) -> Tensor:
         """Final hidden states [T, dim] of one packed sequence of T tokens (several samples).
 
         Self-attention is causal inside each `cu_seqlens` segment (`seqlens`: their host lengths);
-        `media` is the host-built cross-attention layout (None: no sample has an image, every
+        `media_layout` is the host-built cross-attention layout (None: no sample has an image, every
         block is skipped). The loss lives in mmgpt/train/loss.py; `PackedBatch.model_inputs()`
         gives these arguments.
 
@@ -154,7 +154,7 @@ class Flamingo(nn.Module):
         On the portable sdpa backend the self-attention `RowsPlan` (a few batched SDPA calls per
         layer instead of one per sample) is built here once, from the host lengths, for every layer.
         """
-        context = None if media is None else MediaContext(self.encode_images(images), media)
+        context = None if media_layout is None else MediaContext(self.encode_images(images), media_layout)
         llama = self.language_model.model
         hidden = llama.embed_tokens(input_ids[None])
         config = llama.config

@@ -57,7 +57,7 @@ class ParamsOptions:
 def run(args: ParamsOptions) -> int:
     """`mmgpt params`: print the counts (and write them as JSON)."""
     lora = parse_lora_option(args.lora)
-    model, _ = build_model(ModelConfig(preset=args.preset, lora=lora), meta=True)
+    model = build_model(ModelConfig(preset=args.preset, lora=lora), meta=True).model
     resolved = lora_spec(lora)
     counts = {"preset": args.preset, "lora": "none" if resolved is None else
               f"{resolved.preset} r={resolved.r} alpha={resolved.alpha} targets={','.join(resolved.targets)}",

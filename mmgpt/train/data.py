@@ -28,6 +28,7 @@ from mmgpt.data.conversation import tokenize
 from mmgpt.data.mixture import MAX_ERROR_EXAMPLES, Mixture
 from mmgpt.data.packing import Packer, PackerState, PackingConfig
 from mmgpt.media import splitmix64
+from mmgpt.models.builder import BuiltModel
 
 
 @dataclass(frozen=True)
@@ -59,16 +60,17 @@ class StreamPosition:
 
 
 class RankStream:
-    """PackedBatches of rank `rank` of `world`, for `epochs` passes over the mixture."""
+    """PackedBatches of rank `rank` of `world`, for `epochs` passes over the mixture, packed for
+    `built` (its `<image>` id, image size and media attention; the model itself is not kept, so a
+    data worker never holds it)."""
 
-    def __init__(self, mixture: Mixture, packing: PackingConfig, image_token_id: int, image_size: int,
-                 rank: int, world: int, epochs: int = 1, state: dict[str, Any] | None = None,
-                 media_attention: str = "next"):
+    def __init__(self, mixture: Mixture, packing: PackingConfig, built: BuiltModel, rank: int, world: int,
+                 epochs: int = 1, state: dict[str, Any] | None = None):
         self.mixture = mixture
-        self.media_attention = media_attention
+        self.media_attention = built.media_attention
         self.packing = packing
-        self.image_token_id = image_token_id
-        self.image_size = (image_size, image_size)
+        self.image_token_id = built.image_token_id
+        self.image_size = (built.image_size, built.image_size)
         self.rank = rank
         self.world = world
         self.epochs = epochs

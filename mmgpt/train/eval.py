@@ -28,20 +28,19 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
-from transformers import PreTrainedTokenizerBase
 
 from mmgpt.train.config import EvalConfig
 from mmgpt.contracts import PackedBatch
 from mmgpt.data.conversation import encode_prompt
-from mmgpt.data.images import CLIP_MEAN, CLIP_STD
+from mmgpt.image_transform import CLIP_MEAN, CLIP_STD
 from mmgpt.data.mixture import Mixture
 from mmgpt.data.packing import Packer, PackingConfig
 from mmgpt.eval.batched import generate_batch
 from mmgpt.eval.metrics import ocrvqa_exact_match
 from mmgpt.inference.generation import generate
 from mmgpt.inference.generation_config import GenerationConfig
-from mmgpt.media import inference_mode, splitmix64
-from mmgpt.models.flamingo import Flamingo
+from mmgpt.media import splitmix64
+from mmgpt.models.builder import BuiltModel
 from mmgpt.train.engine import DistInfo
 from mmgpt.train.loss import packed_loss
 
@@ -88,19 +87,16 @@ class Evaluator:
     """Evaluates `model` on `holdout` every `cfg.every` steps and at the end; rank 0 writes to
     `writer` (a SummaryWriter, None elsewhere)."""
 
-    def __init__(self, cfg: EvalConfig, model: Flamingo, tokenizer: PreTrainedTokenizerBase, holdout: Mixture,
-                 packing: PackingConfig, image_size: int, media_attention: str, dist_info: DistInfo,
-                 writer: Any = None):
+    def __init__(self, cfg: EvalConfig, built: BuiltModel, holdout: Mixture, packing: PackingConfig,
+                 dist_info: DistInfo, writer: Any = None):
         self.cfg = cfg
-        self.model = model
-        self.tokenizer = tokenizer
+        self.built = built
+        self.model = built.model
+        self.tokenizer = built.tokenizer
         self.holdout = holdout
         self.packing = packing
-        self.image_size = (image_size, image_size)
-        self.media_attention = media_attention
         self.dist = dist_info
         self.writer = writer
-        self.image_token_id = model.image_token_id
         self.sources = [src.name for src in holdout.cfg.sources]
         unknown = sorted(set(cfg.accuracy) - set(self.sources))
         if unknown:
@@ -171,8 +167,9 @@ class Evaluator:
 
     def _batches(self) -> Iterator[PackedBatch]:
         """This rank's share of the held-out epoch, packed like training data (dropped samples skipped)."""
-        packer = Packer(self.packing, self.image_token_id, self.image_size, media_attention=self.media_attention,
-                        media_seed=splitmix64(self.packing.seed, 0))
+        side = self.built.image_size
+        packer = Packer(self.packing, self.built.image_token_id, (side, side),
+                        media_attention=self.built.media_attention, media_seed=splitmix64(self.packing.seed, 0))
         samples = (self.holdout.load(i) for i in range(self.dist.rank, len(self.holdout), self.dist.world))
         return packer.pack(s for s in samples if s is not None)
 
@@ -213,8 +210,7 @@ class Evaluator:
                     continue
                 conv = self.holdout.conversation(i)
                 latents = self.model.encode_images(torch.stack(sample.images).to(device)) if sample.images else None
-                new = generate(self.model, self.tokenizer, encode_prompt(conv, self.tokenizer), latents, generation,
-                               mode=inference_mode(self.media_attention))
+                new = generate(self.built, encode_prompt(conv, self.tokenizer), latents, generation)
                 last = conv.rounds[-1]
                 answers.append(Answer(i, conv.source, "\n".join(filter(None, (last.instruction, last.input))),
                                       last.response, self.tokenizer.decode(new, skip_special_tokens=True).strip(),
@@ -231,8 +227,7 @@ class Evaluator:
             for name, (prompts, images, references, questions) in self._accuracy_items().items():
                 latents = self.model.encode_images(torch.stack(images).to(self.dist.device))
                 for tag, shown in (("accuracy", latents), ("accuracy_shuffled", latents.roll(1, dims=0))):
-                    new = generate_batch(self.model, self.tokenizer, prompts, shown, self.cfg.max_new_tokens,
-                                         inference_mode(self.media_attention))
+                    new = generate_batch(self.built, prompts, shown, self.cfg.max_new_tokens)
                     hits = [ocrvqa_exact_match(self.tokenizer.decode(ids, skip_special_tokens=True), reference)
                             for ids, reference in zip(new, references)]
                     values[f"eval/{tag}/{name}"] = sum(hits) / len(hits)

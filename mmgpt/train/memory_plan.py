@@ -137,7 +137,7 @@ def measure_modes(cfg: ModelConfig, max_tokens: int) -> dict[str, Measured]:
     """Activation peaks of every CHECKPOINTING mode at max_tokens // 2 and max_tokens."""
     from mmgpt.preflight import without_files
 
-    model, _ = build_model(without_files(cfg), meta=True)
+    model = build_model(without_files(cfg), meta=True).model
     model.to(torch.bfloat16)
     vocab = model.language_model.config.vocab_size
     sizes = (max_tokens // 2, max_tokens)
@@ -154,7 +154,7 @@ def static_bytes(cfg: ModelConfig, world: int, ds: dict) -> tuple[int, int]:
     """(weights, LoRA gradients + optimizer) bytes per rank under the DeepSpeed JSON `ds`."""
     from mmgpt.preflight import without_files
 
-    model, _ = build_model(without_files(cfg), meta=True)
+    model = build_model(without_files(cfg), meta=True).model
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     zero = ds.get("zero_optimization", {})

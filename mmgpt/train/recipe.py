@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from mmgpt.data.mixture import Mixture, MixtureConfig
-from mmgpt.models.builder import build_model, preset_image_size
+from mmgpt.models.builder import BuiltModel, build_model
 from mmgpt.run_layout import (ADAPTER_DIR, CHECKPOINTS_DIR, DATA_REPORT, DS_CONFIG, TENSORBOARD_DIR, TRAIN_CONFIG,
                               TRAINED_WITH, step_of)
 from mmgpt.train import engine as eng
@@ -151,11 +151,11 @@ class TrainRecipe:
         monitor and evaluator, as a Trainer (also what `mmgpt bench train` times). Collective."""
         cfg, s = self.cfg, self.cfg.schedule
         out = Path(cfg.output_dir)
-        model, tokenizer = build_model(cfg.model, device=info.device, dtype=eng.model_dtype(self.ds))
-        image_size = preset_image_size(cfg.model.preset)
-        mixture = Mixture(self.mixture_cfg, tokenizer, image_size, max_images=cfg.packing.max_images_per_row,
+        built = build_model(cfg.model, device=info.device, dtype=eng.model_dtype(self.ds))
+        model = built.model
+        mixture = Mixture(self.mixture_cfg, built.tokenizer, built.image_size, max_images=cfg.packing.max_images_per_row,
                           holdout=cfg.eval.holdout)
-        per_epoch, total = self.schedule_length(mixture, model.image_token_id, info)
+        per_epoch, total = self.schedule_length(mixture, built.image_token_id, info)
         record = run_record.build(cfg, self.mixture_cfg, self.ds, info.world)
         ds = fill_optimizer(self.ds, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay, total_steps=total,
                             warmup_steps=s.warmup_for(total), min_lr_ratio=s.min_lr_ratio,
@@ -169,8 +169,7 @@ class TrainRecipe:
                 step, position, nonfinite = restored
                 log.info("resumed from %s at step %d", manager.root / manager.latest(), step)
                 record = apply_changes(engine, manager.root / manager.latest(), record, step)
-        stream = RankStream(mixture, cfg.packing, model.image_token_id, image_size, info.rank, info.world,
-                            s.epochs, state=position, media_attention=cfg.model.media_attention)
+        stream = RankStream(mixture, cfg.packing, built, info.rank, info.world, s.epochs, state=position)
         loader = BatchLoader(stream, cfg.data_workers, prefetch=2 * s.grad_accum, pin_memory=info.device.type == "cuda")
         if info.is_rank0:
             cfg.save(out / TRAIN_CONFIG)
@@ -181,7 +180,7 @@ class TrainRecipe:
                  cfg.data_workers, peak_source)
         monitor = Monitor(out, enabled=info.is_rank0, total_steps=total, world=info.world, peak_flops=peak,
                           log_every=cfg.log_every)
-        evaluator = self.evaluator(model, tokenizer, mixture, image_size, info, monitor)
+        evaluator = self.evaluator(built, mixture, info, monitor)
         return Trainer(cfg, engine, model, loader, info, monitor, manager, total, step, nonfinite, evaluator, record)
 
     def schedule_length(self, mixture: Mixture, image_token_id: int, info: eng.DistInfo) -> tuple[int, int]:
@@ -196,8 +195,7 @@ class TrainRecipe:
                               "`mmgpt data inspect --train-config` shows the drops)")
         return per_epoch, cfg.schedule.max_steps or per_epoch * cfg.schedule.epochs
 
-    def evaluator(self, model, tokenizer, mixture: Mixture, image_size: int, info: eng.DistInfo,
-                  monitor: Monitor) -> Evaluator | None:
+    def evaluator(self, built: BuiltModel, mixture: Mixture, info: eng.DistInfo, monitor: Monitor) -> Evaluator | None:
         """The held-out evaluation, when the config asks for one."""
         cfg = self.cfg
         if not cfg.eval.active:
@@ -206,8 +204,7 @@ class TrainRecipe:
         when = f"every {cfg.eval.every} steps and at the end" if cfg.eval.every else "at the end"
         log.info("eval: %d held-out samples (%s), %s", len(holdout),
                  ", ".join(f"{name} {r.held_out}" for name, r in mixture.report.sources.items()), when)
-        return Evaluator(cfg.eval, model, tokenizer, holdout, cfg.packing, image_size,
-                         cfg.model.media_attention, info, monitor.writer)
+        return Evaluator(cfg.eval, built, holdout, cfg.packing, info, monitor.writer)
 
 
 def apply_changes(engine, step_dir: Path, record: dict[str, Any], step: int) -> dict[str, Any]:
