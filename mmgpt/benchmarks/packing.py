@@ -235,6 +235,43 @@ def run_step_matrix(args: PackingBenchOptions) -> dict:
             "matrix": entries}
 
 
+def _variant_work(setup: "_Setup", rows: list[list[TokenizedSample]], group: int, max_tokens: int) -> dict[str, _Work]:
+    """The same samples as each variant's steps: one sample per step (batch1), `group` samples
+    padded to the longest (padded), the packer's rows (packed)."""
+    model, device, dtype = setup.model, setup.device, setup.dtype
+
+    def train_step(batch: PackedBatch) -> Callable[[], torch.Tensor]:
+        return lambda: packed_loss(model, model.lm_head, batch.to(device, dtype)).loss_sum
+
+    flat = sorted((s for row in rows for s in row), key=lambda s: s.index)
+    groups = [flat[i : i + group] for i in range(0, len(flat), group)]
+    return {
+        "batch1": _Work([train_step(setup.collate([s])) for s in flat], sum(len(s) for s in flat)),
+        "padded": _Work([lambda g=g: padded_loss_sum(model, g) for g in groups],
+                        sum(len(g) * max(len(s) for s in g) for g in groups)),
+        "packed": _Work([train_step(setup.collate(row, max_tokens)) for row in rows], sum(len(s) for s in flat)),
+    }
+
+
+def _time_halves(model: torch.nn.Module, device: torch.device, halves: list[dict[str, _Work]]) -> dict[str, dict]:
+    """Each variant's totals over the halves, run in alternating variant order (a drifting load
+    biases none); every variant is run once untimed right before it is timed."""
+    report = {name: {"seconds": 0.0, "forwards": 0, "processed_tokens": 0, "loss_sum": 0.0,
+                     "peak_memory_gib": None} for name in VARIANTS}
+    for h, jobs in enumerate(halves):
+        for name in VARIANTS if h % 2 == 0 else VARIANTS[::-1]:
+            time_variant(model, jobs[name].steps, device)  # warm: per-shape kernel caches
+            seconds, loss, memory = time_variant(model, jobs[name].steps, device)
+            r = report[name]
+            r["seconds"] += seconds
+            r["forwards"] += len(jobs[name].steps)
+            r["processed_tokens"] += jobs[name].processed_tokens
+            r["loss_sum"] += loss
+            if memory is not None:
+                r["peak_memory_gib"] = max(memory, r["peak_memory_gib"] or 0.0)
+    return report
+
+
 def run_packing_bench(args: PackingBenchOptions) -> dict:
     """Pack `args.samples` samples, then time the three variants on the samples of `args.steps` rows.
 
@@ -252,38 +289,13 @@ def run_packing_bench(args: PackingBenchOptions) -> dict:
 
     packed = setup.collate
 
-    def train_step(batch: PackedBatch) -> Callable[[], torch.Tensor]:
-        return lambda: packed_loss(model, model.lm_head, batch.to(device, dtype)).loss_sum
-
     def work(rows: list[list[int]]) -> dict[str, _Work]:
-        members = [[samples[i] for i in ids] for ids in rows]
-        flat = sorted((s for row in members for s in row), key=lambda s: s.index)
-        groups = [flat[i : i + group] for i in range(0, len(flat), group)]
-        return {
-            "batch1": _Work([train_step(packed([s])) for s in flat], sum(len(s) for s in flat)),
-            "padded": _Work([lambda g=g: padded_loss_sum(model, g) for g in groups],
-                            sum(len(g) * max(len(s) for s in g) for g in groups)),
-            "packed": _Work([train_step(packed(row, args.max_tokens)) for row in members],
-                            sum(len(s) for s in flat)),
-        }
+        return _variant_work(setup, [[samples[i] for i in ids] for ids in rows], group, args.max_tokens)
 
     timed_ids = _spread(row_ids, args.steps)
     timed = [samples[i] for ids in timed_ids for i in ids]
     halves = [h for h in (timed_ids[0::2], timed_ids[1::2]) if h]
-    report = {name: {"seconds": 0.0, "forwards": 0, "processed_tokens": 0, "loss_sum": 0.0,
-                     "peak_memory_gib": None} for name in VARIANTS}
-    for h, half in enumerate(halves):
-        jobs = work(half)
-        for name in VARIANTS if h % 2 == 0 else VARIANTS[::-1]:
-            time_variant(model, jobs[name].steps, device)  # warm: per-shape kernel caches
-            seconds, loss, memory = time_variant(model, jobs[name].steps, device)
-            r = report[name]
-            r["seconds"] += seconds
-            r["forwards"] += len(jobs[name].steps)
-            r["processed_tokens"] += jobs[name].processed_tokens
-            r["loss_sum"] += loss
-            if memory is not None:
-                r["peak_memory_gib"] = max(memory, r["peak_memory_gib"] or 0.0)
+    report = _time_halves(model, device, [work(half) for half in halves])
     useful = step_flops(args.preset, StepShape.from_batch(packed(timed))).train
     peak = _peak_flops(args, device)
     supervised = sum(s.num_supervised for s in timed)

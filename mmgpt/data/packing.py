@@ -16,7 +16,7 @@ arrival order, so the stream can be recreated exactly from `Packer.state()`, a `
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -47,6 +47,44 @@ def _check_sample(sample: TokenizedSample, image_token_id: int) -> int:
     return n_image_tokens
 
 
+@dataclass
+class _Columns:
+    """The per-token columns of a packed batch, filled one sample at a time (collate)."""
+
+    input_ids: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    media: list[torch.Tensor] = field(default_factory=list)
+    through: list[bool] = field(default_factory=list)
+    sample_index: list[int] = field(default_factory=list)
+    images: list[torch.Tensor] = field(default_factory=list)
+    cu_seqlens: list[int] = field(default_factory=lambda: [0])
+
+    def add(self, s: int, sample: TokenizedSample, image_token_id: int, attend_previous: bool) -> None:
+        n = len(sample.input_ids)
+        self.input_ids.extend(sample.input_ids)
+        self.labels.extend(sample.labels[1:])
+        self.labels.append(IGNORE_INDEX)  # the last token of a sample predicts nothing
+        self.positions.extend(range(n))
+        self.sample_index.extend([s] * n)
+        ids = torch.tensor([sample.input_ids], dtype=torch.long)
+        self.media.append(media_index(ids, image_token_id, attend_previous,
+                                      image_offsets=torch.tensor([len(self.images)]))[0])
+        self.through.extend([bool(sample.images)] * n)
+        for image in sample.images:
+            if image.shape != (self.images[0].shape if self.images else image.shape):
+                raise ValueError(f"{_describe(sample)}: image shape {tuple(image.shape)} "
+                                 f"differs from {tuple(self.images[0].shape)} earlier in the batch")
+            self.images.append(image)
+        self.cu_seqlens.append(self.cu_seqlens[-1] + n)
+
+    def image_tensor(self, image_size: tuple[int, int] | None) -> torch.Tensor:
+        if self.images:
+            return torch.stack(self.images)
+        h, w = image_size if image_size is not None else (0, 0)
+        return torch.zeros(0, 3, h, w)
+
+
 def collate(
     samples: list[TokenizedSample],
     row_tokens: int = 0,
@@ -69,53 +107,25 @@ def collate(
     check_media_attention(media_attention)
     if not samples:
         raise ValueError("collate needs at least one sample")
-    input_ids: list[int] = []
-    labels: list[int] = []
-    positions: list[int] = []
-    media: list[torch.Tensor] = []
-    through: list[bool] = []
-    sample_index: list[int] = []
-    images: list[torch.Tensor] = []
-    cu_seqlens = [0]
+    cols = _Columns()
     for s, sample in enumerate(samples):
         _check_sample(sample, image_token_id)
-        n = len(sample.input_ids)
-        input_ids.extend(sample.input_ids)
-        labels.extend(sample.labels[1:])
-        labels.append(IGNORE_INDEX)  # the last token of a sample predicts nothing
-        positions.extend(range(n))
-        sample_index.extend([s] * n)
-        previous = attends_previous(media_attention, media_seed, sample.index)
-        ids = torch.tensor([sample.input_ids], dtype=torch.long)
-        media.append(media_index(ids, image_token_id, previous,
-                                 image_offsets=torch.tensor([len(images)]))[0])
-        through.extend([bool(sample.images)] * n)
-        for image in sample.images:
-            if image.shape != (images[0].shape if images else image.shape):
-                raise ValueError(f"{_describe(sample)}: image shape {tuple(image.shape)} "
-                                 f"differs from {tuple(images[0].shape)} earlier in the batch")
-            images.append(image)
-        cu_seqlens.append(cu_seqlens[-1] + n)
-    if images:
-        image_tensor = torch.stack(images)
-    else:
-        h, w = image_size if image_size is not None else (0, 0)
-        image_tensor = torch.zeros(0, 3, h, w)
-    media_t = torch.cat(media)
-    labels_t = torch.tensor(labels, dtype=torch.long)
+        cols.add(s, sample, image_token_id, attends_previous(media_attention, media_seed, sample.index))
+    media_t = torch.cat(cols.media)
+    labels_t = torch.tensor(cols.labels, dtype=torch.long)
     seq_lengths = [len(s.input_ids) for s in samples]
     return PackedBatch(
-        input_ids=torch.tensor(input_ids, dtype=torch.long),
+        input_ids=torch.tensor(cols.input_ids, dtype=torch.long),
         labels=labels_t,
-        position_ids=torch.tensor(positions, dtype=torch.long),
-        cu_seqlens=torch.tensor(cu_seqlens, dtype=torch.int32),
+        position_ids=torch.tensor(cols.positions, dtype=torch.long),
+        cu_seqlens=torch.tensor(cols.cu_seqlens, dtype=torch.int32),
         max_seqlen=max(seq_lengths),
         seqlens=tuple(seq_lengths),
-        images=image_tensor,
+        images=cols.image_tensor(image_size),
         media_index=media_t,
-        media_layout=MediaLayout.build(media_t, torch.tensor(through)) if images else None,
+        media_layout=MediaLayout.build(media_t, torch.tensor(cols.through)) if cols.images else None,
         supervised_index=(labels_t != IGNORE_INDEX).nonzero().flatten(),
-        sample_index=torch.tensor(sample_index, dtype=torch.long),
+        sample_index=torch.tensor(cols.sample_index, dtype=torch.long),
         sources=[s.source for s in samples],
         is_vl=torch.tensor([s.is_vl for s in samples], dtype=torch.bool),
         sample_ids=[s.index for s in samples],
