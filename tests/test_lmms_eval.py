@@ -22,10 +22,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_export import make_run
+from model_helpers import randomize_lora_b
+from test_export import make_run, save_run
 
 from mmgpt.cli import main
 from mmgpt.export import export
+from mmgpt.models.builder import ModelConfig, build_model
 
 REPO = Path(__file__).resolve().parent.parent
 TASKS = REPO / "mmgpt" / "eval" / "lmms_tasks"
@@ -57,23 +59,33 @@ def setup(tmp_path_factory) -> dict:
     assert registered.stdout.strip() == "['mmgpt.eval.lmms:manifest']", (
         f"{python} does not see mmgpt's lmms_eval.models entry point (pip install -e . first): {registered}")
     return {"python": python, "env": env, "root": root, "data": root / "sample",
-            "model": export(run, root / "export")}
+            "model": export(run, root / "export"), "run": tiny_run(root / "tiny")}
 
 
-def mmgpt_eval(setup: dict, name: str, *args: str) -> dict:
+def tiny_run(root: Path) -> Path:
+    """A training run of the tiny preset (random nonzero LoRA) as the demo writes one: its tokenizer is
+    the bundled sentencepiece-only one (no tokenizer.json), which lmms-eval's venv must read too."""
+    cfg = ModelConfig(preset="tiny")
+    model = build_model(cfg).model
+    randomize_lora_b(model, std=0.2)
+    return save_run(root, cfg, model)
+
+
+def mmgpt_eval(setup: dict, name: str, *args: str, model: str = "model") -> dict:
     output = setup["root"] / f"{name}.json"
-    assert main(["eval", "--model", str(setup["model"]), "--limit", str(LIMIT), "--batch-size", "4",
+    assert main(["eval", "--model", str(setup[model]), "--limit", str(LIMIT), "--batch-size", "4",
                  "--workers", "0", "--output", str(output), *args]) == 0
     report = json.loads(output.read_text())
     assert report["n"] == LIMIT and report["skipped"]["count"] == 0
     return report
 
 
-def lmms_eval(setup: dict, task: str) -> tuple[dict, list[dict]]:
-    """(the task's results, the logged samples in document order) of one `python -m lmms_eval` run."""
+def lmms_eval(setup: dict, task: str, model: str = "model") -> tuple[dict, list[dict]]:
+    """(the task's results, the logged samples in document order) of one `python -m lmms_eval` run
+    on `setup[model]`: the export, or a tiny training run (README's form, the bundled tokenizer)."""
     out = setup["root"] / f"lmms_{task}"
     proc = subprocess.run([setup["python"], "-m", "lmms_eval", "--model", "mmgpt", "--model_args",
-                           f"pretrained={setup['model']}", "--tasks", task, "--include_path", str(TASKS),
+                           f"pretrained={setup[model]}", "--tasks", task, "--include_path", str(TASKS),
                            "--limit", str(LIMIT), "--batch_size", "4", "--output_path", str(out), "--log_samples"],
                           cwd=setup["data"], env=setup["env"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -99,8 +111,9 @@ def test_generate_until_equals_mmgpt_eval_on_the_sample_shapes(setup):
 def test_loglikelihood_equals_mmgpt_evals_choice_scores_on_the_sample_aokvqa(setup):
     data = setup["data"]
     report = mmgpt_eval(setup, "aokvqa", "--task", "aokvqa", "--split", "train", "--answer-hint", "",
-                        "--data", str(data / "aokvqa/aokvqa_v1p0_train.json"), "--images", str(data / "coco/images"))
-    results, logged = lmms_eval(setup, "mmgpt_aokvqa_mc")
+                        "--data", str(data / "aokvqa/aokvqa_v1p0_train.json"), "--images", str(data / "coco/images"),
+                        model="run")
+    results, logged = lmms_eval(setup, "mmgpt_aokvqa_mc", model="run")
     for sample, prediction in zip(logged, report["predictions"]):
         theirs = [float(ll) for ll, _ in sample["filtered_resps"]]
         assert len(theirs) == len(prediction["choice_scores"]) and None not in prediction["choice_scores"]
