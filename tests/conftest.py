@@ -7,6 +7,7 @@ run instead, so CI can never pass with a feature's tests silently not run.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,29 @@ def tiny_tokenizer():
     from mmgpt.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
 
     return load_tokenizer(TINY_TOKENIZER_DIR)
+
+
+# The real-launcher tests (about 5 minutes of 2-rank runs on 2 cores) run last, and test_launch.py's
+# runs start in a background thread as soon as the tests are collected (test_launch.Background):
+# the rest of the suite, mostly one process at a time, uses the CPU the launches leave idle while
+# they start. test_launch_paths.py stays after test_launch.py: DeepSpeed's pdsh stop kills every
+# launch.py of the user, so nothing may launch beside it.
+LAUNCH_FILES = ("test_launch.py", "test_launch_paths.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: LAUNCH_FILES.index(item.path.name) + 1 if item.path.name in LAUNCH_FILES else 0)
+
+
+def pytest_collection_finish(session):
+    launch = [item for item in session.items if item.path.name == "test_launch.py"]
+    if launch and shutil.which("deepspeed") and not session.config.option.collectonly:
+        launch[0].module.Background.start(session.config._tmp_path_factory.mktemp("launch"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A session stopped early (-x, Ctrl-C) leaves no background launch running."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        child.kill()

@@ -29,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -130,10 +131,16 @@ def deepspeed_cmd(config: Path, *args: str, port: int) -> list[str]:
             "--config", str(config), *args]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("launch")
+def launch_all(root: Path) -> dict[str, Path]:
+    """Every run of this file (the module docstring's list), launched concurrently where they are
+    independent; returns their output dirs, exit codes (`codes`), logs and leftover shm files."""
     shm_before = shm_buffers()
+    ports: list[int] = []
+
+    def port() -> int:  # a free port, remembered: the shm check looks at this file's runs only
+        ports.append(free_port())
+        return ports[-1]
+
     out = {name: root / name for name in ("demo", "noeval", "resume", "nodes", "offload", "nonfin", "planted",
                                           "learn", "sigterm")}
     mixture = write_sample(out["demo"] / "data", records=200, max_length=512)  # what demo.sh would write
@@ -151,7 +158,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     demo_eval = yaml.safe_load((REPO / "configs" / "demo_tiny.yaml").read_text())["eval"]
     noeval_cfg = train_config(root / "noeval.yaml", mixture, out["noeval"], data_workers=0,
                               eval={**demo_eval, "enabled": False})
-    nodes_port = str(free_port())
+    nodes_port = str(port())
     procs = {
         # demo and learn: two demos at once, each choosing its own master port (MASTER_PORT unset)
         "demo": start(["bash", "launch/demo.sh", str(out["demo"]), "--max-steps", str(STEPS), "--set", "save_every=4",
@@ -159,31 +166,64 @@ def runs(tmp_path_factory) -> dict[str, Path]:
                       root / "demo.log", MASTER_PORT=""),
         "learn": start(["bash", "launch/demo.sh", str(out["learn"])], root / "learn.log", MASTER_PORT="",
                        MMGPT_TEST_NONFINITE_STEPS=""),
-        "noeval": start(deepspeed_cmd(noeval_cfg, port=free_port()), root / "noeval.log"),
-        "offload": start(deepspeed_cmd(offload_cfg, port=free_port()), root / "offload.log"),
-        "resume1": start(deepspeed_cmd(resume_cfg, "--stop-at-step", str(STOP), port=free_port()), root / "resume1.log"),
+        "noeval": start(deepspeed_cmd(noeval_cfg, port=port()), root / "noeval.log"),
+        "offload": start(deepspeed_cmd(offload_cfg, port=port()), root / "offload.log"),
+        "resume1": start(deepspeed_cmd(resume_cfg, "--stop-at-step", str(STOP), port=port()), root / "resume1.log"),
         "node0": start(["bash", "launch/multi_node.sh", "--no-ssh", str(nodes_cfg), str(hostfile), "1"],
                        root / "node0.log", NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=nodes_port),
         "node1": start(["bash", "launch/multi_node.sh", "--no-ssh", str(nodes_cfg), str(hostfile), "1"],
                        root / "node1.log", NODE_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=nodes_port),
     }
-    sigterm = start(deepspeed_cmd(sigterm_cfg, port=free_port()), root / "sigterm1.log")
+    sigterm = start(deepspeed_cmd(sigterm_cfg, port=port()), root / "sigterm1.log")
     out["interrupted"] = interrupt(sigterm, out["sigterm"] / "data_order" / "rank_000.jsonl", after_steps=2)
     codes = {name: finish(p) for name, p in procs.items()}
     if codes["resume1"] == 0:
         plant(out["resume"], out["planted"])
     procs = {
-        "resume2": start(deepspeed_cmd(resume_cfg, "--resume", "auto", port=free_port()), root / "resume2.log"),
-        "sigterm2": start(deepspeed_cmd(sigterm_cfg, "--resume", "auto", port=free_port()), root / "sigterm2.log"),
-        "planted": start(deepspeed_cmd(planted_cfg, "--resume", "auto", port=free_port()), root / "planted.log"),
+        "resume2": start(deepspeed_cmd(resume_cfg, "--resume", "auto", port=port()), root / "resume2.log"),
+        "sigterm2": start(deepspeed_cmd(sigterm_cfg, "--resume", "auto", port=port()), root / "sigterm2.log"),
+        "planted": start(deepspeed_cmd(planted_cfg, "--resume", "auto", port=port()), root / "planted.log"),
         "nonfin": start([sys.executable, "-m", "mmgpt.cli", "train", "--config", str(nonfin_cfg)],
-                        root / "nonfin.log", MASTER_PORT=str(free_port()), MMGPT_TEST_NONFINITE_STEPS="2,3"),
+                        root / "nonfin.log", MASTER_PORT=str(port()), MMGPT_TEST_NONFINITE_STEPS="2,3"),
     }
     codes.update({name: finish(p) for name, p in procs.items()})
+    for name in ("demo", "learn"):  # demo.sh prints the free port it chose
+        ports += [int(p) for p in re.findall(r"^master port (\d+)$", (root / f"{name}.log").read_text(), re.M)]
     out["codes"] = codes
     out["logs"] = root
-    out["shm_left"] = shm_buffers() - shm_before
+    out["shm_left"] = {p for p in shm_buffers() - shm_before if any(f"_{n}_" in p.name for n in ports)}
     return out
+
+
+class Background:
+    """`launch_all` in a thread started when the session's tests are collected (tests/conftest.py
+    moves this file's tests to the end of the run), so the other tests run on the core the launches
+    leave idle while they start up and train, instead of after them."""
+
+    thread: threading.Thread | None = None
+    result: dict | None = None
+    error: BaseException | None = None
+
+    @classmethod
+    def start(cls, root: Path) -> None:
+        def run() -> None:
+            try:
+                cls.result = launch_all(root)
+            except BaseException as err:  # re-raised in the test process by the fixture
+                cls.error = err
+
+        cls.thread = threading.Thread(target=run, name="launch_all", daemon=True)
+        cls.thread.start()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    if Background.thread is None:
+        return launch_all(tmp_path_factory.mktemp("launch"))
+    Background.thread.join()
+    if Background.error is not None:
+        raise Background.error
+    return Background.result
 
 
 def shm_buffers() -> set[Path]:
