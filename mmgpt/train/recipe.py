@@ -58,6 +58,14 @@ class RunRefused(Exception):
     JSON or checkpoint, or, found at start-up, a busy port, another job's ranks, too little data."""
 
 
+def release_process_group() -> None:
+    """Tear the process group down on a refused run: left to interpreter exit, gloo's worker threads
+    can be destroyed while joinable, and the rank then dies of SIGABRT ("terminate called without an
+    active exception") after printing its one-line error instead of exiting with its code."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class TrainRecipe:
     """The run's steps as methods, each short enough to read at once; state set by one step and read
     by the next lives on the instance (`ds`, `mixture_cfg` from `validate`)."""
@@ -78,9 +86,11 @@ class TrainRecipe:
         try:
             return self.train()
         except STARTUP_ERRORS as err:  # a busy port, another job's ranks, too little data, a bad checkpoint
+            release_process_group()
             raise RunRefused(str(err)) from err
         except NonFiniteLossError as err:
             log.error("%s", err)
+            release_process_group()
             raise
 
     def validate(self) -> tuple[dict[str, Any], MixtureConfig]:
