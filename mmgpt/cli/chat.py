@@ -42,15 +42,6 @@ def add_generation_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=d.seed, help="sampling seed (None: nondeterministic)")
 
 
-def generation_config_from_args(args: argparse.Namespace) -> GenerationConfig:
-    return GenerationConfig(
-        max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, length_penalty=args.length_penalty,
-        seed=args.seed,
-    )
-
-
 def model_command(run: Command, flag: str = "--model") -> Command:
     """`run` after the model's pre-load checks (`check_model`) and with `--device auto` resolved."""
     dest = flag.lstrip("-").replace("-", "_")
@@ -81,4 +72,4 @@ def run(args: argparse.Namespace) -> int:
     """A bad model dir, config, image or question is a user error: one line from mmgpt.cli, exit 2."""
     from mmgpt.inference.chat import LoadOptions, chat
 
-    return chat(options(LoadOptions, args), generation_config_from_args(args), args.image, args.prompt)
+    return chat(options(LoadOptions, args), options(GenerationConfig, args), args.image, args.prompt)

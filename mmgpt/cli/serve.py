@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 
 from mmgpt.cli import Command, options
-from mmgpt.cli.chat import add_generation_args, add_model_args, generation_config_from_args, model_command
+from mmgpt.cli.chat import add_generation_args, add_model_args, model_command
+from mmgpt.inference.generation_config import GenerationConfig
 from mmgpt.preflight import gradio_problem, require
 
 
@@ -36,4 +37,4 @@ def run(args: argparse.Namespace) -> int:
     from mmgpt.inference.chat import LoadOptions
     from mmgpt.inference.serve import serve
 
-    return serve(options(LoadOptions, args), generation_config_from_args(args), args.host, args.port, args.share)
+    return serve(options(LoadOptions, args), options(GenerationConfig, args), args.host, args.port, args.share)
