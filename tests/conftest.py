@@ -61,10 +61,10 @@ def tiny_tokenizer():
     return load_tokenizer(TINY_TOKENIZER_DIR)
 
 
-# The real-launcher tests (about 5 minutes of 2-rank runs on 2 cores) run last, and test_launch.py's
-# runs start in a background thread as soon as the tests are collected (test_launch.Background):
-# the rest of the suite, mostly one process at a time, uses the CPU the launches leave idle while
-# they start. test_launch_paths.py stays after test_launch.py: DeepSpeed's pdsh stop kills every
+# The real-launcher tests (about 5 minutes of 2-rank runs on 2 cores) run last, and their runs start
+# in a background thread as soon as the tests are collected (tests/background_runs.py): the rest of
+# the suite, mostly one process at a time, uses the CPU the launches leave idle. test_launch_paths.py
+# stays after test_launch.py: its pdsh stop (run by its fixture, not in the thread) kills every
 # launch.py of the user, so nothing may launch beside it.
 LAUNCH_FILES = ("test_launch.py", "test_launch_paths.py")
 
@@ -74,9 +74,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_collection_finish(session):
-    launch = [item for item in session.items if item.path.name == "test_launch.py"]
-    if launch and shutil.which("deepspeed") and not session.config.option.collectonly:
-        launch[0].module.Background.start(session.config._tmp_path_factory.mktemp("launch"))
+    modules = {item.path.name: item.module for item in session.items if item.path.name in LAUNCH_FILES}
+    if modules and shutil.which("deepspeed") and not session.config.option.collectonly:
+        from background_runs import start
+
+        start([modules[name].BACKGROUND for name in LAUNCH_FILES if name in modules],
+              session.config._tmp_path_factory)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -29,7 +29,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from mmgpt.data.sample import write_sample
 from mmgpt.data import shapes
 from mmgpt.models.builder import PRESETS, TINY_VOCAB
 from mmgpt.train import checkpointing as ckpt
+from background_runs import Job
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS, STOP, NAN_STEP = 8, 5, 3
@@ -195,35 +195,12 @@ def launch_all(root: Path) -> dict[str, Path]:
     return out
 
 
-class Background:
-    """`launch_all` in a thread started when the session's tests are collected (tests/conftest.py
-    moves this file's tests to the end of the run), so the other tests run on the core the launches
-    leave idle while they start up and train, instead of after them."""
-
-    thread: threading.Thread | None = None
-    result: dict | None = None
-    error: BaseException | None = None
-
-    @classmethod
-    def start(cls, root: Path) -> None:
-        def run() -> None:
-            try:
-                cls.result = launch_all(root)
-            except BaseException as err:  # re-raised in the test process by the fixture
-                cls.error = err
-
-        cls.thread = threading.Thread(target=run, name="launch_all", daemon=True)
-        cls.thread.start()
+BACKGROUND = Job("launch", launch_all)  # started at collection by tests/conftest.py
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    if Background.thread is None:
-        return launch_all(tmp_path_factory.mktemp("launch"))
-    Background.thread.join()
-    if Background.error is not None:
-        raise Background.error
-    return Background.result
+    return BACKGROUND.result(tmp_path_factory)
 
 
 def shm_buffers() -> set[Path]:

@@ -25,6 +25,8 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -32,6 +34,7 @@ import pytest
 import torch
 
 from mmgpt.data.sample import write_sample
+from background_runs import Job
 from test_launch import STEPS, adapter, assert_trains_like, data_order, scalars, train_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "launch"))
@@ -99,54 +102,92 @@ def sigterm_after(proc: subprocess.Popen, order_log: Path, steps: int, config: P
     return {"code": code, "ranks": len(ranks), "alive": len(alive), "seconds": time.monotonic() - sent}
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
+@dataclass
+class Started:
+    """The paths' runs up to the pdsh stop (which must run alone), with the daemons still up."""
+
+    root: Path
+    out: dict[str, Path]
+    cfgs: dict[str, Path]
+    saved_env: bytes | None
+    daemons: ExitStack
+    sshd: Sshd
+    slurm: Slurm
+    codes: dict[str, int] = field(default_factory=dict)
+
+    def multi_node(self, name: str, log: str) -> subprocess.Popen:
+        # the remote ranks get a login shell's environment: what they need travels in
+        # .deepspeed_env (MMGPT_EXPORT), PYTHONPATH is exported by DeepSpeed itself
+        return start(["bash", "launch/multi_node.sh", str(self.cfgs[name]), str(self.root / "hostfile"), "1"],
+                     self.root / log, **self.sshd.env(), MASTER_ADDR=NODES["node0"], MASTER_PORT=str(free_port()),
+                     MMGPT_EXPORT="OMP_NUM_THREADS TOKENIZERS_PARALLELISM")
+
+    def sbatch(self, name: str, job: str, log: str, job_log: str) -> subprocess.Popen:
+        # the batch script asks for 2 nodes x 8 GPUs: the command line fits it to this node
+        return start(sbatch(job, self.root / job_log, self.cfgs[name]), self.root / log, **self.slurm.env(),
+                     MMGPT_GPUS_PER_NODE="2", MASTER_PORT=str(free_port()))
+
+
+def restore_env(saved: bytes | None) -> None:
+    """Put the repo's .deepspeed_env back as it was (multi_node.sh (re)writes it)."""
+    if saved is None:
+        DS_ENV.unlink(missing_ok=True)
+    else:
+        DS_ENV.write_bytes(saved)
+
+
+def start_runs(root: Path) -> Started:
+    """single, pdsh, slurm and the first scancel job, concurrently (in the background thread)."""
     missing = missing_prerequisites()
     if missing:
         pytest.skip(f"needs sshd, pdsh and slurm: missing {', '.join(missing)} (bash tests/launch/install.sh)")
-    root = tmp_path_factory.mktemp("paths")
     out = {name: root / name for name in ("single", "pdsh", "slurm", "scancel", "pdshstop")}
     mixture = write_sample(root / "data", records=200, max_length=512)
     cfgs = {name: train_config(root / f"{name}.yaml", mixture, out[name]) for name in out}
-    hostfile = root / "hostfile"
-    hostfile.write_text("".join(f"{name} slots=1\n" for name in NODES))
-    saved_env = DS_ENV.read_bytes() if DS_ENV.exists() else None  # multi_node.sh (re)writes it
+    (root / "hostfile").write_text("".join(f"{name} slots=1\n" for name in NODES))
+    saved_env = DS_ENV.read_bytes() if DS_ENV.exists() else None
+    daemons = ExitStack()
     try:
-        with Sshd(root) as sshd, Slurm(root) as slurm:
-            def multi_node(name: str, log: str) -> subprocess.Popen:
-                # the remote ranks get a login shell's environment: what they need travels in
-                # .deepspeed_env (MMGPT_EXPORT), PYTHONPATH is exported by DeepSpeed itself
-                return start(["bash", "launch/multi_node.sh", str(cfgs[name]), str(hostfile), "1"], root / log,
-                             **sshd.env(), MASTER_ADDR=NODES["node0"], MASTER_PORT=str(free_port()),
-                             MMGPT_EXPORT="OMP_NUM_THREADS TOKENIZERS_PARALLELISM")
+        sshd, slurm = daemons.enter_context(Sshd(root)), daemons.enter_context(Slurm(root))
+        runs = Started(root, out, cfgs, saved_env, daemons, sshd, slurm)
+        procs = {"single": start(["bash", "launch/single_node.sh", str(cfgs["single"]), "2"], root / "single.log",
+                                 MASTER_PORT=str(free_port())),
+                 "pdsh": runs.multi_node("pdsh", "pdsh.log"),
+                 "slurm": runs.sbatch("slurm", "mmgpt-test", "slurm.log", "slurm-job.log"),
+                 "scancel1": runs.sbatch("scancel", "mmgpt-scancel", "scancel1.log", "scancel-job1.log")}
+        scancel_after(out["scancel"] / "data_order" / "rank_000.jsonl", 2, "mmgpt-scancel", slurm.env())
+        runs.codes = finish(procs)
+        return runs
+    except BaseException:
+        daemons.close()
+        restore_env(saved_env)
+        raise
 
-            procs = {
-                "single": start(["bash", "launch/single_node.sh", str(cfgs["single"]), "2"], root / "single.log",
-                                MASTER_PORT=str(free_port())),
-                "pdsh": multi_node("pdsh", "pdsh.log"),
-                # the batch script asks for 2 nodes x 8 GPUs: the command line fits it to this node
-                "slurm": start(sbatch("mmgpt-test", root / "slurm-job.log", cfgs["slurm"]), root / "slurm.log",
-                               **slurm.env(), MMGPT_GPUS_PER_NODE="2", MASTER_PORT=str(free_port())),
-            }
-            procs["scancel1"] = start(sbatch("mmgpt-scancel", root / "scancel-job1.log", cfgs["scancel"]),
-                                      root / "scancel1.log", **slurm.env(), MMGPT_GPUS_PER_NODE="2",
-                                      MASTER_PORT=str(free_port()))
-            scancel_after(out["scancel"] / "data_order" / "rank_000.jsonl", 2, "mmgpt-scancel", slurm.env())
-            codes = finish(procs)
-            pdsh_stopped = sigterm_after(multi_node("pdshstop", "pdshstop1.log"),
-                                         out["pdshstop"] / "data_order" / "rank_000.jsonl", 2, cfgs["pdshstop"])
-            codes.update(finish({"scancel2": start(sbatch("mmgpt-scancel", root / "scancel-job2.log", cfgs["scancel"]),
-                                                   root / "scancel2.log", **slurm.env(), MMGPT_GPUS_PER_NODE="2",
-                                                   MASTER_PORT=str(free_port())),
-                                 "pdshstop2": multi_node("pdshstop", "pdshstop2.log")}))
+
+def finish_runs(runs: Started) -> dict:
+    """The pdsh stop alone (DeepSpeed's runner, signalled, pkills every launch.py of the user), then
+    the second scancel job and the pdsh relaunch; the daemons stop and .deepspeed_env is restored."""
+    try:
+        with runs.daemons:
+            pdsh_stopped = sigterm_after(runs.multi_node("pdshstop", "pdshstop1.log"),
+                                         runs.out["pdshstop"] / "data_order" / "rank_000.jsonl", 2,
+                                         runs.cfgs["pdshstop"])
+            runs.codes.update(finish({"scancel2": runs.sbatch("scancel", "mmgpt-scancel", "scancel2.log",
+                                                                   "scancel-job2.log"),
+                                      "pdshstop2": runs.multi_node("pdshstop", "pdshstop2.log")}))
             deepspeed_env = DS_ENV.read_text() if DS_ENV.exists() else None
     finally:
-        if saved_env is None:
-            DS_ENV.unlink(missing_ok=True)
-        else:
-            DS_ENV.write_bytes(saved_env)
-    return {**out, "codes": codes, "logs": root, "sshd": sshd, "deepspeed_env": deepspeed_env, "saved_env": saved_env,
-            "pdsh_stopped": pdsh_stopped}
+        restore_env(runs.saved_env)
+    return {**runs.out, "codes": runs.codes, "logs": runs.root, "sshd": runs.sshd, "deepspeed_env": deepspeed_env,
+            "saved_env": runs.saved_env, "pdsh_stopped": pdsh_stopped}
+
+
+BACKGROUND = Job("paths", start_runs)  # started at collection, after test_launch.py's, by tests/conftest.py
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    return finish_runs(BACKGROUND.result(tmp_path_factory))
 
 
 def log(runs, name: str) -> str:
