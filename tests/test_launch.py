@@ -42,7 +42,7 @@ from mmgpt.data.sample import write_sample
 from mmgpt.data import shapes
 from mmgpt.models.builder import PRESETS, TINY_VOCAB
 from mmgpt.train import checkpointing as ckpt
-from background_runs import Job
+from background_runs import NICE, Job
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS, STOP, NAN_STEP = 8, 5, 3
@@ -99,7 +99,8 @@ def plant(source: Path, out: Path) -> None:
 
 
 def start(cmd: list[str], log: Path, **extra_env: str) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=REPO, env=env(**extra_env), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen([*NICE, *cmd], cwd=REPO, env=env(**extra_env), stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT)
 
 
 def finish(proc: subprocess.Popen) -> int:

@@ -34,7 +34,7 @@ import pytest
 import torch
 
 from mmgpt.data.sample import write_sample
-from background_runs import Job
+from background_runs import NICE, Job
 from test_launch import STEPS, adapter, assert_trains_like, data_order, scalars, train_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "launch"))
@@ -53,7 +53,7 @@ def env(**extra: str) -> dict[str, str]:
 
 
 def start(cmd: list[str], log: Path, **extra: str) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=REPO, env=env(**extra), stdout=open(log, "w"), stderr=subprocess.STDOUT,
+    return subprocess.Popen([*NICE, *cmd], cwd=REPO, env=env(**extra), stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)  # its own process group: killed whole on a timeout
 
 
