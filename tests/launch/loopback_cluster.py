@@ -152,6 +152,9 @@ class Slurm:
             "ProctrackType=proctrack/linuxproc\nTaskPlugin=task/none\nJobAcctGatherType=jobacct_gather/none\n"
             "AccountingStorageType=accounting_storage/none\nSelectType=select/cons_tres\n"
             "SelectTypeParameters=CR_CPU\nMpiDefault=none\nReturnToService=2\n"
+            # `sbatch --wait` polls every 2 s only while 2 < MinJobAge / 2, else after 8 s, then every 32 s
+            # (its _job_wait): with the default 300 a finished test job was seen up to 32 s late
+            "MinJobAge=4\n"
             f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={os.cpu_count() or 1} State=UNKNOWN\n"
             f"PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP\n")
         self._start("munged", ["/usr/sbin/munged", "-F", "-f", "-S", str(sock), f"--key-file={key}",
