@@ -152,8 +152,9 @@ class Slurm:
             "ProctrackType=proctrack/linuxproc\nTaskPlugin=task/none\nJobAcctGatherType=jobacct_gather/none\n"
             "AccountingStorageType=accounting_storage/none\nSelectType=select/cons_tres\n"
             "SelectTypeParameters=CR_CPU\nMpiDefault=none\nReturnToService=2\n"
-            # `sbatch --wait` polls every 2 s only while 2 < MinJobAge / 2, else after 8 s, then every 32 s
-            # (its _job_wait): with the default 300 a finished test job was seen up to 32 s late
+            # `sbatch --wait` sleeps 2 s between polls and multiplies that by 4 (up to 32 s) while it is
+            # under MinJobAge / 2 (its _job_wait): with the default 300 a finished job was seen up to
+            # 32 s late; with 4 it polls every 2 s (a finished job's record stays 4 s)
             "MinJobAge=4\n"
             f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={os.cpu_count() or 1} State=UNKNOWN\n"
             f"PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP\n")
