@@ -14,7 +14,9 @@
           one machine would stop the other runs' launch.py too
 
 Same config, seed, data and steps as tests/test_launch.py; the three runs go concurrently and must
-produce bitwise the same losses, data order and adapter tensors. The packages come
+produce bitwise the same losses, data order and adapter tensors. single, pdsh, slurm and the first
+scancel job start in the background thread after tests/test_launch.py's runs
+(tests/background_runs.py); the pdsh stop and the two relaunches run in the fixture, alone. The packages come
 from tests/launch/install.sh (.ci/run calls it): under CI=true a missing one fails the run.
 """
 from __future__ import annotations
