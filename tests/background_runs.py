@@ -4,8 +4,7 @@ The launcher files (tests/test_launch.py, then tests/test_launch_paths.py) run l
 2-rank runs are most of the suite's CPU time. tests/conftest.py starts each file's `BACKGROUND`
 job, in that order, in one thread when collection finishes, so the rest of the suite (mostly one
 process at a time) runs on the core the launches leave idle. A file's module fixture then waits
-for its job; without the thread (the file run on its own, `--collect-only`, no deepspeed) the
-fixture runs the job itself.
+for its job (and runs it itself should the hook not have started it).
 """
 from __future__ import annotations
 
@@ -17,6 +16,7 @@ from typing import Any, Callable
 # run one process at a time, so those finish early and the launches (2 ranks each) use both cores
 # for the rest (the suite's last minutes were one core busy, the other idle).
 NICE = ["nice", "-n", "10"]
+
 
 class Job:
     """`run(root)` on a fresh temporary directory, in the background thread or in the caller's."""

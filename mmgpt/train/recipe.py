@@ -44,6 +44,7 @@ log = logging.getLogger("mmgpt.train")
 INPUT_ERRORS = (ConfigError, DSConfigError, CheckpointError, ValueError, FileNotFoundError)
 STARTUP_ERRORS = (ConfigError, CheckpointError, PortError, RunIdentityError)
 
+
 @dataclass(frozen=True)
 class RunOptions:
     """How this run starts and ends (the config says what it trains)."""
